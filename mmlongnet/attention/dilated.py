@@ -1,0 +1,368 @@
+"""Exact dilated attention (LongNet, Ding et al. 2023, arXiv 2307.02486, eq. 3-15).
+
+Legend: B batch, N tokens, H heads, D head dim, S segments, C rows per segment, Ho heads of one offset.
+
+Four layers, as in flash-attn: the raw ops `mmlongnet::dilated_attention_forward/backward`
+(registered with `torch.library.custom_op`, with fake implementations for `torch.compile`)
+-> `DilatedAttentionFunction` (autograd) -> `dilated_attention` (checks and backend choice)
+-> `mmlongnet.attention.DilatedAttention` (the module).
+
+Forward: every branch call (one block of segments, one head offset) is one dense kernel call on
+a strided view of q, k, v. The calls' log-sum-exps are merged into one (the log of the mixture's
+softmax denominator, eq. 10) and each call's output is added with weight exp(lse_call - lse).
+Backward: each call's kernel backward runs with the MERGED output and log-sum-exp, so its
+probabilities are those of the one softmax over all branches, and dq, dk, dv are exact.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from mmlongnet.attention.geometry import BranchCall, branch_calls, branch_view
+from mmlongnet.attention.kernels import kernel_chain, run_chain
+from mmlongnet.attention.reference import dilated_attention_reference
+
+BACKENDS = ("auto", "reference", "sdpa")
+_SDPA_DTYPES = {
+    "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "cuda": (torch.float16, torch.bfloat16, torch.float32),
+}
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _call_rows(x: torch.Tensor, call: BranchCall) -> torch.Tensor:
+    """(B, N, H, D) -> (B*S, C, Ho, D): the kernel's batch of one call (a view where strides allow)."""
+    return branch_view(x, call).flatten(0, 1)
+
+
+def _call_bias(
+    key_padding_mask: torch.Tensor | None, call: BranchCall, is_causal: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Key bias (B*S, C) (0 or -inf) and row validity (B, S, C) of one call, or (None, None).
+
+    A row is valid when it can see at least one non-padding key (causal: one at or before it).
+    """
+    if key_padding_mask is None:
+        return None, None
+    padding = branch_view(key_padding_mask, call, has_heads=False)  # (B, S, C)
+    keep = ~padding
+    valid = keep.cumsum(-1) > 0 if is_causal else keep.any(-1, keepdim=True).expand_as(keep)
+    bias = torch.zeros(padding.shape, dtype=dtype, device=padding.device).masked_fill(padding, float("-inf"))
+    return bias.flatten(0, 1), valid
+
+
+def _shape_key(q_rows: torch.Tensor, has_bias: bool, is_causal: bool) -> tuple:
+    return (q_rows.dtype, tuple(q_rows.shape), has_bias, is_causal)
+
+
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    is_causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output (B, N, H, D) and merged log-sum-exp (B, N, H) (-inf for rows with no key)."""
+    batch, seq_len, num_heads, head_dim = q.shape
+    acc_dtype = _accumulation_dtype(q.dtype)
+    chain = kernel_chain(q.device, q.dtype, key_padding_mask is not None)
+    lse = torch.full((batch, seq_len, num_heads), float("-inf"), dtype=acc_dtype, device=q.device)
+    parts = []
+    for segment_length, dilation_rate in zip(segment_lengths, dilation_rates, strict=True):
+        for call in branch_calls(seq_len, num_heads, segment_length, dilation_rate):
+            rows = [_call_rows(t, call) for t in (q, k, v)]  # 3 x (B*S, C, Ho, D)
+            bias, valid = _call_bias(key_padding_mask, call, is_causal, q.dtype)
+            key = _shape_key(rows[0], bias is not None, is_causal)
+            out_call, lse_call = run_chain(chain, "forward", key, *rows, bias, is_causal, scale)
+            shape = (batch, call.num_segments, call.rows, call.heads)
+            out_call = out_call.reshape(*shape, head_dim)  # (B, S, C, Ho, D)
+            lse_call = lse_call.reshape(shape).to(acc_dtype)  # (B, S, C, Ho)
+            if valid is not None:
+                lse_call = lse_call.masked_fill(~valid[..., None], float("-inf"))
+                out_call = out_call.masked_fill(~valid[..., None, None], 0.0)
+            lse_view = branch_view(lse, call)
+            lse_view.copy_(torch.logaddexp(lse_view, lse_call))
+            parts.append((call, out_call, lse_call))
+    # Rows without any key have lse = -inf; +inf there makes their weights exp(-inf - inf) = 0.
+    lse_safe = lse.masked_fill(lse == float("-inf"), float("inf")) if key_padding_mask is not None else lse
+    out = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    for call, out_call, lse_call in parts:
+        weight = torch.exp(lse_call - branch_view(lse_safe, call))  # (B, S, C, Ho)
+        branch_view(out, call).addcmul_(out_call, weight[..., None])
+    return out.to(q.dtype), lse
+
+
+def _backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    is_causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (B, N, H, D) from the merged output and log-sum-exp of `_forward`."""
+    batch, seq_len, num_heads, head_dim = q.shape
+    chain = kernel_chain(q.device, q.dtype, key_padding_mask is not None)
+    # Rows without any key: lse = +inf gives them probability 0, hence no gradient.
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    grads = [torch.zeros(q.shape, dtype=lse.dtype, device=q.device) for _ in range(3)]
+    for segment_length, dilation_rate in zip(segment_lengths, dilation_rates, strict=True):
+        for call in branch_calls(seq_len, num_heads, segment_length, dilation_rate):
+            rows = [_call_rows(t, call) for t in (grad_out, q, k, v, out)]
+            lse_rows = branch_view(lse, call).flatten(0, 1)  # (B*S, C, Ho)
+            bias, _ = _call_bias(key_padding_mask, call, is_causal, q.dtype)
+            key = _shape_key(rows[1], bias is not None, is_causal)
+            call_grads = run_chain(chain, "backward", key, *rows, lse_rows, bias, is_causal, scale)
+            shape = (batch, call.num_segments, call.rows, call.heads, head_dim)
+            for grad, call_grad in zip(grads, call_grads, strict=True):
+                branch_view(grad, call).add_(call_grad.reshape(shape))
+    return tuple(grad.to(q.dtype) for grad in grads)
+
+
+@torch.library.custom_op("mmlongnet::dilated_attention_forward", mutates_args=())
+def dilated_attention_forward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    segment_lengths: list[int],
+    dilation_rates: list[int],
+    is_causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw forward op: (B, N, H, D) x3 -> output (B, N, H, D), merged log-sum-exp (B, N, H)."""
+    return _forward(q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, backend)
+
+
+@dilated_attention_forward_op.register_fake
+def _forward_fake(q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, backend):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_accumulation_dtype(q.dtype))
+
+
+@torch.library.custom_op("mmlongnet::dilated_attention_backward", mutates_args=())
+def dilated_attention_backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    segment_lengths: list[int],
+    dilation_rates: list[int],
+    is_causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw backward op: dq, dk, dv (B, N, H, D)."""
+    return _backward(
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        key_padding_mask,
+        segment_lengths,
+        dilation_rates,
+        is_causal,
+        scale,
+        backend,
+    )
+
+
+@dilated_attention_backward_op.register_fake
+def _backward_fake(grad_out, q, k, v, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class DilatedAttentionFunction(torch.autograd.Function):
+    """Autograd of the fused dilated-attention op (the "sdpa" backend)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, backend):
+        out, lse = torch.ops.mmlongnet.dilated_attention_forward(
+            q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, backend
+        )
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+        ctx.options = (segment_lengths, dilation_rates, is_causal, scale, backend)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+        dq, dk, dv = torch.ops.mmlongnet.dilated_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, key_padding_mask, *ctx.options
+        )
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends `dilated_attention` can run on `device` (besides "auto")."""
+    device = torch.device(device)
+    backends = ["reference"]
+    if device.type in _SDPA_DTYPES:
+        backends.append("sdpa")
+    return backends
+
+
+def check_schedule(
+    segment_lengths: Sequence[int], dilation_rates: Sequence[int]
+) -> tuple[list[int], list[int]]:
+    """Validate a branch schedule and return it as two lists of ints.
+
+    Raises ValueError naming the argument when the lists are empty, of unequal length, hold
+    non-positive values, or a dilation rate exceeds its segment length.
+    """
+    segment_lengths, dilation_rates = list(segment_lengths), list(dilation_rates)
+    if not segment_lengths or len(segment_lengths) != len(dilation_rates):
+        raise ValueError(
+            "segment_lengths and dilation_rates must be non-empty lists of equal length, got "
+            f"segment_lengths={segment_lengths} and dilation_rates={dilation_rates}"
+        )
+    for name, values in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
+        if any(isinstance(x, bool) or not isinstance(x, int) or x <= 0 for x in values):
+            raise ValueError(f"{name} must hold positive ints, got {values}")
+    for w, r in zip(segment_lengths, dilation_rates, strict=True):
+        if r > w:
+            raise ValueError(
+                f"a dilation rate may not exceed its segment length, got dilation_rates entry {r} "
+                f"for segment length {w}"
+            )
+    return segment_lengths, dilation_rates
+
+
+def _check_inputs(q, k, v, key_padding_mask, softmax_scale, dropout_p) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, N, H, D), got {tuple(t.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k, v must have the same shape (B, N, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.is_floating_point():
+        raise TypeError(f"q, k, v must be floating point, got {q.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError("key_padding_mask must be a bool tensor (True = padding)")
+        if tuple(key_padding_mask.shape) != tuple(q.shape[:2]):
+            raise ValueError(
+                f"key_padding_mask must have shape (B, N) = {tuple(q.shape[:2])}, "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+    if softmax_scale is not None and not (isinstance(softmax_scale, float | int) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be a positive number or None, got {softmax_scale!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+_warned_dropout = False
+
+
+def _resolve_backend(backend: str, q: torch.Tensor, dropout_p: float) -> str:
+    """The backend that will run: "auto" resolved, the requested one checked against the input."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    available = available_backends(q.device)
+    sdpa_ok = "sdpa" in available and q.dtype in _SDPA_DTYPES[q.device.type]
+    if backend == "auto":
+        if dropout_p > 0.0:
+            global _warned_dropout
+            if not _warned_dropout:
+                warnings.warn(
+                    "dilated_attention: dropout_p > 0 runs on the dense reference backend "
+                    "(O(N^2) memory); the fused kernels run without attention dropout",
+                    stacklevel=3,
+                )
+                _warned_dropout = True
+            return "reference"
+        return "sdpa" if sdpa_ok else "reference"
+    if backend not in available:
+        raise ValueError(f"backend {backend!r} is not available on {q.device}; available: {available}")
+    if backend != "reference" and dropout_p > 0.0:
+        raise ValueError(
+            f"backend {backend!r} runs without attention dropout; use backend='reference' "
+            f"(or 'auto') for dropout_p={dropout_p}"
+        )
+    if backend == "sdpa" and not sdpa_ok:
+        raise TypeError(
+            f"backend 'sdpa' on {q.device.type} takes dtypes {_SDPA_DTYPES[q.device.type]}, got {q.dtype}; "
+            "use backend='reference'"
+        )
+    return backend
+
+
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """LongNet dilated attention, exact in value and gradient, for any sequence length.
+
+    Args:
+        q, k, v: (B, N, H, D) queries, keys and values, same shape, dtype and device.
+        segment_lengths: segment length w_i of each branch, e.g. [2048, 4096, 8192].
+        dilation_rates: dilation rate r_i of each branch, e.g. [1, 2, 4]; r_i <= w_i.
+        is_causal: a query attends only to keys at positions <= its own, in every branch.
+        key_padding_mask: (B, N) bool, True marks padding keys, which never receive weight.
+        softmax_scale: score scale, default 1 / sqrt(D).
+        dropout_p: dropout on the attention probabilities (runs on the "reference" backend).
+        backend: "auto" (default: "sdpa" where it takes the input, else "reference"),
+            "reference" (dense, any device and dtype, O(N^2) memory) or "sdpa" (PyTorch's fused
+            kernels: cuDNN attention on CUDA, flash attention on CPU).
+
+    Returns:
+        (B, N, H, D). Branch i cuts the sequence into segments [s*w_i, (s+1)*w_i) clipped to N; in
+        each, head h keeps the rows t with t mod r_i == h mod r_i for queries and keys alike. All
+        branches share one softmax (a key reached through m branches counts m times), which is
+        the paper's mixture weighted by softmax denominators (eq. 10). A query with no key
+        (all masked, or selected by no branch) outputs zeros.
+    """
+    _check_inputs(q, k, v, key_padding_mask, softmax_scale, dropout_p)
+    segment_lengths, dilation_rates = check_schedule(segment_lengths, dilation_rates)
+    backend = _resolve_backend(backend, q, dropout_p)
+    if backend == "reference":
+        return dilated_attention_reference(
+            q, k, v, segment_lengths, dilation_rates, is_causal=is_causal,
+            key_padding_mask=key_padding_mask, softmax_scale=softmax_scale, dropout_p=dropout_p,
+        )  # fmt: skip
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return DilatedAttentionFunction.apply(
+        q, k, v, key_padding_mask, segment_lengths, dilation_rates, bool(is_causal), scale, backend
+    )

@@ -1,0 +1,244 @@
+"""The fused dilated-attention op against the dense reference: values, gradients, semantics."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmlongnet.attention import DilatedAttention, dilated_attention
+
+# (N, segment_lengths, dilation_rates, H): N not a multiple of any segment, N shorter than every
+# segment, H < r, H not a multiple of r, non-power-of-two segments and rates, w % r != 0,
+# one branch and five branches.
+GRID = [
+    pytest.param(37, [8, 16], [1, 2], 4, id="N-not-multiple"),
+    pytest.param(20, [32, 64], [1, 4], 4, id="N-shorter-than-all-segments"),
+    pytest.param(45, [12, 24], [3, 6], 2, id="H-below-r"),
+    pytest.param(61, [10, 20], [2, 4], 6, id="H-not-multiple-of-r"),
+    pytest.param(50, [7, 15, 33], [1, 3, 5], 3, id="odd-segments-and-rates"),
+    pytest.param(40, [16], [1], 2, id="single-branch"),
+    pytest.param(130, [8, 16, 32, 64, 128], [1, 2, 4, 6, 12], 12, id="five-branches-lm-rates"),
+]
+
+
+def make_inputs(seq_len, num_heads, dtype, batch=2, head_dim=8, seed=0, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(batch, seq_len, num_heads, head_dim, generator=generator, dtype=dtype)
+        .to(device)
+        .requires_grad_()
+        for _ in range(3)
+    ]
+
+
+def padding_mask(batch, seq_len, device="cpu"):
+    """Sample 0 pads its tail, sample 1 pads a block at the start: some rows see no key."""
+    mask = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
+    mask[0, seq_len * 2 // 3 :] = True
+    mask[1, : seq_len // 3] = True
+    return mask
+
+
+def run(q, k, v, segs, rates, backend, grad, **kwargs):
+    out = dilated_attention(q, k, v, segs, rates, backend=backend, **kwargs)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-9), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(("seq_len", "segs", "rates", "num_heads"), GRID)
+def test_sdpa_matches_reference(seq_len, segs, rates, num_heads, is_causal, masked, dtype, tol):
+    q, k, v = make_inputs(seq_len, num_heads, dtype)
+    mask = padding_mask(2, seq_len) if masked else None
+    grad = torch.randn(q.shape, dtype=dtype)
+    kwargs = dict(is_causal=is_causal, key_padding_mask=mask)
+    fast = run(q, k, v, segs, rates, "sdpa", grad, **kwargs)
+    slow = run(q, k, v, segs, rates, "reference", grad, **kwargs)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fast, slow, strict=True):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_rows_without_keys_output_zero_and_pass_no_gradient():
+    q, k, v = make_inputs(24, 2, torch.float64)
+    mask = torch.zeros(2, 24, dtype=torch.bool)
+    mask[0] = True  # every key of sample 0 is padding
+    mask[1, :8] = True  # causal rows 0..7 of sample 1 see only padding
+    out = dilated_attention(q, k, v, [8, 24], [1, 2], is_causal=True, key_padding_mask=mask, backend="sdpa")
+    assert out[0].abs().max().item() == 0.0
+    assert out[1, :8].abs().max().item() == 0.0
+    assert out[1, 8:].abs().min().item() > 0.0
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
+    assert dq[0].abs().max().item() == 0.0 and dk[0].abs().max().item() == 0.0
+    assert dk[1, :8].abs().max().item() == 0.0  # padding keys receive no gradient
+
+
+def test_padding_keys_receive_no_weight():
+    q, k, v = make_inputs(30, 3, torch.float64)
+    mask = padding_mask(2, 30)
+    out = dilated_attention(q, k, v, [8, 16], [1, 2], key_padding_mask=mask, backend="sdpa")
+    v2 = v.detach().clone()
+    v2[mask] = 1e6  # change what padding keys hold
+    k2 = k.detach().clone()
+    k2[mask] = -3.0
+    out2 = dilated_attention(q, k2, v2, [8, 16], [1, 2], key_padding_mask=mask, backend="sdpa")
+    torch.testing.assert_close(out, out2, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_causal_future_perturbation_leaves_past_bit_identical(backend):
+    q, k, v = (t.detach() for t in make_inputs(70, 4, torch.float32))
+    t = 41
+    out = dilated_attention(q, k, v, [8, 16, 32], [1, 2, 4], is_causal=True, backend=backend)
+    q2, k2, v2 = (x.clone() for x in (q, k, v))
+    for x in (q2, k2, v2):
+        x[:, t:] = torch.randn_like(x[:, t:]) * 5
+    out2 = dilated_attention(q2, k2, v2, [8, 16, 32], [1, 2, 4], is_causal=True, backend=backend)
+    assert torch.equal(out[:, :t], out2[:, :t])
+    assert not torch.equal(out[:, t:], out2[:, t:])
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_one_segment_of_full_length_is_sdpa(is_causal):
+    q, k, v = make_inputs(33, 4, torch.float64)
+    grad = torch.randn(q.shape, dtype=torch.float64)
+    ours = run(q, k, v, [33], [1], "sdpa", grad, is_causal=is_causal)
+    out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=is_causal)
+    out = out.transpose(1, 2)
+    theirs = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_gradcheck_float64():
+    q, k, v = make_inputs(11, 3, torch.float64, batch=1, head_dim=4)
+    mask = torch.zeros(1, 11, dtype=torch.bool)
+    mask[0, 9:] = True
+
+    def fn(q, k, v):
+        return dilated_attention(
+            q, k, v, [4, 8], [1, 2], is_causal=True, key_padding_mask=mask, backend="sdpa"
+        )
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
+
+
+def test_mixing_weights_carry_gradient():
+    """Detaching the mixture weights (as public implementations do) changes dq noticeably."""
+    q, k, v = make_inputs(32, 2, torch.float64)
+    segs, rates = [8, 32], [1, 4]
+    dq = torch.autograd.grad(dilated_attention(q, k, v, segs, rates, backend="sdpa").square().sum(), q)[0]
+    dq_ref = torch.autograd.grad(
+        dilated_attention(q, k, v, segs, rates, backend="reference").square().sum(), q
+    )[0]
+    torch.testing.assert_close(dq, dq_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_module_dropout_only_in_training():
+    torch.manual_seed(0)
+    q, k, v = (t.detach() for t in make_inputs(24, 2, torch.float64))
+    module = DilatedAttention([8, 16], [1, 2], attention_dropout=0.5)
+    plain = dilated_attention(q, k, v, [8, 16], [1, 2], backend="sdpa")
+    module.eval()
+    torch.testing.assert_close(module(q, k, v), plain, rtol=1e-12, atol=1e-12)
+    module.train()
+    with pytest.warns(UserWarning, match="dropout"):
+        dropped = module(q, k, v)
+    assert (dropped - plain).abs().max() > 1e-3
+
+
+def test_torch_compile_of_a_module_using_the_op():
+    module = DilatedAttention([8, 16], [1, 2], backend="sdpa")
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    q, k, v = make_inputs(40, 2, torch.float32)
+    out = compiled(q, k, v, is_causal=True)
+    out.sum().backward()
+    dq = q.grad.clone()
+    q.grad = None
+    eager = module(q, k, v, is_causal=True)
+    eager.sum().backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(dq, q.grad)
+
+
+def test_op_passes_torch_library_opcheck():
+    q, k, v = (t.detach() for t in make_inputs(20, 2, torch.float32))
+    args = (q, k, v, None, [8, 16], [1, 2], True, 0.35, "sdpa")
+    torch.library.opcheck(torch.ops.mmlongnet.dilated_attention_forward.default, args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(segment_lengths=[], dilation_rates=[]), ValueError, "non-empty"),
+        (dict(segment_lengths=[8, 16], dilation_rates=[1]), ValueError, "equal length"),
+        (dict(segment_lengths=[8, 0], dilation_rates=[1, 1]), ValueError, "segment_lengths"),
+        (dict(segment_lengths=[8], dilation_rates=[-2]), ValueError, "dilation_rates"),
+        (dict(segment_lengths=[4], dilation_rates=[8]), ValueError, "exceed"),
+        (dict(backend="triton"), ValueError, r"unknown backend 'triton'; choose one of \['auto'"),
+        (dict(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)), ValueError, r"\(B, N\)"),
+        (dict(key_padding_mask=torch.zeros(2, 16)), TypeError, "bool"),
+        (dict(softmax_scale=-1.0), ValueError, "softmax_scale"),
+        (dict(dropout_p=1.5), ValueError, "dropout_p"),
+        (dict(dropout_p=0.1, backend="sdpa"), ValueError, "reference"),
+    ],
+)
+def test_bad_arguments_name_what_is_wrong(kwargs, error, match):
+    q, k, v = (torch.randn(2, 16, 2, 4) for _ in range(3))
+    call = dict(segment_lengths=[8], dilation_rates=[1]) | kwargs
+    with pytest.raises(error, match=match):
+        dilated_attention(q, k, v, **call)
+
+
+def test_bad_tensors_name_what_is_wrong():
+    q = torch.randn(2, 16, 2, 4)
+    with pytest.raises(ValueError, match="same shape"):
+        dilated_attention(q, q[:, :8], q, [8], [1])
+    with pytest.raises(TypeError, match="same dtype"):
+        dilated_attention(q, q.double(), q, [8], [1])
+    with pytest.raises(ValueError, match=r"\(B, N, H, D\)"):
+        dilated_attention(q[0], q[0], q[0], [8], [1])
+    with pytest.raises(TypeError, match="floating point"):
+        dilated_attention(*(torch.ones(2, 16, 2, 4, dtype=torch.long),) * 3, [8], [1])
+
+
+def test_sdpa_rejects_dtypes_its_kernels_lack():
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU dtype list")
+    q = torch.randn(1, 16, 2, 4).to(torch.float8_e4m3fn)
+    with pytest.raises(TypeError):
+        dilated_attention(q, q, q, [8], [1], backend="sdpa")
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(("seq_len", "segs", "rates", "num_heads"), GRID)
+def test_cuda_bf16_error_within_twice_reference_bf16_error(
+    seq_len, segs, rates, num_heads, is_causal, masked
+):
+    """Kernel error vs the float64 reference <= 2x the bf16 reference's own error (+ rounding).
+
+    Errors are relative Frobenius norms, ||x - truth|| / ||truth||.
+    """
+    seq_len, segs = seq_len * 8, [w * 8 for w in segs]  # kernel-sized problems
+    exact = make_inputs(seq_len, num_heads, torch.float64, head_dim=64, device="cuda")
+    low = [t.detach().to(torch.bfloat16).requires_grad_() for t in exact]
+    mask = padding_mask(2, seq_len, device="cuda") if masked else None
+    grad = torch.randn(exact[0].shape, dtype=torch.float64, device="cuda")
+    kwargs = dict(is_causal=is_causal, key_padding_mask=mask)
+    truth = run(*exact, segs, rates, "reference", grad, **kwargs)
+    ref_low = run(*low, segs, rates, "reference", grad.bfloat16(), **kwargs)
+    fast = run(*low, segs, rates, "sdpa", grad.bfloat16(), **kwargs)
+    for name, t, r, f in zip(("out", "dq", "dk", "dv"), truth, ref_low, fast, strict=True):
+        assert torch.isfinite(f).all(), name
+        err = ((f.double() - t).norm() / t.norm()).item()
+        ref_err = ((r.double() - t).norm() / t.norm()).item()
+        assert err <= 2 * ref_err + 1e-4, (
+            f"{name}: kernel error {err:.3g}, bf16 reference error {ref_err:.3g}"
+        )
