@@ -62,18 +62,20 @@ def _shape_key(q_rows: torch.Tensor, has_bias: bool, is_causal: bool) -> tuple:
     return (q_rows.dtype, tuple(q_rows.shape), has_bias, is_causal)
 
 
-def _forward(
+@torch.library.custom_op("mmlongnet::dilated_attention_forward", mutates_args=())
+def dilated_attention_forward_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
+    segment_lengths: list[int],
+    dilation_rates: list[int],
     is_causal: bool,
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output (B, N, H, D) and merged log-sum-exp (B, N, H) (-inf for rows with no key)."""
+    """Raw forward op: (B, N, H, D) x3 -> output (B, N, H, D), merged log-sum-exp (B, N, H)
+    (-inf for rows with no key)."""
     batch, seq_len, num_heads, head_dim = q.shape
     acc_dtype = _accumulation_dtype(q.dtype)
     chain = kernel_chain(q.device, q.dtype, key_padding_mask is not None)
@@ -103,7 +105,8 @@ def _forward(
     return out.to(q.dtype), lse
 
 
-def _backward(
+@torch.library.custom_op("mmlongnet::dilated_attention_backward", mutates_args=())
+def dilated_attention_backward_op(
     grad_out: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -111,13 +114,13 @@ def _backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
+    segment_lengths: list[int],
+    dilation_rates: list[int],
     is_causal: bool,
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv (B, N, H, D) from the merged output and log-sum-exp of `_forward`."""
+    """Raw backward op: dq, dk, dv (B, N, H, D) from the merged output and log-sum-exp of the forward."""
     batch, seq_len, num_heads, head_dim = q.shape
     chain = kernel_chain(q.device, q.dtype, key_padding_mask is not None)
     # Rows without any key: lse = +inf gives them probability 0, hence no gradient.
@@ -136,57 +139,9 @@ def _backward(
     return tuple(grad.to(q.dtype) for grad in grads)
 
 
-@torch.library.custom_op("mmlongnet::dilated_attention_forward", mutates_args=())
-def dilated_attention_forward_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    segment_lengths: list[int],
-    dilation_rates: list[int],
-    is_causal: bool,
-    scale: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw forward op: (B, N, H, D) x3 -> output (B, N, H, D), merged log-sum-exp (B, N, H)."""
-    return _forward(q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, backend)
-
-
 @dilated_attention_forward_op.register_fake
 def _forward_fake(q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, backend):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_accumulation_dtype(q.dtype))
-
-
-@torch.library.custom_op("mmlongnet::dilated_attention_backward", mutates_args=())
-def dilated_attention_backward_op(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    segment_lengths: list[int],
-    dilation_rates: list[int],
-    is_causal: bool,
-    scale: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Raw backward op: dq, dk, dv (B, N, H, D)."""
-    return _backward(
-        grad_out,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        key_padding_mask,
-        segment_lengths,
-        dilation_rates,
-        is_causal,
-        scale,
-        backend,
-    )
 
 
 @dilated_attention_backward_op.register_fake
