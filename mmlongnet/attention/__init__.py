@@ -1,14 +1,19 @@
-"""Dilated attention: the exact fused op, its dense reference, and the module."""
+"""Dilated attention: the exact fused op, its dense reference, the modules and the decoding cache."""
 
+from mmlongnet.attention.cache import DilatedKVCache
 from mmlongnet.attention.dilated import available_backends, check_schedule, dilated_attention
 from mmlongnet.attention.modules import DilatedAttention
+from mmlongnet.attention.multihead import MultiheadDilatedAttention, dense_attention
 from mmlongnet.attention.reference import branch_multiplicity, dilated_attention_reference
 
 __all__ = [
     "DilatedAttention",
+    "DilatedKVCache",
+    "MultiheadDilatedAttention",
     "available_backends",
     "branch_multiplicity",
     "check_schedule",
+    "dense_attention",
     "dilated_attention",
     "dilated_attention_reference",
 ]

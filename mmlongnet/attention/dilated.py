@@ -206,7 +206,7 @@ def check_schedule(
     return segment_lengths, dilation_rates
 
 
-def _check_inputs(q, k, v, key_padding_mask, softmax_scale, dropout_p) -> None:
+def _check_inputs(q, k, v, key_padding_mask, position_bias, softmax_scale, dropout_p) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -233,39 +233,56 @@ def _check_inputs(q, k, v, key_padding_mask, softmax_scale, dropout_p) -> None:
             )
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+    if position_bias is not None:
+        batch, seq_len, num_heads, _ = q.shape
+        allowed = [(num_heads, seq_len, seq_len), (batch, num_heads, seq_len, seq_len)]
+        if not isinstance(position_bias, torch.Tensor) or tuple(position_bias.shape) not in allowed:
+            shape = tuple(position_bias.shape) if isinstance(position_bias, torch.Tensor) else position_bias
+            raise ValueError(
+                f"position_bias must have shape (H, N, N) or (B, H, N, N) = {allowed}, got {shape}"
+            )
     if softmax_scale is not None and not (isinstance(softmax_scale, float | int) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be a positive number or None, got {softmax_scale!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
-_warned_dropout = False
+_warned_reference: set[str] = set()
 
 
-def _resolve_backend(backend: str, q: torch.Tensor, dropout_p: float) -> str:
-    """The backend that will run: "auto" resolved, the requested one checked against the input."""
+def _resolve_backend(backend: str, q: torch.Tensor, dropout_p: float, has_position_bias: bool) -> str:
+    """The backend that will run: "auto" resolved, the requested one checked against the input.
+
+    Attention dropout and an additive position bias run on the dense "reference" backend only:
+    "auto" routes such calls there (with a one-time warning), "sdpa" rejects them.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
     available = available_backends(q.device)
     sdpa_ok = "sdpa" in available and q.dtype in _SDPA_DTYPES[q.device.type]
+    dense_only = [
+        name
+        for name, used in (("dropout_p > 0", dropout_p > 0.0), ("position_bias", has_position_bias))
+        if used
+    ]
     if backend == "auto":
-        if dropout_p > 0.0:
-            global _warned_dropout
-            if not _warned_dropout:
-                warnings.warn(
-                    "dilated_attention: dropout_p > 0 runs on the dense reference backend "
-                    "(O(N^2) memory); the fused kernels run without attention dropout",
-                    stacklevel=3,
-                )
-                _warned_dropout = True
+        if dense_only:
+            for reason in dense_only:
+                if reason not in _warned_reference:
+                    warnings.warn(
+                        f"dilated_attention: {reason} runs on the dense reference backend (O(N^2) memory); "
+                        "the fused kernels take neither attention dropout nor a position bias",
+                        stacklevel=3,
+                    )
+                    _warned_reference.add(reason)
             return "reference"
         return "sdpa" if sdpa_ok else "reference"
     if backend not in available:
         raise ValueError(f"backend {backend!r} is not available on {q.device}; available: {available}")
-    if backend != "reference" and dropout_p > 0.0:
+    if backend != "reference" and dense_only:
         raise ValueError(
-            f"backend {backend!r} runs without attention dropout; use backend='reference' "
-            f"(or 'auto') for dropout_p={dropout_p}"
+            f"backend {backend!r} takes neither attention dropout nor a position bias; use "
+            f"backend='reference' (or 'auto') for {' and '.join(dense_only)}, or rotary/XPOS positions"
         )
     if backend == "sdpa" and not sdpa_ok:
         raise TypeError(
@@ -284,6 +301,7 @@ def dilated_attention(
     *,
     is_causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
+    position_bias: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     dropout_p: float = 0.0,
     backend: str = "auto",
@@ -296,6 +314,8 @@ def dilated_attention(
         dilation_rates: dilation rate r_i of each branch, e.g. [1, 2, 4]; r_i <= w_i.
         is_causal: a query attends only to keys at positions <= its own, in every branch.
         key_padding_mask: (B, N) bool, True marks padding keys, which never receive weight.
+        position_bias: (H, N, N) or (B, H, N, N) additive score bias, e.g. a relative position bias
+            (runs on the "reference" backend).
         softmax_scale: score scale, default 1 / sqrt(D).
         dropout_p: dropout on the attention probabilities (runs on the "reference" backend).
         backend: "auto" (default: "sdpa" where it takes the input, else "reference"),
@@ -309,13 +329,14 @@ def dilated_attention(
         the paper's mixture weighted by softmax denominators (eq. 10). A query with no key
         (all masked, or selected by no branch) outputs zeros.
     """
-    _check_inputs(q, k, v, key_padding_mask, softmax_scale, dropout_p)
+    _check_inputs(q, k, v, key_padding_mask, position_bias, softmax_scale, dropout_p)
     segment_lengths, dilation_rates = check_schedule(segment_lengths, dilation_rates)
-    backend = _resolve_backend(backend, q, dropout_p)
+    backend = _resolve_backend(backend, q, dropout_p, position_bias is not None)
     if backend == "reference":
         return dilated_attention_reference(
             q, k, v, segment_lengths, dilation_rates, is_causal=is_causal,
-            key_padding_mask=key_padding_mask, softmax_scale=softmax_scale, dropout_p=dropout_p,
+            key_padding_mask=key_padding_mask, position_bias=position_bias, softmax_scale=softmax_scale,
+            dropout_p=dropout_p,
         )  # fmt: skip
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return DilatedAttentionFunction.apply(

@@ -47,12 +47,14 @@ def dilated_attention_reference(
     *,
     is_causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
+    position_bias: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Dilated attention computed densely: softmax over all keys with score + log(multiplicity).
 
-    q, k, v: (B, N, H, D); key_padding_mask: (B, N) bool, True = padding. Returns (B, N, H, D).
+    q, k, v: (B, N, H, D); key_padding_mask: (B, N) bool, True = padding; position_bias: (H, N, N)
+    or (B, H, N, N) additive score bias. Returns (B, N, H, D).
     A key reached through m branches counts m times; a query with no reachable key outputs 0.
     Differentiable by autograd in any dtype and on any device.
     """
@@ -65,6 +67,8 @@ def dilated_attention_reference(
     if key_padding_mask is not None:
         allowed = allowed & ~key_padding_mask[:, None, None, :]
     scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale + count.to(q.dtype).log()
+    if position_bias is not None:
+        scores = scores + position_bias.to(scores.dtype)
     scores = scores.masked_fill(~allowed, float("-inf"))
     dead = ~allowed.any(-1, keepdim=True)  # rows with no key: softmax over zeros, then zeroed
     probs = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)

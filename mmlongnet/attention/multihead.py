@@ -1,0 +1,311 @@
+"""Multi-head dilated attention: a drop-in for `nn.MultiheadAttention(batch_first=True)`.
+
+Legend: B batch, N query tokens, M key tokens, E embed dim, H heads, D = E / H head dim.
+
+Projections q/k/v -> positions (RoPE, XPOS or a relative position bias) -> dilated attention
+-> MAGNETO sub-LayerNorm -> output projection (Wang et al. 2022, "Foundation Transformers",
+arXiv 2210.06423: the extra LayerNorm before the output projection, and the initialisation that
+scales the value and output projections by gamma).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmlongnet.attention.cache import DilatedKVCache
+from mmlongnet.attention.dilated import BACKENDS, check_schedule, dilated_attention
+from mmlongnet.layers.relative_bias import RelativePositionBias
+from mmlongnet.layers.rope import RotaryEmbedding
+from mmlongnet.layers.xpos import XPos
+
+POSITIONS = ("rope", "xpos", "relative")
+PositionsArg = Literal["rope", "xpos", "relative"] | RotaryEmbedding | XPos | RelativePositionBias | None
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    is_causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    position_bias: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Full softmax attention over all keys, through `F.scaled_dot_product_attention`.
+
+    q: (B, N, H, D); k, v: (B, M, H, D); key_padding_mask: (B, M) bool, True = padding;
+    position_bias: (H, N, M) or (B, H, N, M). Returns (B, N, H, D); a sample whose keys are all
+    padding outputs zeros (never NaN).
+    """
+    if is_causal and q.shape[1] != k.shape[1]:
+        raise ValueError(f"is_causal needs keys of the query length, got N={q.shape[1]} and M={k.shape[1]}")
+    mask, empty = position_bias, None
+    if key_padding_mask is not None:
+        empty = key_padding_mask.all(-1)  # (B,) samples without any key
+        padding = key_padding_mask & ~empty[:, None]  # unmask them: their output is zeroed below
+        bias = torch.zeros(padding.shape, dtype=q.dtype, device=q.device).masked_fill(padding, float("-inf"))
+        bias = bias[:, None, None, :]  # (B, 1, 1, M)
+        mask = bias if mask is None else mask.to(q.dtype) + bias
+    if is_causal and mask is not None:  # SDPA takes one of attn_mask / is_causal: fold causality in
+        n = q.shape[1]
+        future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+        mask = mask.to(q.dtype).masked_fill(future, float("-inf"))
+        is_causal = False
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=dropout_p,
+        is_causal=is_causal, scale=softmax_scale,
+    ).transpose(1, 2)  # fmt: skip
+    if empty is not None:
+        out = out.masked_fill(empty[:, None, None, None], 0.0)
+    return out
+
+
+def _positions_module(positions: PositionsArg, head_dim: int, num_heads: int, segment_lengths: list[int]):
+    if positions is None or isinstance(positions, RotaryEmbedding | XPos | RelativePositionBias):
+        return positions
+    if positions == "rope":
+        return RotaryEmbedding(head_dim)
+    if positions == "xpos":
+        block = max(segment_lengths)
+        if any(block % w for w in segment_lengths):
+            raise ValueError(
+                f"positions='xpos' needs every segment length to divide the largest (XPOS is computed "
+                f"relative to blocks of {block} tokens), got segment_lengths={segment_lengths}"
+            )
+        return XPos(head_dim, block_length=block)
+    if positions == "relative":
+        return RelativePositionBias(num_heads)
+    raise ValueError(f"positions must be one of {POSITIONS}, a position module or None, got {positions!r}")
+
+
+class MultiheadDilatedAttention(nn.Module):
+    """Multi-head dilated attention with MAGNETO sub-LayerNorm; `nn.MultiheadAttention`'s interface.
+
+    Args:
+        embed_dim: E, the model width; num_heads: H, with E divisible by H.
+        segment_lengths, dilation_rates: the branch schedule of dilated attention.
+        dropout: dropout on the attention probabilities (training mode only).
+        bias: biases in the input and output projections.
+        layer_norm: MAGNETO sub-LayerNorm before the output projection.
+        layer_norm_eps: its epsilon.
+        gamma_init: MAGNETO gain of the value and output projections (the models pass
+            sqrt(log(2 * num_layers)) for a decoder-only stack, as the paper prescribes).
+        kdim, vdim: feature sizes of key and value inputs (default E).
+        batch_first: must be True (inputs are (B, N, E)).
+        positions: "rope", "xpos" (relative to blocks of the largest segment length),
+            "relative" (T5 bias, dense reference backend only), a position module, or None.
+        attention: "dilated" (keys of the query length, paired by position) or "dense" (full
+            attention over keys of any length M, e.g. cross-attention to an encoder's output).
+        backend: the `dilated_attention` backend.
+
+    forward(query (B, N, E), key (B, M, kdim), value (B, M, vdim), key_padding_mask (B, M) bool
+    True = padding, need_weights=False, attn_mask=None, is_causal=False, *, position_offset=0,
+    kv_cache=None) -> (out (B, N, E), None). `position_offset` is the position of the first
+    token (a slice of a longer sequence); `kv_cache` a `DilatedKVCache` for token-by-token decoding.
+
+    Weight mapping from `nn.MultiheadAttention` (see `from_multihead_attention`): `in_proj_weight`
+    rows [0, E), [E, 2E), [2E, 3E) are `q_proj`, `k_proj`, `v_proj` (or its separate
+    `q/k/v_proj_weight`), `in_proj_bias` likewise, `out_proj` is `out_proj`.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        dropout: float = 0.0,
+        bias: bool = True,
+        layer_norm: bool = True,
+        layer_norm_eps: float = 1e-5,
+        gamma_init: float = 1.0,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = True,
+        positions: PositionsArg = None,
+        *,
+        attention: Literal["dilated", "dense"] = "dilated",
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(
+                f"embed_dim must be a positive multiple of num_heads, got embed_dim={embed_dim}, "
+                f"num_heads={num_heads}"
+            )
+        if not batch_first:
+            raise ValueError("batch_first must be True: inputs are (B, N, E)")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if gamma_init <= 0:
+            raise ValueError(f"gamma_init must be positive, got {gamma_init}")
+        if attention not in ("dilated", "dense"):
+            raise ValueError(f"attention must be 'dilated' or 'dense', got {attention!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.segment_lengths, self.dilation_rates = check_schedule(segment_lengths, dilation_rates)
+        self.dropout, self.gamma_init, self.attention, self.backend = dropout, gamma_init, attention, backend
+        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        self.batch_first = True
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias, **factory)
+        self.inner_norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **factory) if layer_norm else None
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.positions = _positions_module(positions, self.head_dim, num_heads, self.segment_lengths)
+        if isinstance(self.positions, RelativePositionBias):
+            self.positions.to(**factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """MAGNETO initialisation: Xavier-normal projections, value and output ones with gain gamma."""
+        for proj, gain in ((self.q_proj, 1.0), (self.k_proj, 1.0), (self.v_proj, self.gamma_init),
+                           (self.out_proj, self.gamma_init)):  # fmt: skip
+            nn.init.xavier_normal_(proj.weight, gain=gain)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        if self.inner_norm is not None:
+            self.inner_norm.reset_parameters()
+        if isinstance(self.positions, RelativePositionBias):
+            self.positions.reset_parameters()
+
+    @classmethod
+    def from_multihead_attention(
+        cls,
+        module: nn.MultiheadAttention,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        **kwargs,
+    ) -> MultiheadDilatedAttention:
+        """A `MultiheadDilatedAttention` (no sub-LN) carrying the weights of an `nn.MultiheadAttention`.
+
+        With one branch `segment_lengths=[W], dilation_rates=[1]`, W >= N, it computes the same
+        function as `module` (batch-first inputs).
+        """
+        if module.bias_k is not None or module.add_zero_attn:
+            raise ValueError("add_bias_kv and add_zero_attn of nn.MultiheadAttention have no counterpart")
+        factory = {"device": module.out_proj.weight.device, "dtype": module.out_proj.weight.dtype}
+        new = cls(
+            module.embed_dim, module.num_heads, segment_lengths, dilation_rates, dropout=module.dropout,
+            bias=module.in_proj_bias is not None, layer_norm=False, kdim=module.kdim, vdim=module.vdim,
+            **factory, **kwargs,
+        )  # fmt: skip
+        e = module.embed_dim
+        if module._qkv_same_embed_dim:
+            weights = module.in_proj_weight.split(e)
+        else:
+            weights = (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
+        biases = module.in_proj_bias.split(e) if module.in_proj_bias is not None else (None,) * 3
+        with torch.no_grad():
+            for proj, weight, bias in zip((new.q_proj, new.k_proj, new.v_proj), weights, biases, strict=True):
+                proj.weight.copy_(weight)
+                if bias is not None:
+                    proj.bias.copy_(bias)
+            new.out_proj.weight.copy_(module.out_proj.weight)
+            if new.out_proj.bias is not None:
+                new.out_proj.bias.copy_(module.out_proj.bias)
+        return new
+
+    def _check_call(self, query, key, need_weights, attn_mask, is_causal, kv_cache) -> None:
+        if need_weights:
+            raise ValueError(
+                "need_weights=True is not supported: dilated attention never forms the (N, M) weight "
+                "matrix; call with need_weights=False"
+            )
+        if attn_mask is not None:
+            raise ValueError(
+                "an arbitrary attn_mask is not supported by dilated attention; use is_causal=True for "
+                "a causal mask and key_padding_mask (B, M) for padding"
+            )
+        if query.dim() != 3 or query.shape[-1] != self.embed_dim:
+            raise ValueError(f"query must be (B, N, E={self.embed_dim}), got {tuple(query.shape)}")
+        if self.attention == "dilated" and key.shape[1] != query.shape[1]:
+            raise ValueError(
+                f"attention='dilated' pairs keys with queries by position and needs M == N, got "
+                f"N={query.shape[1]}, M={key.shape[1]}; build the module with attention='dense' for "
+                "keys of another length"
+            )
+        if self.positions is not None and key.shape[1] != query.shape[1]:
+            raise ValueError(
+                f"positions need keys of the query length, got N={query.shape[1]}, M={key.shape[1]}"
+            )
+        if kv_cache is not None and (
+            self.attention != "dilated" or not is_causal or (kv_cache.length and query.shape[1] != 1)
+        ):
+            raise ValueError(
+                "kv_cache serves causal dilated self-attention: a prompt first (prefill), then one token "
+                "per call, with is_causal=True"
+            )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        *,
+        position_offset: int = 0,
+        kv_cache: DilatedKVCache | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        self._check_call(query, key, need_weights, attn_mask, is_causal, kv_cache)
+        batch, seq_len, _ = query.shape
+        key_len = key.shape[1]
+        q = self.q_proj(query).view(batch, seq_len, self.num_heads, self.head_dim)  # (B, N, H, D)
+        k = self.k_proj(key).view(batch, key_len, self.num_heads, self.head_dim)  # (B, M, H, D)
+        v = self.v_proj(value).view(batch, key_len, self.num_heads, self.head_dim)  # (B, M, H, D)
+        if kv_cache is not None:
+            position_offset = kv_cache.length
+        position_bias = None
+        if isinstance(self.positions, RelativePositionBias):
+            where = torch.arange(position_offset, position_offset + seq_len, device=query.device)
+            position_bias = self.positions(where, where)  # (H, N, N)
+        elif self.positions is not None:
+            q, k = self.positions(q, k, offset=position_offset)
+        dropout_p = self.dropout if self.training else 0.0
+        if kv_cache is not None and kv_cache.length:
+            score_bias = None
+            if isinstance(self.positions, RelativePositionBias):
+                relative = self.positions
+
+                def score_bias(t: int, keys: torch.Tensor) -> torch.Tensor:
+                    return relative(torch.tensor([t], device=keys.device), keys)[:, 0]  # (H, n)
+
+            out = kv_cache.step(q, k, v, score_bias=score_bias)
+        elif self.attention == "dense":
+            out = dense_attention(
+                q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask,
+                position_bias=position_bias, dropout_p=dropout_p,
+            )  # fmt: skip
+        else:
+            out = dilated_attention(
+                q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal,
+                key_padding_mask=key_padding_mask, position_bias=position_bias, dropout_p=dropout_p,
+                backend=self.backend,
+            )  # fmt: skip
+            if kv_cache is not None:
+                kv_cache.prefill(k, v)
+        out = out.reshape(batch, seq_len, self.embed_dim)  # (B, N, E)
+        if self.inner_norm is not None:
+            out = self.inner_norm(out)
+        return self.out_proj(out), None
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, attention={self.attention!r}, "
+            f"segment_lengths={self.segment_lengths}, dilation_rates={self.dilation_rates}, "
+            f"dropout={self.dropout}, backend={self.backend!r}"
+        )

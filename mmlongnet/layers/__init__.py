@@ -1,0 +1,19 @@
+"""Small composable layers: positions (RoPE, XPOS, relative bias), feed-forward, multiway routing."""
+
+from mmlongnet.layers.feedforward import FeedForward, make_activation
+from mmlongnet.layers.multiway import MultiwayNetwork
+from mmlongnet.layers.relative_bias import RelativePositionBias, relative_position_bucket
+from mmlongnet.layers.rope import RotaryEmbedding, apply_rotary, rotary_cos_sin
+from mmlongnet.layers.xpos import XPos
+
+__all__ = [
+    "FeedForward",
+    "MultiwayNetwork",
+    "RelativePositionBias",
+    "RotaryEmbedding",
+    "XPos",
+    "apply_rotary",
+    "make_activation",
+    "relative_position_bucket",
+    "rotary_cos_sin",
+]

@@ -1,0 +1,78 @@
+"""The position-wise feed-forward network of a transformer block, with MAGNETO sub-LayerNorm.
+
+Legend: B batch, N tokens, E embed dim, F feed-forward dim.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+Activation = Literal["gelu", "relu", "silu"]
+
+
+def make_activation(name: str) -> nn.Module:
+    """An activation module from its name: one of `ACTIVATIONS`."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]()
+
+
+class FeedForward(nn.Module):
+    """fc1 -> activation -> dropout -> sub-LayerNorm -> fc2 (MAGNETO, arXiv 2210.06423).
+
+    Args:
+        embed_dim: E; hidden_dim: F.
+        activation: "gelu", "relu" or "silu".
+        dropout: dropout on the hidden activations (training mode only).
+        layer_norm: the MAGNETO sub-LayerNorm before fc2.
+        layer_norm_eps: its epsilon.
+        gamma_init: MAGNETO gain of fc1 and fc2 (Xavier-normal initialisation).
+        bias: biases in fc1 and fc2.
+
+    forward(x: (B, N, E)) -> (B, N, E); any leading shape works, e.g. (tokens, E).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        hidden_dim: int,
+        activation: Activation = "gelu",
+        dropout: float = 0.0,
+        layer_norm: bool = True,
+        layer_norm_eps: float = 1e-5,
+        gamma_init: float = 1.0,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if embed_dim <= 0 or hidden_dim <= 0:
+            raise ValueError(f"embed_dim and hidden_dim must be positive, got {embed_dim}, {hidden_dim}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        factory = {"device": device, "dtype": dtype}
+        self.gamma_init = gamma_init
+        self.fc1 = nn.Linear(embed_dim, hidden_dim, bias=bias, **factory)
+        self.activation = make_activation(activation)
+        self.dropout = nn.Dropout(dropout)
+        self.inner_norm = nn.LayerNorm(hidden_dim, eps=layer_norm_eps, **factory) if layer_norm else None
+        self.fc2 = nn.Linear(hidden_dim, embed_dim, bias=bias, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for fc in (self.fc1, self.fc2):
+            nn.init.xavier_normal_(fc.weight, gain=self.gamma_init)
+            if fc.bias is not None:
+                nn.init.zeros_(fc.bias)
+        if self.inner_norm is not None:
+            self.inner_norm.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.dropout(self.activation(self.fc1(x)))  # (B, N, F)
+        if self.inner_norm is not None:
+            hidden = self.inner_norm(hidden)
+        return self.fc2(hidden)  # (B, N, E)

@@ -1,0 +1,124 @@
+"""Multiway network: one expert per modality, every token routed by its modality id.
+
+Legend: B batch, L tokens per sample, T = B*L tokens, K experts (num_ways), n_e tokens of expert e,
+F_in / F_out the feature shape of one token going in / coming out (usually (E,) and (E,) or (F,)).
+
+BEiT-3 (Wang et al. 2022, arXiv 2208.10442, Sec. 2.1) and VLMo give each modality its own
+feed-forward network (and BEiT-3 its own layer norms) while the attention is shared. BEiT-3 splits
+a batch at one position (image tokens first, then text). Here every token carries its own id, so
+any number of experts and any interleaving of modalities, within and across samples, is allowed.
+
+Routing costs one host sync (the per-expert token counts, read once), one stable sort of the ids,
+and per expert that has tokens: one gather of its n_e rows, one expert call on (n_e, *F_in) and
+one scatter of its (n_e, *F_out) output into place. An expert without tokens is not called.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class MultiwayNetwork(nn.Module):
+    """`num_ways` independent copies of a token-wise module; each token goes to the copy of its id.
+
+    Args:
+        module: the template expert. It must act on every token independently (Linear, an FFN,
+            LayerNorm, RMSNorm, ...): it is called on (n_e, *F_in) rows, or on the whole
+            (B, L, *F_in) input by the fast path, and must return (n_e, *F_out) / (B, L, *F_out).
+        num_ways: number of experts K >= 1.
+
+    Experts: `experts[0]` is a deep copy of `module` with the same values (so pretrained
+    single-modality weights carry over to way 0). `experts[1:]` are deep copies in which every
+    submodule with a `reset_parameters()` method is re-initialised, so they start from different
+    values. Parameters that no `reset_parameters()` covers (a bare `nn.Parameter` on a custom
+    module without that method) keep the template's values in every copy. `module` itself is not
+    registered; later changes to it do not reach the experts.
+
+    forward(x, modality_ids):
+        x: (B, L, *F_in), e.g. (B, L, E).
+        modality_ids: (B, L), any integer dtype, values in [0, K).
+        returns (B, L, *F_out), dtype of the experts' output (e.g. bf16 under autocast).
+
+    Fast path, no gather or scatter: K == 1, or all ids equal (the expert of that id is called on
+    x as it is). With K == 1 the ids are checked for dtype and shape only, not for their values,
+    so that path needs no host sync. With K > 1, reading the token counts syncs with the device
+    once per call (the sizes of the gathers depend on the data); under `torch.compile` this is a
+    graph break.
+    """
+
+    def __init__(self, module: nn.Module, num_ways: int) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        if isinstance(num_ways, bool) or not isinstance(num_ways, int):
+            raise TypeError(f"num_ways must be an int, got {type(num_ways).__name__}")
+        if num_ways < 1:
+            raise ValueError(f"num_ways must be >= 1, got num_ways={num_ways}")
+        self.num_ways = num_ways
+        experts = [copy.deepcopy(module) for _ in range(num_ways)]
+        for expert in experts[1:]:
+            _reset_all(expert)
+        self.experts = nn.ModuleList(experts)
+
+    def forward(self, x: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, *F_in), modality_ids: (B, L) integer -> (B, L, *F_out)."""
+        if modality_ids.dtype == torch.bool or modality_ids.is_floating_point() or modality_ids.is_complex():
+            raise TypeError(f"modality_ids must have an integer dtype, got {modality_ids.dtype}")
+        if x.dim() < 2 or modality_ids.shape != x.shape[:2]:
+            raise ValueError(
+                f"modality_ids must have shape x.shape[:2]; got modality_ids {tuple(modality_ids.shape)} "
+                f"and x {tuple(x.shape)}"
+            )
+        batch, seq_len = x.shape[:2]
+        num_tokens = batch * seq_len
+        if self.num_ways == 1 or num_tokens == 0:
+            # No token to route (T == 0): expert 0 on the empty input only to learn F_out and dtype.
+            return self.experts[0](x)  # (B, L, *F_out)
+
+        ids = modality_ids.reshape(num_tokens).to(device=x.device, dtype=torch.long)  # (T,)
+        # Bin 0 counts ids < 0, bin K+1 ids >= K, bin e+1 the tokens of expert e: one host sync.
+        counts = torch.bincount(ids.clamp(-1, self.num_ways) + 1, minlength=self.num_ways + 2).tolist()
+        if counts[0] or counts[-1]:
+            self._raise_out_of_range(modality_ids)
+        counts = counts[1:-1]  # K entries, summing to T
+        if max(counts) == num_tokens:
+            return self.experts[counts.index(num_tokens)](x)  # (B, L, *F_out), one modality
+
+        flat_x = x.reshape(num_tokens, *x.shape[2:])  # (T, *F_in)
+        order = torch.argsort(ids, stable=True)  # (T,): expert 0's tokens, then expert 1's, ...
+        out = None
+        start = 0
+        for expert, count in zip(self.experts, counts, strict=True):
+            if count == 0:
+                continue
+            index = order[start : start + count]  # (n_e,), positions in [0, T), in token order
+            start += count
+            y = expert(flat_x.index_select(0, index))  # (n_e, *F_out)
+            if out is None:
+                out = y.new_empty((num_tokens, *y.shape[1:]))  # (T, *F_out), every row written below
+            out.index_copy_(0, index, y.to(out.dtype))
+        return out.view(batch, seq_len, *out.shape[1:])  # (B, L, *F_out)
+
+    def _raise_out_of_range(self, modality_ids: torch.Tensor) -> None:
+        """Error path only: name the first offending id, its batch row and position."""
+        bad = (modality_ids < 0) | (modality_ids >= self.num_ways)  # (B, L)
+        row, pos = bad.nonzero()[0].tolist()
+        value = modality_ids[row, pos].item()
+        raise ValueError(
+            f"modality_ids must lie in [0, num_ways) with num_ways={self.num_ways}; "
+            f"found id {value} at batch row {row}, position {pos}"
+        )
+
+    def extra_repr(self) -> str:
+        return f"num_ways={self.num_ways}"
+
+
+def _reset_all(module: nn.Module) -> None:
+    """Call `reset_parameters()` on every submodule (the module included) that defines it."""
+    for submodule in module.modules():
+        reset = getattr(submodule, "reset_parameters", None)
+        if callable(reset):
+            reset()

@@ -1,0 +1,158 @@
+"""Rotary position embedding (RoPE, Su et al. 2021, arXiv 2104.09864), rotate-half layout.
+
+Legend: B batch, N tokens, H heads, D head dim, P = D/2 channel pairs.
+
+Channel i is paired with channel i + D/2 (the GPT-NeoX "rotate-half" layout) and the pair is
+rotated by the angle position * inv_freq_i, inv_freq_i = base^(-2i/D). The score of a rotated
+query at position m and a rotated key at position n then depends on the positions only through
+m - n.
+
+Precision: the angle is formed in float64 from the integer positions and reduced modulo 2 pi
+before it is cast to float32. A float32 product position * inv_freq is off by up to half an ulp of
+the product, about 0.06 rad at position 2^20, which breaks the relative-position property there;
+the float64 product is exact to about 1e-10 rad at any position below 2^32. The rotation itself
+runs in float32 (float64 for float64 inputs) and the result is cast back to the input's dtype.
+
+The module holds no parameters and no buffers: cos and sin are computed on the fly, on the
+device of the inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _check_head_dim(head_dim: int) -> None:
+    if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"head_dim must be a positive even integer, got {head_dim!r}")
+
+
+def rotation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is rotated in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor,
+    head_dim: int,
+    base: float = 10000.0,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines and sines of the rotary angles.
+
+    Args:
+        positions: integer positions, (N,) or (B, N).
+        head_dim: D, even.
+        base: frequency base; inv_freq_i = base^(-2i/D), i = 0..D/2-1.
+        dtype: dtype of the result, float32 (default) or float64.
+
+    Returns:
+        (cos, sin), each (N, D/2) or (B, N, D/2) in `dtype`, on the device of `positions`.
+    """
+    _check_head_dim(head_dim)
+    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        raise ValueError(f"positions must be an integer tensor, got dtype {positions.dtype}")
+    if positions.dim() not in (1, 2):
+        raise ValueError(f"positions must be (N,) or (B, N), got shape {tuple(positions.shape)}")
+    if not base > 0:
+        raise ValueError(f"base must be positive, got {base}")
+    half = head_dim // 2
+    exponents = torch.arange(half, dtype=torch.float64, device=positions.device) * (2.0 / head_dim)
+    inv_freq = float(base) ** -exponents  # (P,), float64
+    angle = positions.to(torch.float64).unsqueeze(-1) * inv_freq  # (N, P) or (B, N, P), float64
+    angle = torch.remainder(angle, 2.0 * math.pi).to(dtype)  # in [0, 2 pi), then cast
+    return angle.cos(), angle.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the channel pairs (i, i + D/2) of `x` by the angles whose cos and sin are given.
+
+    Args:
+        x: (B, N, H, D).
+        cos, sin: (N, D/2) or (B, N, D/2), broadcast over heads.
+
+    Returns:
+        (B, N, H, D) in x.dtype; computed in float32 (float64 when x is float64).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, N, H, D), got shape {tuple(x.shape)}")
+    if x.shape[-1] % 2 or cos.shape[-1] * 2 != x.shape[-1] or cos.shape != sin.shape:
+        raise ValueError(
+            f"cos and sin must be (N, D/2) or (B, N, D/2) with D = {x.shape[-1]} even, "
+            f"got {tuple(cos.shape)} and {tuple(sin.shape)}"
+        )
+    compute = rotation_dtype(x.dtype)
+    cos = cos.to(compute).unsqueeze(-2)  # (N, 1, P) or (B, N, 1, P)
+    sin = sin.to(compute).unsqueeze(-2)  # (N, 1, P) or (B, N, 1, P)
+    x1, x2 = x.to(compute).chunk(2, dim=-1)  # (B, N, H, P) each
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (B, N, H, D)
+    return rotated.to(x.dtype)
+
+
+def resolve_positions(
+    q: torch.Tensor, k: torch.Tensor, head_dim: int, positions: torch.Tensor | None, offset: int
+) -> torch.Tensor:
+    """Check self-attention q, k (B, N, H, D) against head_dim and return the positions to use.
+
+    Returns `positions` ((N,) or (B, N)) when given, else offset + arange(N) (N,).
+    """
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be (B, N, H, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != head_dim or k.shape[-1] != head_dim:
+        raise ValueError(
+            f"q and k must share B and N and have D = head_dim = {head_dim}, "
+            f"got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    batch, seq_len = q.shape[:2]
+    if positions is None:
+        return torch.arange(offset, offset + seq_len, device=q.device)  # (N,)
+    if offset != 0:
+        raise ValueError(f"offset must be 0 when positions are given, got {offset}")
+    if tuple(positions.shape) not in ((seq_len,), (batch, seq_len)):
+        raise ValueError(
+            f"positions must be (N,) = ({seq_len},) or (B, N) = ({batch}, {seq_len}), "
+            f"got {tuple(positions.shape)}"
+        )
+    return positions.to(q.device)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding of self-attention queries and keys (rotate-half layout).
+
+    Args:
+        head_dim: D, even.
+        base: frequency base (10000 in the paper).
+
+    forward(q, k, positions=None, offset=0) -> (q, k):
+        q, k: (B, N, H, D) (the head counts of q and k may differ).
+        positions: integer (N,) or (B, N); default offset + arange(N), so that a slice of a
+            longer sequence (a shard, a cached decoding step) is rotated at its true positions.
+        Returns the rotated q and k, (B, N, H, D) each, in their input dtypes.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        _check_head_dim(head_dim)
+        if not base > 0:
+            raise ValueError(f"base must be positive, got {base}")
+        self.head_dim = head_dim
+        self.base = float(base)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        offset: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = resolve_positions(q, k, self.head_dim, positions, offset)
+        dtype = torch.promote_types(rotation_dtype(q.dtype), rotation_dtype(k.dtype))
+        cos, sin = rotary_cos_sin(positions, self.head_dim, self.base, dtype=dtype)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, base={self.base:g}"

@@ -1,0 +1,202 @@
+"""MultiwayNetwork against a per-token twin: values, gradients, routing cost, copies, errors."""
+
+import pytest
+import torch
+from torch import nn
+
+from mmlongnet.layers.multiway import MultiwayNetwork
+
+DIM, HIDDEN, OUT = 6, 10, 4  # token features in, FFN hidden width, Linear features out (!= DIM)
+
+
+def make_expert(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Linear(DIM, OUT, dtype=torch.float64)
+    if kind == "ffn":
+        return nn.Sequential(nn.Linear(DIM, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, DIM)).double()
+    if kind == "layernorm":
+        norm = nn.LayerNorm(DIM, dtype=torch.float64)
+        with torch.no_grad():  # LayerNorm resets to weight 1, bias 0: give the template other values
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+        return norm
+    raise ValueError(kind)
+
+
+def perturb_norms(net):
+    """LayerNorm copies reset to (1, 0) and would all be equal: make each expert distinct."""
+    with torch.no_grad():
+        for e, expert in enumerate(net.experts):
+            for p in expert.parameters():
+                p.add_(0.1 * e * torch.randn_like(p))
+
+
+def per_token_twin(net, x, ids):
+    """Slow twin: every token x[b, l] through experts[ids[b, l]], one call per token."""
+    rows = [
+        torch.stack([net.experts[int(ids[b, pos])](x[b, pos]) for pos in range(x.shape[1])])
+        for b in range(x.shape[0])
+    ]
+    return torch.stack(rows)  # (B, L, *F_out)
+
+
+def random_ids(num_ways, batch=3, seq_len=9, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, num_ways, (batch, seq_len), generator=generator)
+    if num_ways > 1:
+        ids[0] = torch.arange(seq_len) % num_ways  # row 0 interleaves every modality
+        ids[1, : seq_len // 2] = num_ways - 1  # row 1: a run of the last modality, then random
+    return ids
+
+
+@pytest.mark.parametrize("kind", ["linear", "ffn", "layernorm"])
+@pytest.mark.parametrize("num_ways", [1, 2, 3, 5])
+def test_matches_per_token_twin(kind, num_ways):
+    net = MultiwayNetwork(make_expert(kind), num_ways)
+    if kind == "layernorm":
+        perturb_norms(net)
+    ids = random_ids(num_ways)
+    x = torch.randn(*ids.shape, DIM, dtype=torch.float64)
+    out = net(x, ids)
+    expected_features = OUT if kind == "linear" else DIM
+    assert out.shape == (*ids.shape, expected_features)
+    torch.testing.assert_close(out, per_token_twin(net, x, ids), rtol=1e-12, atol=1e-12)
+
+
+def test_int32_ids_and_extra_feature_dims():
+    net = MultiwayNetwork(make_expert("linear"), 3)
+    ids = random_ids(3).to(torch.int32)
+    x = torch.randn(*ids.shape, 2, DIM, dtype=torch.float64)  # (B, L, 2, E): two vectors per token
+    out = net(x, ids)
+    assert out.shape == (*ids.shape, 2, OUT)
+    torch.testing.assert_close(out, per_token_twin(net, x, ids), rtol=1e-12, atol=1e-12)
+
+
+def test_gradients_reach_only_the_owning_experts():
+    net = MultiwayNetwork(make_expert("ffn"), 3)
+    ids = random_ids(2) * 2  # experts 0 and 2 only, interleaved
+    assert set(ids.unique().tolist()) == {0, 2}
+    x = torch.randn(*ids.shape, DIM, dtype=torch.float64, requires_grad=True)
+    cotangent = torch.randn(*ids.shape, DIM, dtype=torch.float64)
+
+    (net(x, ids) * cotangent).sum().backward()
+    assert all(p.grad is None for p in net.experts[1].parameters())  # expert 1 never ran
+    grads = {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+    grad_x = x.grad.clone()
+
+    net.zero_grad(set_to_none=True)
+    x.grad = None
+    (per_token_twin(net, x, ids) * cotangent).sum().backward()
+    twin = {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
+    assert sorted(grads) == sorted(twin)
+    assert len(grads) == 8 and all(name.startswith(("experts.0.", "experts.2.")) for name in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], twin[name], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_x, x.grad, rtol=1e-12, atol=1e-12)
+
+
+def record_inputs(net):
+    """Forward pre-hooks that keep each expert's inputs: seen[e] is a list of tensors."""
+    seen = [[] for _ in net.experts]
+    for e, expert in enumerate(net.experts):
+        expert.register_forward_pre_hook(lambda module, args, e=e: seen[e].append(args[0].detach().clone()))
+    return seen
+
+
+def test_each_expert_runs_once_on_exactly_its_tokens():
+    net = MultiwayNetwork(make_expert("linear"), 4)
+    seen = record_inputs(net)
+    ids = torch.tensor([[0, 3, 3, 0, 3], [3, 0, 0, 0, 3]])  # experts 1 and 2 get no token
+    x = torch.randn(2, 5, DIM, dtype=torch.float64)
+    net(x, ids)
+    assert [len(calls) for calls in seen] == [1, 0, 0, 1]
+    assert seen[0][0].shape == (5, DIM) and seen[3][0].shape == (5, DIM)
+    torch.testing.assert_close(seen[0][0], x[ids == 0], rtol=0, atol=0)  # its rows, in token order
+    torch.testing.assert_close(seen[3][0], x[ids == 3], rtol=0, atol=0)
+
+
+def test_one_modality_calls_its_expert_on_the_whole_input():
+    net = MultiwayNetwork(make_expert("linear"), 3)
+    seen = record_inputs(net)
+    ids = torch.full((2, 5), 2)
+    x = torch.randn(2, 5, DIM, dtype=torch.float64)
+    out = net(x, ids)
+    assert [len(calls) for calls in seen] == [0, 0, 1]
+    torch.testing.assert_close(seen[2][0], x, rtol=0, atol=0)  # (B, L, E), no gather
+    torch.testing.assert_close(out, net.experts[2](x), rtol=0, atol=0)
+
+
+def test_single_way_is_the_module_itself():
+    module = make_expert("ffn")
+    net = MultiwayNetwork(module, 1)
+    seen = record_inputs(net)
+    x = torch.randn(2, 7, DIM, dtype=torch.float64)
+    out = net(x, torch.zeros(2, 7, dtype=torch.long))
+    assert len(seen[0]) == 1 and seen[0][0].shape == x.shape
+    torch.testing.assert_close(out, module(x), rtol=0, atol=0)
+
+
+def test_empty_sequence_gives_empty_output_with_expert_features():
+    net = MultiwayNetwork(make_expert("linear"), 3)
+    out = net(torch.randn(2, 0, DIM, dtype=torch.float64), torch.zeros(2, 0, dtype=torch.long))
+    assert out.shape == (2, 0, OUT) and out.dtype == torch.float64
+
+
+def test_autocast_output_takes_the_experts_dtype():
+    net = MultiwayNetwork(nn.Linear(DIM, OUT), 3)
+    ids = random_ids(3)
+    x = torch.randn(*ids.shape, DIM)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x, ids)
+        twin = per_token_twin(net, x, ids)
+    assert out.dtype == twin.dtype == torch.bfloat16
+    # Same products, fp32 accumulation in a different blocking: at most a rounding step of bf16 apart.
+    torch.testing.assert_close(out.float(), twin.float(), rtol=2**-7, atol=1e-3)
+
+
+def test_copies_are_independent_and_reinitialised():
+    module = make_expert("ffn")
+    net = MultiwayNetwork(module, 3)
+    params = [dict(expert.named_parameters()) for expert in net.experts]
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(params[0][name], p, rtol=0, atol=0)  # way 0 keeps the template
+        assert params[0][name] is not p
+        for a in range(3):
+            for b in range(a + 1, 3):
+                assert not torch.equal(params[a][name], params[b][name]), (name, a, b)
+
+    before = [{name: p.clone() for name, p in expert.named_parameters()} for expert in net.experts]
+    with torch.no_grad():
+        params[1]["0.weight"].add_(1.0)
+        module[0].weight.add_(1.0)  # the template is not shared either
+    for e in (0, 2):
+        for name, p in net.experts[e].named_parameters():
+            torch.testing.assert_close(p, before[e][name], rtol=0, atol=0)
+    torch.testing.assert_close(params[1]["0.weight"], before[1]["0.weight"] + 1.0, rtol=0, atol=0)
+
+
+def test_errors():
+    net = MultiwayNetwork(make_expert("linear"), 3)
+    x = torch.randn(2, 5, DIM, dtype=torch.float64)
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(TypeError, match="integer dtype"):
+        net(x, ids.float())
+    with pytest.raises(TypeError, match="integer dtype"):
+        net(x, ids.bool())
+    with pytest.raises(ValueError, match=r"\(2, 4\).*\(2, 5, 6\)"):
+        net(x, ids[:, :4])
+    bad = ids.clone()
+    bad[1, 3] = 3
+    with pytest.raises(ValueError, match="found id 3 at batch row 1, position 3") as info:
+        net(x, bad)
+    assert "num_ways=3" in str(info.value)
+    bad[1, 3] = 0
+    bad[0, 4] = -1
+    with pytest.raises(ValueError, match="found id -1 at batch row 0, position 4"):
+        net(x, bad)
+    with pytest.raises(ValueError, match="num_ways=0"):
+        MultiwayNetwork(nn.Linear(2, 2), 0)
+    with pytest.raises(TypeError, match="nn.Module"):
+        MultiwayNetwork(lambda t: t, 2)
+    assert "num_ways=3" in repr(net)
