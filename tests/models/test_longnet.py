@@ -1,0 +1,226 @@
+"""LongNet models: causality, cached decoding, encoder-decoder, checkpointing, configuration errors."""
+
+import math
+
+import pytest
+import torch
+
+from mmlongnet.models import LongNet, LongNetEncoder, LongNetEncoderLayer, LongNetLM
+
+TINY = dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, segment_lengths=[4, 8, 16],
+            dilation_rates=[1, 2, 4])  # fmt: skip
+
+
+def tiny_lm(**kwargs) -> LongNetLM:
+    torch.manual_seed(0)
+    return LongNetLM(61, **(TINY | kwargs)).double().eval()
+
+
+def test_logits_shape_and_defaults_are_the_paper_base_config():
+    lm = LongNetLM(100, num_layers=1)
+    attn = lm.decoder.layers[0].self_attn
+    assert (lm.d_model, attn.num_heads, lm.decoder.layers[0].ffn.fc1.out_features) == (768, 12, 3072)
+    assert attn.segment_lengths == [2048, 4096, 8192, 16384, 32768]
+    assert attn.dilation_rates == [1, 2, 4, 6, 12]
+    assert lm(torch.randint(0, 100, (2, 5))).shape == (2, 5, 100)
+
+
+@pytest.mark.parametrize("positions", ["rope", "xpos", "relative", None])
+def test_lm_is_causal_by_perturbation(positions):
+    lm = tiny_lm(positions=positions)
+    tokens = torch.randint(0, 61, (2, 37))
+    changed = tokens.clone()
+    changed[:, 20] = (changed[:, 20] + 1) % 61
+    logits, logits_changed = lm(tokens), lm(changed)
+    torch.testing.assert_close(logits[:, :20], logits_changed[:, :20], rtol=1e-12, atol=1e-12)
+    # the change reaches the rest of its largest segment [16, 32) ...
+    assert (logits[:, 20:32] - logits_changed[:, 20:32]).abs().amax(-1).min() > 1e-6
+    # ... and, dilated attention being segment-local, nothing beyond it
+    torch.testing.assert_close(logits[:, 32:], logits_changed[:, 32:], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("positions", ["rope", "xpos", "relative", None])
+def test_cached_greedy_generation_equals_repeated_full_forward_passes(positions):
+    lm = tiny_lm(positions=positions)
+    prompt = torch.randint(0, 61, (2, 3))
+    # 3 + 45 tokens cross every segment boundary of every branch (4, 8, 16) several times
+    cached = lm.generate(prompt, 45, temperature=0)
+    uncached = lm.generate(prompt, 45, temperature=0, use_cache=False)
+    assert cached.shape == (2, 48)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached[:, :3], prompt)
+    # and the cached logits are those of the full forward pass
+    caches = lm.decoder.new_caches()
+    step_logits = [lm(cached[:, :10], kv_caches=caches)[:, -1]]
+    step_logits += [lm(cached[:, t : t + 1], kv_caches=caches)[:, -1] for t in range(10, 47)]
+    full = lm(cached[:, :47])[:, 9:]
+    torch.testing.assert_close(torch.stack(step_logits, dim=1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_sampling_is_reproducible_and_top_k_one_is_greedy():
+    lm = tiny_lm()
+    prompt = torch.randint(0, 61, (3, 4))
+    runs = [lm.generate(prompt, 12, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(7))
+            for _ in range(2)]  # fmt: skip
+    assert torch.equal(*runs)
+    greedy = lm.generate(prompt, 12, temperature=0)
+    assert torch.equal(lm.generate(prompt, 12, temperature=1.5, top_k=1), greedy)
+
+
+def test_generate_rejects_bad_arguments():
+    lm = tiny_lm()
+    prompt = torch.zeros(1, 2, dtype=torch.long)
+    bad = [(dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=-1.0), "temperature"),
+           (dict(top_k=0), "top_k")]  # fmt: skip
+    for kwargs, match in bad:
+        with pytest.raises(ValueError, match=match):
+            lm.generate(prompt, **({"max_new_tokens": 3} | kwargs))
+    with pytest.raises(ValueError, match="dense"):
+        tiny_lm(attention="dense").generate(prompt, 3)
+
+
+def test_dense_attention_lm_equals_dilated_with_one_full_branch():
+    dense = tiny_lm(attention="dense")
+    one_branch = tiny_lm(segment_lengths=[64], dilation_rates=[1])
+    one_branch.load_state_dict(dense.state_dict())
+    tokens = torch.randint(0, 61, (2, 30))
+    torch.testing.assert_close(dense(tokens), one_branch(tokens), rtol=1e-10, atol=1e-10)
+
+
+def test_tied_embeddings_share_one_matrix():
+    lm = LongNetLM(61, tie_embeddings=True, **TINY)
+    assert lm.lm_head.weight is lm.embedding.weight
+    untied = LongNetLM(61, **TINY)
+    assert sum(p.numel() for p in untied.parameters()) - sum(p.numel() for p in lm.parameters()) == 61 * 32
+
+
+def test_magneto_gain_of_a_decoder_only_stack():
+    torch.manual_seed(0)
+    lm = LongNetLM(61, d_model=256, nhead=4, num_layers=6, dim_feedforward=512, segment_lengths=[8],
+                   dilation_rates=[1])  # fmt: skip
+    gamma = math.sqrt(math.log(12))
+    layer = lm.decoder.layers[0]
+    xavier = math.sqrt(2 / (256 + 256))
+    assert abs(layer.self_attn.v_proj.weight.std().item() / (gamma * xavier) - 1) < 0.03
+    assert abs(layer.self_attn.q_proj.weight.std().item() / xavier - 1) < 0.03
+    assert abs(layer.ffn.fc1.weight.std().item() / (gamma * math.sqrt(2 / (256 + 512))) - 1) < 0.03
+
+
+def test_encoder_decoder_forward_backward_and_memory_padding():
+    torch.manual_seed(0)
+    model = LongNet(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
+                    segment_lengths=[4, 8], dilation_rates=[1, 2], dropout=0.0).double()  # fmt: skip
+    src = torch.randn(2, 13, 32, dtype=torch.float64)
+    tgt = torch.randn(2, 9, 32, dtype=torch.float64, requires_grad=True)
+    padding = torch.zeros(2, 13, dtype=torch.bool)
+    padding[1, 10:] = True
+    out = model(src, tgt, src_key_padding_mask=padding)
+    assert out.shape == (2, 9, 32)
+    out.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    # padded memory tokens change nothing
+    src_changed = src.clone()
+    src_changed[1, 10:] = 100.0
+    torch.testing.assert_close(model(src_changed, tgt, src_key_padding_mask=padding), out)
+    # the decoder is causal: changing target token 5 leaves outputs 0..4 unchanged
+    tgt_changed = tgt.detach().clone()
+    tgt_changed[:, 5] += 1.0
+    torch.testing.assert_close(model(src, tgt_changed, src_key_padding_mask=padding)[:, :5], out[:, :5])
+
+
+def test_encoder_outputs_at_valid_positions_ignore_padding_content():
+    torch.manual_seed(0)
+    encoder = LongNetEncoder(2, 32, 4, dim_feedforward=64, segment_lengths=[4, 8], dilation_rates=[1, 2],
+                             positions="rope", dropout=0.0).double()  # fmt: skip
+    x = torch.randn(2, 15, 32, dtype=torch.float64)
+    padding = torch.zeros(2, 15, dtype=torch.bool)
+    padding[0, 11:] = True
+    changed = x.clone()
+    changed[0, 11:] = -7.0
+    torch.testing.assert_close(encoder(changed, padding)[0, :11], encoder(x, padding)[0, :11])
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = LongNetEncoderLayer(32, 4, 64, [4, 8], [1, 2], dropout=0.0, dtype=torch.float64)
+    checkpointed = LongNetEncoderLayer(32, 4, 64, [4, 8], [1, 2], dropout=0.0, checkpoint_activations=True,
+                                       dtype=torch.float64)  # fmt: skip
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 12, 32, dtype=torch.float64)
+    grads = []
+    for layer in (plain, checkpointed):
+        layer.train()
+        layer(x).square().sum().backward()
+        grads.append([p.grad for p in layer.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(num_tokens=0), "num_tokens"),
+        (dict(nhead=5), "nhead must be a positive divisor of d_model=32"),
+        (dict(d_model=-4), "d_model"),
+        (dict(num_layers=0), "num_layers"),
+        (dict(dim_feedforward=0), "dim_feedforward"),
+        (dict(dropout=1.2), "dropout"),
+        (dict(segment_lengths=[4, 8], dilation_rates=[1]), "segment_lengths and dilation_rates"),
+        (dict(dilation_rates=[1, 2, 32]), "dilation rate may not exceed"),
+        (dict(activation="tanh"), "activation must be one of"),
+        (dict(positions="xpos", segment_lengths=[4, 6, 16]), "divide the largest"),
+    ],
+)
+def test_bad_configuration_raises_value_error_naming_the_field(kwargs, match):
+    args = dict(num_tokens=61) | TINY | kwargs
+    with pytest.raises(ValueError, match=match):
+        LongNetLM(**args)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("positions", ["rope", "xpos"])
+def test_cuda_bf16_forward_and_cached_decoding_within_twice_the_reference_error(positions):
+    """bf16 logits on the fused kernels, full and cached, vs float64: error <= 2x the bf16 reference's."""
+    torch.manual_seed(0)
+    kwargs = dict(d_model=256, nhead=4, num_layers=2, dim_feedforward=512, segment_lengths=[64, 128, 256],
+                  dilation_rates=[1, 2, 4], positions=positions)  # fmt: skip
+    exact = LongNetLM(97, **kwargs).double().cuda().eval()
+    low_fused = LongNetLM(97, **kwargs).cuda().eval()
+    low_fused.load_state_dict(exact.state_dict())
+    low_fused.bfloat16()
+    low_reference = LongNetLM(97, backend="reference", **kwargs).cuda().eval()
+    low_reference.load_state_dict(low_fused.state_dict())
+    tokens = torch.randint(0, 97, (2, 600), device="cuda")
+    with torch.no_grad():
+        truth = exact(tokens)
+        errors = {}
+        for name, logits in (("fused", low_fused(tokens)), ("reference", low_reference(tokens))):
+            errors[name] = ((logits.double() - truth).norm() / truth.norm()).item()
+        caches = low_fused.decoder.new_caches()
+        steps = [low_fused(tokens[:, :500], kv_caches=caches)[:, -1]]
+        steps += [low_fused(tokens[:, t : t + 1], kv_caches=caches)[:, -1] for t in range(500, 600)]
+        cached = torch.stack(steps, dim=1).double()
+        errors["cached"] = ((cached - truth[:, 499:]).norm() / truth[:, 499:].norm()).item()
+    assert errors["fused"] <= 2 * errors["reference"] + 1e-4, errors
+    assert errors["cached"] <= 2 * errors["reference"] + 1e-4, errors
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_bf16_training_step_of_dilated_and_dense_models_is_finite():
+    torch.manual_seed(0)
+    for attention in ("dilated", "dense"):
+        lm = LongNetLM(97, d_model=256, nhead=4, num_layers=2, dim_feedforward=512, attention=attention,
+                       segment_lengths=[256, 512], dilation_rates=[1, 2],
+                       checkpoint_activations=True).cuda()  # fmt: skip
+        tokens = torch.randint(0, 97, (1, 2000), device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = lm(tokens)
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), tokens[0, 1:])
+        loss.backward()
+        assert torch.isfinite(loss) and abs(loss.item() - math.log(97)) < 1.0
+        assert all(torch.isfinite(p.grad).all() for p in lm.parameters() if p.grad is not None)
