@@ -33,9 +33,10 @@ class MultiwayNetwork(nn.Module):
     Experts: `experts[0]` is a deep copy of `module` with the same values (so pretrained
     single-modality weights carry over to way 0). `experts[1:]` are deep copies in which every
     submodule with a `reset_parameters()` method is re-initialised, so they start from different
-    values. Parameters that no `reset_parameters()` covers (a bare `nn.Parameter` on a custom
-    module without that method) keep the template's values in every copy. `module` itself is not
-    registered; later changes to it do not reach the experts.
+    values; a module's own `reset_parameters()` is trusted with its children (custom
+    initialisations survive). Parameters that no `reset_parameters()` covers (a bare
+    `nn.Parameter` on a custom module without that method) keep the template's values in every
+    copy. `module` itself is not registered; later changes to it do not reach the experts.
 
     forward(x, modality_ids):
         x: (B, L, *F_in), e.g. (B, L, E).
@@ -117,8 +118,11 @@ class MultiwayNetwork(nn.Module):
 
 
 def _reset_all(module: nn.Module) -> None:
-    """Call `reset_parameters()` on every submodule (the module included) that defines it."""
-    for submodule in module.modules():
-        reset = getattr(submodule, "reset_parameters", None)
-        if callable(reset):
-            reset()
+    """Re-initialise `module`: a module with `reset_parameters()` resets itself (and owns the
+    initialisation of its children, e.g. MAGNETO's gains); otherwise its children are reset."""
+    reset = getattr(module, "reset_parameters", None)
+    if callable(reset):
+        reset()
+        return
+    for child in module.children():
+        _reset_all(child)

@@ -200,3 +200,15 @@ def test_errors():
     with pytest.raises(TypeError, match="nn.Module"):
         MultiwayNetwork(lambda t: t, 2)
     assert "num_ways=3" in repr(net)
+
+
+def test_reinitialisation_keeps_a_module_s_own_initialisation():
+    from mmlongnet.layers import FeedForward
+
+    torch.manual_seed(0)
+    gamma = 3.0
+    net = MultiwayNetwork(FeedForward(256, 1024, gamma_init=gamma), num_ways=3)
+    xavier = (2 / (256 + 1024)) ** 0.5
+    for expert in net.experts:
+        assert abs(expert.fc1.weight.std().item() / (gamma * xavier) - 1) < 0.03
+    assert not torch.equal(net.experts[1].fc1.weight, net.experts[2].fc1.weight)
