@@ -12,12 +12,33 @@ Example::
     out = dilated_attention(q, k, v, segment_lengths=[2048, 4096], dilation_rates=[1, 2])
 """
 
-from mmlongnet.attention import DilatedAttention, dilated_attention
+from mmlongnet.attention import DilatedAttention, DilatedKVCache, MultiheadDilatedAttention, dilated_attention
+from mmlongnet.layers import MultiwayNetwork, RelativePositionBias, RotaryEmbedding, XPos
+from mmlongnet.models import (
+    LongNet,
+    LongNetDecoder,
+    LongNetDecoderLayer,
+    LongNetEncoder,
+    LongNetEncoderLayer,
+    LongNetLM,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DilatedAttention",
+    "DilatedKVCache",
+    "LongNet",
+    "LongNetDecoder",
+    "LongNetDecoderLayer",
+    "LongNetEncoder",
+    "LongNetEncoderLayer",
+    "LongNetLM",
+    "MultiheadDilatedAttention",
+    "MultiwayNetwork",
+    "RelativePositionBias",
+    "RotaryEmbedding",
+    "XPos",
     "__version__",
     "dilated_attention",
 ]

@@ -49,3 +49,16 @@ def test_makefile_targets():
     makefile = (ROOT / "Makefile").read_text()
     targets = set(re.findall(r"^([a-z]+):", makefile, flags=re.MULTILINE))
     assert {"demo", "test", "bench", "lint", "clean"} <= targets
+
+
+def test_readme_longnet_example_runs_and_shows_true_shapes():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## LongNet layers and models", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["out"].shape == (2, 3000, 512)
+    assert namespace["weights"] is None
+    assert namespace["logits"].shape == (2, 100, 256)
+    assert namespace["text"].shape == (2, 150)
+    assert namespace["y"].shape == (2, 3000, 512)
