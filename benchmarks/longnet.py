@@ -1,0 +1,738 @@
+"""GPU benchmark of a LongNet-base training step: dilated attention against dense causal attention.
+
+Times one training step of ``mmlongnet.models.LongNetLM`` in its base configuration (768 wide,
+12 heads, 12 layers, FFN 3072, segments 2K..32K, rates 1, 2, 4, 6, 12; rotary positions) on
+one sequence of N byte-level tokens (vocabulary 256 by default), for N in {8K, 32K, 128K}, with
+two kinds of self-attention built from the same seed:
+
+- dilated: the LongNet model as built (causal dilated attention, mmlongnet's fused op);
+- dense: the same model with ``attention="dense"``, full causal attention through
+  ``F.scaled_dot_product_attention`` forced onto cuDNN (then flash), the baseline.
+
+One step = forward on tokens (B, N) under ``torch.autocast("cuda", dtype=torch.bfloat16)``
+(fp32 master weights), next-token cross-entropy in fp32 over the logits, backward, an AdamW
+step and zero_grad. Each configuration runs without activation checkpointing first and, when
+that runs out of memory, again with ``checkpoint_activations=True``; a configuration that does
+not fit either way is recorded as "oom".
+
+Writes ``<out>/longnet_<tag>.json`` (rows appended to ``.json.tmp`` as they come, so a killed
+run keeps what it measured) and ``<out>/longnet_<tag>.png``, and prints a markdown table.
+``--plot-only FILE.json`` redraws the PNG and the table from a saved file, without a GPU;
+``--dry-run`` prints the plan and an estimated runtime, also without a GPU.
+
+    python benchmarks/longnet.py --tag h100               # N in {8K, 32K, 128K}, both kinds
+    python benchmarks/longnet.py --quick                  # smoke test: N in {8K, 32K}
+    python benchmarks/longnet.py --sizes 131072 262144 --kinds dilated
+    python benchmarks/longnet.py --device cpu --sizes 64 --tiny   # a tiny model, on the CPU
+    python benchmarks/longnet.py --plot-only benchmarks/results/longnet_<tag>.json
+"""
+
+# B batch, N tokens, E d_model, H heads, D head dim (E / H), F FFN width, L layers, V vocabulary,
+# W segment length, R dilation rate.
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import importlib.util
+import json
+import os
+import re
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+KINDS = ("dilated", "dense")
+DEFAULT_SIZES = (8192, 32768, 131072)
+QUICK_SIZES = (8192, 32768)
+DEFAULT_VOCAB = 256  # byte-level tokens
+
+SEED = 0
+LEARNING_RATE = 1e-4
+WARMUP_STEPS = 2
+LONG_STEP_S = 2.0  # when a warm-up step takes longer than this, LONG_STEP_RUNS timed steps suffice
+LONG_STEP_RUNS = 3
+ASSUMED_TFLOPS = 200.0  # model TFLOP/s assumed by --dry-run to estimate the runtime (H100, bf16)
+BUILD_SECONDS = 3.0  # --dry-run's allowance per configuration for building the model and kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The sizes of `LongNetLM` benchmarked (its vocabulary comes from --vocab)."""
+
+    d_model: int
+    nhead: int
+    num_layers: int
+    dim_feedforward: int
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.nhead
+
+
+# LongNet paper (Ding et al. 2023, arXiv 2307.02486), sec. 4: the base language model.
+BASE = ModelConfig(768, 12, 12, 3072, (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12))
+TINY = ModelConfig(64, 4, 2, 128, (16, 32), (1, 2))  # --tiny: a smoke test that runs on the CPU
+
+
+def load_module(name: str, path: Path):
+    """Import a file by path under `name` (benchmarks/ is not a package); reuse it if loaded."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while building the classes
+    spec.loader.exec_module(module)
+    return module
+
+
+# The attention benchmark's exact pair counting and FLOP convention, shared so both report alike.
+attention_bench = load_module("benchmark_attention", Path(__file__).resolve().parent / "attention.py")
+format_n = attention_bench.format_n
+is_oom = attention_bench.is_oom
+
+
+# --------------------------------------------------------------------------------------------
+# Counting useful work
+# --------------------------------------------------------------------------------------------
+
+
+def step_flops(config: ModelConfig, vocab: int, kind: str, n: int, batch: int) -> float:
+    """Model FLOPs of one training step (forward + backward), not counting checkpoint recomputation.
+
+    Matmuls: 6 FLOPs per weight and token (2 forward, 4 backward) over each layer's attention
+    projections (4 E^2) and FFN (2 E F) and the output head (E V); the embedding is a lookup.
+    Attention: attention.py's convention, 4 D per attended (query, key) pair forward and 3.5x that
+    forward + backward, over the exact causal pairs (all N(N+1)/2 for dense, `count_pairs` for
+    dilated), summed over heads and layers.
+    """
+    e, f = config.d_model, config.dim_feedforward
+    weights = config.num_layers * (4 * e * e + 2 * e * f) + e * vocab
+    if kind == "dense":
+        pairs = config.nhead * attention_bench.attended_pairs(n, causal=True)
+    else:
+        pairs = attention_bench.count_pairs(
+            n, config.segment_lengths, config.dilation_rates, config.nhead, causal=True
+        )
+    attention = attention_bench.useful_flops(pairs, config.head_dim, "fwdbwd") * config.num_layers
+    return batch * (6.0 * weights * n + attention)
+
+
+# --------------------------------------------------------------------------------------------
+# One training step
+# --------------------------------------------------------------------------------------------
+
+
+def load_longnet_lm() -> type:
+    """Import mmlongnet's LongNetLM, from this checkout when the package is not installed."""
+    try:
+        from mmlongnet.models import LongNetLM
+    except ModuleNotFoundError as exc:
+        if exc.name != "mmlongnet":
+            raise
+        sys.path.insert(0, str(REPO_ROOT))
+        from mmlongnet.models import LongNetLM
+    return LongNetLM
+
+
+def build_model(
+    config: ModelConfig, vocab: int, kind: str, checkpointing: bool, device: torch.device
+) -> torch.nn.Module:
+    """A fresh LongNetLM with fp32 parameters on `device`, initialised from SEED (same for every run)."""
+    long_net_lm = load_longnet_lm()
+    torch.manual_seed(SEED)
+    return long_net_lm(
+        num_tokens=vocab,
+        d_model=config.d_model,
+        nhead=config.nhead,
+        num_layers=config.num_layers,
+        dim_feedforward=config.dim_feedforward,
+        segment_lengths=list(config.segment_lengths),
+        dilation_rates=list(config.dilation_rates),
+        positions="rope",
+        attention=kind,
+        checkpoint_activations=checkpointing,
+        device=device,
+    ).train()
+
+
+def make_tokens(n: int, batch: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """Random tokens (B, N + 1) long from SEED: inputs are [:, :-1], next-token targets [:, 1:]."""
+    generator = torch.Generator().manual_seed(SEED)
+    return torch.randint(vocab, (batch, n + 1), generator=generator).to(device)
+
+
+def attention_kernels(kind: str, device: torch.device) -> AbstractContextManager:
+    """The SDPA kernels of a step: cuDNN first, then flash, for the dense baseline on CUDA.
+
+    The dilated model is left alone (its op picks cuDNN itself). The context covers the
+    backward too: checkpointed layers recompute their forward there, and SDPA reads the
+    kernel choice when it runs.
+    """
+    if kind == "dense" and device.type == "cuda":
+        return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True)
+    return nullcontext()
+
+
+def mixed_precision(device: torch.device) -> AbstractContextManager:
+    """bf16 autocast on CUDA (parameters stay fp32); plain fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def make_train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tokens: torch.Tensor,
+    kind: str,
+    device: torch.device,
+) -> Callable[[], torch.Tensor]:
+    """A callable running one training step on `tokens` (B, N + 1); it returns the loss (detached).
+
+    Forward under autocast, next-token cross-entropy in fp32 over the logits, backward (outside
+    autocast, as PyTorch recommends), AdamW step, zero_grad.
+    """
+    inputs = tokens[:, :-1].contiguous()  # (B, N)
+    targets = tokens[:, 1:].contiguous()  # (B, N)
+
+    def step() -> torch.Tensor:
+        with attention_kernels(kind, device):
+            with mixed_precision(device):
+                logits = model(inputs)  # (B, N, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # (B*N, V) vs (B*N,)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def choose_runs(warmup_s: float, steps: int) -> int:
+    """Timed steps: `steps`, or LONG_STEP_RUNS (at most `steps`) when a step takes over LONG_STEP_S."""
+    return steps if warmup_s <= LONG_STEP_S else min(steps, LONG_STEP_RUNS)
+
+
+def time_steps(
+    step: Callable[[], torch.Tensor], device: torch.device, steps: int
+) -> tuple[list[float], float]:
+    """Run WARMUP_STEPS untimed steps, then time `choose_runs` steps one by one.
+
+    Each step is timed on the host between two device synchronisations (a training step's wall
+    time, launch overhead included). Returns the times in milliseconds and the last loss.
+    """
+
+    def timed() -> tuple[float, torch.Tensor]:
+        synchronize(device)
+        started = time.perf_counter()
+        loss = step()
+        synchronize(device)
+        return time.perf_counter() - started, loss
+
+    warmup_s = 0.0
+    for _ in range(WARMUP_STEPS):
+        warmup_s, loss = timed()
+    times_ms = []
+    for _ in range(choose_runs(warmup_s, steps)):
+        seconds, loss = timed()
+        times_ms.append(seconds * 1e3)
+    return times_ms, float(loss)
+
+
+@dataclasses.dataclass
+class Measurement:
+    """What one configuration returns: every timed step, the last loss and the peak memory."""
+
+    times_ms: list[float]
+    loss: float
+    peak_gib: float | None
+
+
+def measure_config(
+    config: ModelConfig,
+    vocab: int,
+    kind: str,
+    n: int,
+    batch: int,
+    checkpointing: bool,
+    steps: int,
+    device: torch.device,
+) -> Measurement:
+    """Build the model, AdamW and tokens for one configuration and time its training steps.
+
+    Everything it allocates is local: it is freed when this returns or raises. Peak memory is
+    `torch.cuda.max_memory_allocated` (the caller resets the statistics first): parameters,
+    gradients, optimizer state and activations.
+    """
+    model = build_model(config, vocab, kind, checkpointing, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, fused=device.type == "cuda")
+    tokens = make_tokens(n, batch, vocab, device)  # (B, N + 1)
+    times_ms, loss = time_steps(make_train_step(model, optimizer, tokens, kind, device), device, steps)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return Measurement(times_ms, loss, peak)
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect the last configuration's objects and return cached blocks to the device."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Rows and the sweep
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    """One configuration's results; `status` is "ok", "oom" (did not fit even with activation
+    checkpointing), "error", "skipped" (time budget, or out of memory at a smaller N) or
+    "planned" (--dry-run)."""
+
+    kind: str  # "dilated" | "dense"
+    n: int
+    batch: int
+    status: str
+    flops: float  # model FLOPs of one training step (see step_flops)
+    checkpointing: bool | None = None  # whether the measured run checkpointed activations
+    ms: float | None = None  # median step time
+    tokens_per_s: float | None = None  # B * N / median step time
+    tflops: float | None = None  # model TFLOP/s (flops / median step time)
+    peak_gib: float | None = None
+    loss: float | None = None  # of the last timed step, a sanity check (ln V at initialisation)
+    ratio: float | None = None  # dilated rows: tokens/s over the dense row's at this N, same run
+    runs: int = 0
+    times_ms: list[float] | None = None
+    oom_without_checkpointing: str | None = None  # why checkpointing was turned on
+    error: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Row:
+        """Build a row from its JSON form, ignoring keys this version does not know."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})
+
+
+def fill_ratios(rows: list[Row]) -> None:
+    """Set each measured dilated row's ratio: its tokens/s over the dense row's at the same N and B."""
+    dense = {(r.n, r.batch): r for r in rows if r.kind == "dense" and r.status == "ok"}
+    for row in rows:
+        base = dense.get((row.n, row.batch))
+        if row.kind == "dilated" and row.status == "ok" and base is not None and base.tokens_per_s:
+            row.ratio = row.tokens_per_s / base.tokens_per_s
+
+
+def error_line(exc: BaseException) -> str:
+    """The exception's type and first line, short enough for a table cell."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
+class Sweep:
+    """Runs configurations one by one: keeps to the time budget, prints a line per configuration
+    and saves every row to `<json>.tmp` as it goes."""
+
+    def __init__(self, args: argparse.Namespace, meta: dict, json_path: Path | None, dry_run: bool):
+        """`json_path` None (or dry_run) saves nothing; the budget counts from now."""
+        self.args, self.meta, self.json_path, self.dry_run = args, meta, json_path, dry_run
+        self.config = TINY if args.tiny else BASE
+        self.device = torch.device(args.device)
+        self.rows: list[Row] = []
+        self.stopped: dict[str, str] = {}  # kind -> why its larger sizes are not tried
+        self.checkpoint_from: set[str] = set()  # kinds that ran out of memory without checkpointing
+        self.last: dict[str, tuple[float, float]] = {}  # kind -> (FLOPs, seconds) of its last run
+        self.started = time.monotonic()
+        self.estimated = 0.0
+
+    def elapsed(self) -> float:
+        """Seconds since the sweep started (estimated seconds in a dry run)."""
+        return self.estimated if self.dry_run else time.monotonic() - self.started
+
+    def run(self, kind: str, n: int) -> Row:
+        """Measure one configuration (or estimate it in a dry run) and record its row.
+
+        Tries without activation checkpointing, then, on out-of-memory, with it; once a kind
+        needed checkpointing, larger N start with it, and once it did not fit at all, larger N
+        are skipped (memory grows with N).
+        """
+        args = self.args
+        row = Row(kind, n, args.batch, "ok", step_flops(self.config, args.vocab, kind, n, args.batch))
+        if kind in self.stopped:
+            row.status, row.error = "skipped", self.stopped[kind]
+            return self._record(row)
+        if self.dry_run:
+            step_s = row.flops / (ASSUMED_TFLOPS * 1e12)
+            seconds = BUILD_SECONDS + (WARMUP_STEPS + choose_runs(step_s, args.steps)) * step_s
+            self.estimated += seconds
+            row.status = "planned"
+            row.error = (
+                f"{row.flops / 1e12:.1f} TFLOP a step, ~{step_s * 1e3:.0f} ms a step, ~{seconds:.0f} s"
+            )
+            return self._record(row)
+        last_flops, last_seconds = self.last.get(kind, (row.flops, 0.0))
+        predicted = last_seconds * row.flops / last_flops
+        if self.elapsed() + predicted > args.time_budget:
+            self.stopped[kind] = f"time budget of {args.time_budget:.0f} s"
+            row.status, row.error = "skipped", self.stopped[kind]
+            return self._record(row)
+        started = time.monotonic()
+        for checkpointing in (True,) if kind in self.checkpoint_from else (False, True):
+            free_memory(self.device)
+            try:
+                result = measure_config(
+                    self.config, args.vocab, kind, n, args.batch, checkpointing, args.steps, self.device
+                )
+            except Exception as exc:  # noqa: BLE001 - a failure ends this kind's series, not the sweep
+                if not is_oom(exc):
+                    row.status, row.error = "error", error_line(exc)
+                    traceback.print_exc()
+                    self.stopped[kind] = f"error at N={n}"
+                    break
+                row.checkpointing = checkpointing
+                if checkpointing:
+                    row.status, row.error = "oom", error_line(exc)
+                    self.stopped[kind] = f"out of memory at N={n} with activation checkpointing"
+                else:
+                    row.oom_without_checkpointing = error_line(exc)
+                    self.checkpoint_from.add(kind)
+                continue  # the exception and the frames holding the model are released here
+            row.checkpointing, row.times_ms = checkpointing, result.times_ms
+            row.loss, row.peak_gib = result.loss, result.peak_gib
+            row.runs = len(result.times_ms)
+            row.ms = statistics.median(result.times_ms)
+            row.tokens_per_s = args.batch * n / (row.ms / 1e3)
+            row.tflops = row.flops / row.ms / 1e9
+            break
+        free_memory(self.device)
+        self.last[kind] = (row.flops, time.monotonic() - started)
+        return self._record(row)
+
+    def _record(self, row: Row) -> Row:
+        """Keep a row, print its line, and rewrite the partial results file."""
+        self.rows.append(row)
+        fill_ratios(self.rows)
+        print(f"[{self.elapsed():6.1f}s] {describe(row)}", flush=True)
+        if not self.dry_run and self.json_path is not None:
+            save_json(self.json_path.with_name(self.json_path.name + ".tmp"), self.meta, self.rows)
+        return row
+
+
+def describe(row: Row) -> str:
+    """One printed line for a row: what was measured and, if it ran, how fast."""
+    what = f"{row.kind:<7} N={row.n:>8} B={row.batch}"
+    if row.status != "ok":
+        return f"{what}  {row.status}" + (f" ({row.error})" if row.error else "")
+    checkpointing = "checkpointing" if row.checkpointing else "no checkpointing"
+    return (
+        f"{what}  {row.ms:10.1f} ms  {row.tokens_per_s:10.0f} tokens/s  {row.tflops:6.1f} TFLOP/s"
+        f"  peak {_number(row.peak_gib, '.1f')} GiB  loss {row.loss:.3f}  ({checkpointing}, {row.runs} runs)"
+    )
+
+
+def run_sweep(sweep: Sweep, sizes: Sequence[int], kinds: Sequence[str]) -> None:
+    """Every configuration, smallest N first (a time-budget stop loses only the largest N); at
+    each N the kinds in the order given (dilated, then its dense baseline, by default)."""
+    for n in sorted(sizes):
+        for kind in kinds:
+            sweep.run(kind, n)
+
+
+# --------------------------------------------------------------------------------------------
+# Output: JSON, markdown, plot
+# --------------------------------------------------------------------------------------------
+
+
+def save_json(path: Path, meta: dict, rows: list[Row]) -> None:
+    """Write the run's metadata and rows to `path` (through a temporary file, atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    partial.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    partial.replace(path)
+
+
+def load_json(path: Path) -> tuple[dict, list[Row]]:
+    """Read the metadata and rows saved by `save_json`."""
+    data = json.loads(path.read_text())
+    return data["meta"], [Row.from_dict(row) for row in data["rows"]]
+
+
+def _number(value: float | None, fmt: str) -> str:
+    """A table cell: the formatted value, or "-" when missing."""
+    return "-" if value is None else format(value, fmt)
+
+
+def sort_key(row: Row) -> tuple:
+    """Rows in reading order: by N, then batch, then dilated before dense."""
+    return (row.n, row.batch, KINDS.index(row.kind) if row.kind in KINDS else len(KINDS), row.kind)
+
+
+def caption(meta: dict) -> str:
+    """One line saying what a step is, for the table and the plot."""
+    model = meta.get("model", {})
+    return (
+        f"LongNetLM E={model.get('d_model', '?')}, L={model.get('num_layers', '?')}, "
+        f"H={model.get('nhead', '?')}, V={meta.get('vocab', '?')} ({meta.get('tokens', 'tokens')}), "
+        f"B={meta.get('batch', 1)}; {meta.get('precision', '?')}; {meta.get('device', '?')}"
+    )
+
+
+def markdown_table(rows: list[Row]) -> str:
+    """A markdown table of the results, one line per configuration. `dilated / dense` = the
+    dilated model's tokens/s over the dense model's at the same N (both measured in this run)."""
+    lines = [
+        "| attention | N | checkpointing | step ms | tokens/s | model TFLOP/s | peak GiB | dilated / dense |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=sort_key):
+        ms = _number(r.ms, ".1f") if r.status == "ok" else r.status
+        checkpointing = (
+            "-" if r.checkpointing is None or r.status != "ok" else "yes" if r.checkpointing else "no"
+        )
+        lines.append(
+            f"| {r.kind} | {format_n(r.n)} | {checkpointing} | {ms} | {_number(r.tokens_per_s, ',.0f')} | "
+            f"{_number(r.tflops, '.1f')} | {_number(r.peak_gib, '.1f')} | {_number(r.ratio, '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_results(meta: dict, rows: list[Row], path: Path) -> None:
+    """Two panels against N (log-x): tokens/s (log-y) and peak memory, one line per kind.
+
+    Open markers: runs with activation checkpointing. Crosses on the device-memory line: "oom".
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    # dense drawn first, dashed, with larger markers: equal values leave both visible
+    styles = {
+        "dilated": {"color": "tab:blue", "ls": "-", "marker": "o", "ms": 6, "zorder": 3},
+        "dense": {"color": "black", "ls": "--", "marker": "s", "ms": 9, "zorder": 2},
+    }
+    fig, (ax_rate, ax_memory) = plt.subplots(1, 2, figsize=(13, 5.5))
+    device_gib = meta.get("device_memory_gib")
+    if device_gib:
+        ax_memory.axhline(
+            device_gib, color="grey", ls=":", lw=1, label=f"device memory ({device_gib:.0f} GiB)"
+        )
+    for kind in [kind for kind in reversed(KINDS) if any(r.kind == kind for r in rows)]:
+        ok = sorted((r for r in rows if r.kind == kind and r.status == "ok"), key=sort_key)
+        style = styles.get(kind, {"color": "tab:red", "ls": "-", "marker": "o", "ms": 6, "zorder": 3})
+        line = {
+            "color": style["color"],
+            "ls": style["ls"],
+            "zorder": style["zorder"],
+            "label": f"{kind} attention",
+        }
+        ax_rate.plot([r.n for r in ok], [r.tokens_per_s for r in ok], **line)
+        if all(r.peak_gib is not None for r in ok):
+            ax_memory.plot([r.n for r in ok], [r.peak_gib for r in ok], **line)
+        for r in ok:
+            point = {"color": style["color"], "marker": style["marker"], "ms": style["ms"], "ls": "none"}
+            point |= {"mfc": "none" if r.checkpointing else style["color"], "zorder": style["zorder"]}
+            ax_rate.plot(r.n, r.tokens_per_s, **point)
+            if r.peak_gib is not None:
+                ax_memory.plot(r.n, r.peak_gib, **point)
+        oom = [r.n for r in rows if r.kind == kind and r.status == "oom"]
+        if oom and device_gib:
+            ax_memory.plot(
+                oom, [device_gib] * len(oom), "x", color=style["color"], ms=10, mew=2, label=f"{kind}: oom"
+            )
+    ax_rate.plot([], [], "o", color="grey", mfc="none", label="activation checkpointing")
+
+    tokens = FuncFormatter(lambda x, _: format_n(int(x)) if x >= 1 else f"{x:g}")
+    for ax in (ax_rate, ax_memory):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(tokens)
+        ax.set_xlabel("sequence length N (tokens)")
+        ax.grid(True, which="major", alpha=0.3)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=8)
+    ax_rate.set_yscale("log")
+    ax_rate.set_ylabel("training tokens/s (median step)")
+    ax_rate.set_title("throughput of a training step")
+    ax_memory.set_ylabel("peak allocated memory (GiB)")
+    ax_memory.set_ylim(bottom=0)
+    ax_memory.set_title("peak memory of a training step")
+    fig.suptitle(caption(meta), fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def png_path(json_path: Path) -> Path:
+    """The PNG beside a results JSON: longnet_x.json (or .json.tmp) -> longnet_x.png."""
+    name = json_path.name.removesuffix(".tmp").removesuffix(".json")
+    return json_path.with_name(name + ".png")
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def run_metadata(args: argparse.Namespace) -> dict:
+    """Device, library versions, command line, date and settings of this run."""
+    device = torch.device(args.device)
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    config = TINY if args.tiny else BASE
+    return {
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu" if device.type == "cpu" else "none",
+        "device_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": dataclasses.asdict(config)
+        | {"positions": "rope", "dropout": 0.0, "name": "tiny" if args.tiny else "base"},
+        "vocab": args.vocab,
+        "tokens": "byte-level" if args.vocab == 256 else "random ids",
+        "batch": args.batch,
+        "precision": ("bf16 autocast, fp32 master weights, fp32 loss" if device.type == "cuda" else "fp32"),
+        "step": "forward, next-token cross-entropy, backward, AdamW step, zero_grad",
+        "optimizer": {"name": "AdamW", "lr": LEARNING_RATE, "fused": device.type == "cuda"},
+        "dense_kernels": "cuDNN, then flash (sdpa_kernel, set_priority=True)" if cuda else "default",
+        "warmup_steps": WARMUP_STEPS,
+        "timing": "host time between device synchronisations, median of the timed steps",
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        "seed": SEED,
+        "args": {key: value for key, value in vars(args).items() if key not in ("out", "plot_only")}
+        | {"out": str(args.out)},
+    }
+
+
+def default_tag(args: argparse.Namespace) -> str:
+    """File-name tag when --tag is not given: the device's name, plus tiny/quick."""
+    device = torch.device(args.device)
+    name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else "cpu"
+    )
+    parts = [re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")]
+    parts += ["tiny"] if args.tiny else []
+    parts += ["quick"] if args.quick else []
+    return "_".join(parts)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options (see the module docstring)."""
+    parser = argparse.ArgumentParser(
+        description="Benchmark a LongNet-base training step, dilated against dense causal attention."
+    )
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_SIZES),
+        metavar="N",
+        help="sequence lengths (default: 8192 32768 131072)",
+    )
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="attention kinds")
+    parser.add_argument("--batch", type=int, default=1, help="B, sequences per step (default: 1)")
+    parser.add_argument(
+        "--vocab", type=int, default=DEFAULT_VOCAB, help="V (default: 256, byte-level tokens)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=5,
+        help=f"timed steps after {WARMUP_STEPS} warm-up steps; {LONG_STEP_RUNS} when a step takes over "
+        f"{LONG_STEP_S:g} s (default: 5)",
+    )
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --tiny)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model (E=64, 2 layers) for smoke tests")
+    parser.add_argument("--quick", action="store_true", help="smoke test: N in {8K, 32K}")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="directory")
+    parser.add_argument("--tag", default=None, help="added to the file names (default: the GPU's name)")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=480.0,
+        help="seconds; a kind whose next size would end past this is skipped (default: 480)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and an estimated runtime")
+    parser.add_argument("--plot-only", type=Path, metavar="JSON", help="redraw PNG and table from a JSON")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes = list(QUICK_SIZES)
+    if min(args.sizes) < 2:
+        parser.error(f"--sizes must be >= 2 tokens, got {args.sizes}")
+    if args.batch < 1 or args.vocab < 2:
+        parser.error(f"need --batch >= 1 and --vocab >= 2, got {args.batch} and {args.vocab}")
+    if args.steps < LONG_STEP_RUNS:
+        parser.error(f"--steps must be >= {LONG_STEP_RUNS}, got {args.steps}")
+    if torch.device(args.device).type not in ("cuda", "cpu"):
+        parser.error(f"--device must be cuda or cpu, got {args.device!r}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark (or --plot-only / --dry-run); return the exit status."""
+    args = parse_args(argv)
+    if args.plot_only is not None:
+        meta, rows = load_json(args.plot_only)
+        fill_ratios(rows)
+        png = png_path(args.plot_only)
+        plot_results(meta, rows, png)
+        print(caption(meta) + "\n\n" + markdown_table(rows))
+        print(f"\nplot: {png}")
+        return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available() and not args.dry_run:
+        print(
+            "benchmarks/longnet.py needs a CUDA GPU (torch.cuda.is_available() is False); --device cpu "
+            "--tiny runs a tiny model on the CPU, --plot-only JSON redraws saved results and --dry-run "
+            "prints the plan without one.",
+            file=sys.stderr,
+        )
+        return 1
+    meta = run_metadata(args)
+    json_path = args.out / f"longnet_{args.tag or default_tag(args)}.json"
+    sweep = Sweep(args, meta, json_path, dry_run=args.dry_run)
+    print(f"# {caption(meta)}; torch {meta['torch']}, cuDNN {meta['cudnn']}", flush=True)
+    try:
+        run_sweep(sweep, args.sizes, args.kinds)
+    except KeyboardInterrupt:
+        print("interrupted: saving what was measured", file=sys.stderr)
+    if args.dry_run:
+        print(
+            f"\n{len(sweep.rows)} configurations, estimated {sweep.estimated / 60:.1f} min at "
+            f"{ASSUMED_TFLOPS:.0f} model TFLOP/s (more where a configuration first runs out of memory)"
+        )
+        return 0
+    meta["wall_seconds"] = round(sweep.elapsed(), 1)
+    save_json(json_path, meta, sweep.rows)
+    json_path.with_name(json_path.name + ".tmp").unlink(missing_ok=True)
+    plot_results(meta, sweep.rows, png_path(json_path))
+    print("\n" + markdown_table(sweep.rows))
+    print(f"\nresults: {json_path}\nplot: {png_path(json_path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

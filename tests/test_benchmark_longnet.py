@@ -1,0 +1,138 @@
+"""The LongNet training-step benchmark on the CPU: a tiny end-to-end run, the plan, the
+checkpointing fallback on out-of-memory, and --plot-only."""
+
+import importlib.util
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "longnet.py"
+
+
+def load_benchmark():
+    """Import benchmarks/longnet.py by path (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("benchmark_longnet", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while building the classes
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_benchmark()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny CPU steps are dominated by thread hand-offs on a busy machine: run them on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_cpu_run_writes_json_png_and_table(tmp_path, capsys, one_thread):
+    assert (
+        bench.main(["--device", "cpu", "--sizes", "64", "--tiny", "--out", str(tmp_path), "--tag", "t"]) == 0
+    )
+    data = json.loads((tmp_path / "longnet_t.json").read_text())
+    assert (tmp_path / "longnet_t.png").stat().st_size > 0
+    assert not (tmp_path / "longnet_t.json.tmp").exists()
+    meta, rows = data["meta"], data["rows"]
+    assert meta["vocab"] == 256 and meta["tokens"] == "byte-level" and meta["model"]["num_layers"] == 2
+    assert [(r["kind"], r["n"]) for r in rows] == [("dilated", 64), ("dense", 64)]
+    for row in rows:
+        assert row["status"] == "ok" and row["checkpointing"] is False
+        assert row["runs"] == 5 and len(row["times_ms"]) == 5
+        assert math.isfinite(row["ms"]) and row["ms"] > 0
+        assert row["tokens_per_s"] == pytest.approx(64 / (row["ms"] / 1e3))
+        assert row["tokens_per_s"] > 0 and row["flops"] > 0
+        # random bytes at initialisation: the loss is near ln(256) = 5.55
+        assert abs(row["loss"] - math.log(256)) < 1.0
+    dilated, dense = rows
+    assert dilated["ratio"] == pytest.approx(dilated["tokens_per_s"] / dense["tokens_per_s"])
+    assert dense["ratio"] is None
+    table = capsys.readouterr().out
+    assert "| dilated | 64 | no |" in table and "| dense | 64 | no |" in table
+
+
+def test_dry_run_plans_every_kind_at_every_size(tmp_path, capsys):
+    assert bench.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    planned = re.findall(r"(dilated|dense)\s+N=\s*(\d+) B=1\s+planned", out)
+    assert [(kind, int(n)) for kind, n in planned] == [
+        (kind, n) for n in (8192, 32768, 131072) for kind in ("dilated", "dense")
+    ]
+    assert "6 configurations" in out
+    assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
+
+
+def test_step_flops_count_matmuls_and_causal_pairs():
+    config, n = bench.BASE, 8192
+    matmul = 6 * (12 * (4 * 768**2 + 2 * 768 * 3072) + 768 * 256) * n
+    dense_pairs = 12 * n * (n + 1) // 2  # heads * causal pairs
+    assert bench.step_flops(config, 256, "dense", n, 1) == matmul + 3.5 * 4 * 64 * dense_pairs * 12
+    # at N = 8K the dilated branches are segments of W, W/2, ... rows per head: fewer pairs than dense
+    dilated = bench.step_flops(config, 256, "dilated", n, 2)
+    assert 2 * matmul < dilated < bench.step_flops(config, 256, "dense", n, 2)
+
+
+def test_out_of_memory_retries_with_checkpointing_then_records_oom(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_measure(config, vocab, kind, n, batch, checkpointing, steps, device):
+        calls.append((kind, n, checkpointing))
+        if kind == "dense" and (not checkpointing or n >= 128):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return bench.Measurement([10.0, 30.0, 20.0], 5.5, None)
+
+    monkeypatch.setattr(bench, "measure_config", fake_measure)
+    args = bench.parse_args(["--device", "cpu", "--tiny", "--sizes", "64", "128", "256"])
+    sweep = bench.Sweep(args, {}, tmp_path / "longnet_t.json", dry_run=False)
+    bench.run_sweep(sweep, args.sizes, args.kinds)
+    rows = {(r.kind, r.n): r for r in sweep.rows}
+    # dense: no checkpointing (oom) then checkpointing at 64; checkpointing only at 128; 256 not tried
+    assert calls == [
+        ("dilated", 64, False), ("dense", 64, False), ("dense", 64, True),
+        ("dilated", 128, False), ("dense", 128, True), ("dilated", 256, False),
+    ]  # fmt: skip
+    dense = rows["dense", 64]
+    assert dense.status == "ok" and dense.checkpointing is True
+    assert dense.oom_without_checkpointing.startswith("OutOfMemoryError: CUDA out of memory")
+    assert dense.ms == 20.0 and dense.tokens_per_s == pytest.approx(64 / 0.020)
+    assert rows["dilated", 64].ratio == pytest.approx(1.0)  # the same fake time for both kinds
+    assert rows["dense", 128].status == "oom" and rows["dense", 128].checkpointing is True
+    assert rows["dilated", 128].ratio is None
+    assert rows["dense", 256].status == "skipped" and "out of memory at N=128" in rows["dense", 256].error
+    saved = json.loads((tmp_path / "longnet_t.json.tmp").read_text())["rows"]
+    assert [r["status"] for r in saved] == ["ok", "ok", "ok", "oom", "ok", "skipped"]
+
+
+def test_plot_only_redraws_png_from_synthetic_json(tmp_path, capsys):
+    def row(kind, n, ms, status="ok", checkpointing=False):
+        ok = status == "ok"
+        return {
+            "kind": kind, "n": n, "batch": 1, "status": status, "flops": 1e13, "checkpointing": checkpointing,
+            "ms": ms if ok else None, "tokens_per_s": n / (ms / 1e3) if ok else None,
+            "tflops": 1e13 / ms / 1e9 if ok else None, "peak_gib": n / 4096 if ok else None,
+            "loss": 5.5 if ok else None, "runs": 5 if ok else 0, "future_field": 1,
+        }  # fmt: skip
+
+    rows = [
+        row("dilated", 8192, 50.0), row("dense", 8192, 60.0),
+        row("dilated", 131072, 800.0, checkpointing=True), row("dense", 131072, 3200.0, checkpointing=True),
+        row("dilated", 524288, 3300.0, checkpointing=True), row("dense", 524288, 0, "oom", True),
+    ]  # fmt: skip
+    meta = {"device": "synthetic", "device_memory_gib": 79.1, "model": {"d_model": 768}, "vocab": 256}
+    path = tmp_path / "longnet_synthetic.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows}))
+    assert bench.main(["--plot-only", str(path)]) == 0
+    png = tmp_path / "longnet_synthetic.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert "| dilated | 128K | yes | 800.0 | 163,840 | 12.5 | 32.0 | 4.00 |" in out
+    assert "| dense | 512K | - | oom | - | - | - | - |" in out
