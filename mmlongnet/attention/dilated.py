@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mmlongnet.attention.geometry import BranchCall, branch_calls, branch_view
+from mmlongnet.attention.geometry import BranchCall, PackedBlock, branch_calls
 from mmlongnet.attention.kernels import kernel_chain, run_chain
 from mmlongnet.attention.reference import dilated_attention_reference
 
@@ -37,25 +37,30 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _call_rows(x: torch.Tensor, call: BranchCall) -> torch.Tensor:
-    """(B, N, H, D) -> (B*S, C, Ho, D): the kernel's batch of one call (a view where strides allow)."""
-    return branch_view(x, call).flatten(0, 1)
+# Inputs of at most this many elements run with packed calls (one per block of segments, all
+# head offsets together): there the host's launch overhead, not the GPU, sets the pace.
+PACK_MAX_ELEMENTS = 1 << 25
 
 
-def _call_bias(
-    key_padding_mask: torch.Tensor | None, call: BranchCall, is_causal: bool, dtype: torch.dtype
+def _calls(q: torch.Tensor, segment_length: int, dilation_rate: int) -> list[BranchCall | PackedBlock]:
+    _, seq_len, num_heads, _ = q.shape
+    pack = q.numel() <= PACK_MAX_ELEMENTS
+    return branch_calls(seq_len, num_heads, segment_length, dilation_rate, pack=pack)
+
+
+def _key_bias(
+    padding: torch.Tensor | None, is_causal: bool, dtype: torch.dtype
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Key bias (B*S, C) (0 or -inf) and row validity (B, S, C) of one call, or (None, None).
+    """Key bias (b, c) (0 or -inf) and row validity (b, c) of one call's (b, c) padding mask.
 
     A row is valid when it can see at least one non-padding key (causal: one at or before it).
     """
-    if key_padding_mask is None:
+    if padding is None:
         return None, None
-    padding = branch_view(key_padding_mask, call, has_heads=False)  # (B, S, C)
     keep = ~padding
     valid = keep.cumsum(-1) > 0 if is_causal else keep.any(-1, keepdim=True).expand_as(keep)
     bias = torch.zeros(padding.shape, dtype=dtype, device=padding.device).masked_fill(padding, float("-inf"))
-    return bias.flatten(0, 1), valid
+    return bias, valid
 
 
 def _shape_key(q_rows: torch.Tensor, has_bias: bool, is_causal: bool) -> tuple:
@@ -78,30 +83,29 @@ def dilated_attention_forward_op(
     (-inf for rows with no key)."""
     batch, seq_len, num_heads, head_dim = q.shape
     acc_dtype = _accumulation_dtype(q.dtype)
-    chain = kernel_chain(q.device, q.dtype, key_padding_mask is not None)
     lse = torch.full((batch, seq_len, num_heads), float("-inf"), dtype=acc_dtype, device=q.device)
     parts = []
     for segment_length, dilation_rate in zip(segment_lengths, dilation_rates, strict=True):
-        for call in branch_calls(seq_len, num_heads, segment_length, dilation_rate):
-            rows = [_call_rows(t, call) for t in (q, k, v)]  # 3 x (B*S, C, Ho, D)
-            bias, valid = _call_bias(key_padding_mask, call, is_causal, q.dtype)
+        for call in _calls(q, segment_length, dilation_rate):
+            rows = [call.kernel_rows(t) for t in (q, k, v)]  # 3 x (b, c, h, D)
+            bias, valid = _key_bias(call.key_padding(key_padding_mask, q), is_causal, q.dtype)
+            chain = kernel_chain(q.device, q.dtype, bias is not None)
             key = _shape_key(rows[0], bias is not None, is_causal)
             out_call, lse_call = run_chain(chain, "forward", key, *rows, bias, is_causal, scale)
-            shape = (batch, call.num_segments, call.rows, call.heads)
-            out_call = out_call.reshape(*shape, head_dim)  # (B, S, C, Ho, D)
-            lse_call = lse_call.reshape(shape).to(acc_dtype)  # (B, S, C, Ho)
+            lse_call = lse_call.to(acc_dtype)  # (b, c, h)
             if valid is not None:
                 lse_call = lse_call.masked_fill(~valid[..., None], float("-inf"))
                 out_call = out_call.masked_fill(~valid[..., None, None], 0.0)
-            lse_view = branch_view(lse, call)
+            out_call, lse_call = call.place(out_call, 0.0), call.place(lse_call, float("-inf"))
+            lse_view = call.target(lse)
             lse_view.copy_(torch.logaddexp(lse_view, lse_call))
             parts.append((call, out_call, lse_call))
     # Rows without any key have lse = -inf; +inf there makes their weights exp(-inf - inf) = 0.
-    lse_safe = lse.masked_fill(lse == float("-inf"), float("inf")) if key_padding_mask is not None else lse
+    lse_safe = lse.masked_fill(lse == float("-inf"), float("inf"))
     out = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     for call, out_call, lse_call in parts:
-        weight = torch.exp(lse_call - branch_view(lse_safe, call))  # (B, S, C, Ho)
-        branch_view(out, call).addcmul_(out_call, weight[..., None])
+        weight = torch.exp(lse_call - call.target(lse_safe))  # shaped like the call's target
+        call.target(out).addcmul_(out_call, weight[..., None])
     return out.to(q.dtype), lse
 
 
@@ -121,21 +125,20 @@ def dilated_attention_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw backward op: dq, dk, dv (B, N, H, D) from the merged output and log-sum-exp of the forward."""
-    batch, seq_len, num_heads, head_dim = q.shape
-    chain = kernel_chain(q.device, q.dtype, key_padding_mask is not None)
-    # Rows without any key: lse = +inf gives them probability 0, hence no gradient.
+    # Rows without any key (and padding rows of packed calls): lse = +inf gives them probability
+    # 0, hence no gradient.
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
     grads = [torch.zeros(q.shape, dtype=lse.dtype, device=q.device) for _ in range(3)]
     for segment_length, dilation_rate in zip(segment_lengths, dilation_rates, strict=True):
-        for call in branch_calls(seq_len, num_heads, segment_length, dilation_rate):
-            rows = [_call_rows(t, call) for t in (grad_out, q, k, v, out)]
-            lse_rows = branch_view(lse, call).flatten(0, 1)  # (B*S, C, Ho)
-            bias, _ = _call_bias(key_padding_mask, call, is_causal, q.dtype)
+        for call in _calls(q, segment_length, dilation_rate):
+            rows = [call.kernel_rows(t) for t in (grad_out, q, k, v, out)]  # 5 x (b, c, h, D)
+            lse_rows = call.kernel_rows(lse, float("inf"))  # (b, c, h)
+            bias, _ = _key_bias(call.key_padding(key_padding_mask, q), is_causal, q.dtype)
+            chain = kernel_chain(q.device, q.dtype, bias is not None)
             key = _shape_key(rows[1], bias is not None, is_causal)
             call_grads = run_chain(chain, "backward", key, *rows, lse_rows, bias, is_causal, scale)
-            shape = (batch, call.num_segments, call.rows, call.heads, head_dim)
             for grad, call_grad in zip(grads, call_grads, strict=True):
-                branch_view(grad, call).add_(call_grad.reshape(shape))
+                call.target(grad).add_(call.place(call_grad, 0.0))
     return tuple(grad.to(q.dtype) for grad in grads)
 
 

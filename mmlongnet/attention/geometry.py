@@ -1,13 +1,23 @@
 """Where each branch of dilated attention reads and writes: segments, offsets, strided views.
 
 Legend: B batch, N tokens, H heads, D head dim, W segment length, R dilation rate,
-S segments in a block, C rows one offset selects in one segment, Ho heads sharing one offset.
+S segments in a block, L rows of one segment of the block, C rows one offset selects in one
+segment, Ho heads sharing one offset, O offsets of a block, G = ceil(H / R).
 
 Branch i (segment length W, dilation R) cuts [0, N) into segments [s*W, (s+1)*W) clipped to N.
 Head h uses offset o = h mod R: in every segment it selects the rows t (index within the
 segment) with t mod R == o, for queries and keys alike. All heads with the same offset select
 the same rows, so one dense kernel call covers one (block of equal segments, offset) pair: a
-zero-copy strided view `(B, S, C, Ho, D)` of the `(B, N, H, D)` input.
+zero-copy strided view `(B, S, C, Ho, D)` of the `(B, N, H, D)` input (`BranchCall`).
+
+Short inputs are bound by the host's kernel-launch overhead rather than by the GPU; there all
+offsets of a block go into ONE call (`PackedBlock`): the rows are gathered into a copy
+`(B*S*O, C, G, D)`, padded where L or H is not a multiple of R; padded rows are masked as keys,
+and padded rows and heads are discarded.
+
+Both kinds of call offer the op the same four methods: `kernel_rows` (the kernel's input, batch
+first), `key_padding` (its key mask), `target` (the view of a (B, N, H, ...) tensor its results
+merge into) and `place` (a kernel output laid out like `target`).
 """
 
 from __future__ import annotations
@@ -15,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+PACK_MIN_OFFSETS = 3  # pack a block only when that saves at least two kernel calls
 
 
 @dataclass(frozen=True)
@@ -33,12 +45,115 @@ class BranchCall:
     rows: int
     heads: int
 
+    def kernel_rows(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """(B, N, H, *rest) -> (B*S, C, Ho, *rest), a view (`fill` is not needed)."""
+        return branch_view(x, self).flatten(0, 1)
 
-def branch_calls(seq_len: int, num_heads: int, segment_length: int, dilation_rate: int) -> list[BranchCall]:
+    def key_padding(self, mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        """(B, N) bool padding mask -> (B*S, C), or None without a mask (`like` is not needed)."""
+        return None if mask is None else branch_view(mask, self, has_heads=False).flatten(0, 1)
+
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, H, *rest) -> (B, S, C, Ho, *rest), a view sharing x's storage."""
+        return branch_view(x, self)
+
+    def place(self, y: torch.Tensor, fill: float) -> torch.Tensor:
+        """A kernel output (B*S, C, Ho, *rest) -> (B, S, C, Ho, *rest), shaped like `target`."""
+        return y.reshape(-1, self.num_segments, *y.shape[1:])
+
+
+@dataclass(frozen=True)
+class PackedBlock:
+    """All `offsets` head offsets of a block of `num_segments` equal segments in one call.
+
+    The segments start at `start + s*segment_stride` and hold `length` rows each; offset o
+    selects rows o, o + dilation, ... and heads o, o + dilation, ... (of `num_heads`).
+    """
+
+    start: int
+    num_segments: int
+    segment_stride: int
+    length: int
+    dilation: int
+    offsets: int
+    num_heads: int
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        """(C * R, G * R): the block's rows and heads rounded up to multiples of R."""
+        r = self.dilation
+        return -(-self.length // r) * r, -(-self.num_heads // r) * r
+
+    def _block(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, *rest) -> (B, S, L, *rest), a view."""
+        if self.num_segments == 1:  # also the shorter last segment, which may end before start + W
+            return x.narrow(1, self.start, self.length).unsqueeze(1)
+        rows = x.narrow(1, self.start, self.num_segments * self.segment_stride)
+        return rows.unflatten(1, (self.num_segments, self.segment_stride))  # length == W here
+
+    def _offsets_view(self, padded: torch.Tensor, has_heads: bool) -> torch.Tensor:
+        """A padded (B, S, C*R, G*R, *rest) or (B, S, C*R) tensor -> (B, S, O, C, G, *rest) or
+        (B, S, O, C): the rows and heads of each offset, a view."""
+        r, batch, segments = self.dilation, padded.shape[0], padded.shape[1]
+        rows, heads = self.padded_shape
+        if not has_heads:
+            view = padded.view(batch, segments, rows // r, r)  # (B, S, C, R)
+            return view.movedim(3, 2)[:, :, : self.offsets]  # (B, S, O, C)
+        rest = padded.shape[4:]
+        view = padded.view(batch, segments, rows // r, r, heads // r, r, *rest)  # (B, S, C, R, G, R, ..)
+        diagonal = view.diagonal(dim1=3, dim2=5)  # (B, S, C, G, *rest, R): row offset == head offset
+        return diagonal.movedim(-1, 2)[:, :, : self.offsets]  # (B, S, O, C, G, *rest)
+
+    def _padded(self, x: torch.Tensor, fill: float | bool, has_heads: bool) -> torch.Tensor:
+        block = self._block(x)  # (B, S, L, H, *rest) or (B, S, L)
+        rows, heads = self.padded_shape
+        shape = (*block.shape[:2], rows, heads, *block.shape[4:]) if has_heads else (*block.shape[:2], rows)
+        if tuple(block.shape) == shape:
+            return block
+        padded = block.new_full(shape, fill)
+        if has_heads:
+            padded[:, :, : self.length, : self.num_heads] = block
+        else:
+            padded[:, :, : self.length] = block
+        return padded
+
+    def kernel_rows(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """(B, N, H, *rest) -> (B*S*O, C, G, *rest), a copy; padding rows/heads hold `fill`."""
+        view = self._offsets_view(self._padded(x, fill, True), True)  # (B, S, O, C, G, *rest)
+        return view.flatten(0, 2)
+
+    def key_padding(self, mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        """(B, N) bool padding mask (or None) -> (B*S*O, C), with the padding rows marked; None
+        when there is neither a mask nor a padding row. `like`: the (B, N, ...) input."""
+        if mask is None:
+            if self.length % self.dilation == 0:
+                return None
+            mask = torch.zeros(like.shape[:2], dtype=torch.bool, device=like.device)
+        view = self._offsets_view(self._padded(mask, True, False), False)  # (B, S, O, C)
+        return view.flatten(0, 2)
+
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, H, *rest) -> (B, S, L, H, *rest), a view sharing x's storage."""
+        return self._block(x)
+
+    def place(self, y: torch.Tensor, fill: float) -> torch.Tensor:
+        """A kernel output (B*S*O, C, G, *rest) -> (B, S, L, H, *rest); entries of the block that
+        no offset selected hold `fill`."""
+        batch = y.shape[0] // (self.num_segments * self.offsets)
+        rows, heads = self.padded_shape
+        padded = y.new_full((batch, self.num_segments, rows, heads, *y.shape[3:]), fill)
+        self._offsets_view(padded, True).copy_(y.unflatten(0, (batch, self.num_segments, self.offsets)))
+        return padded[:, :, : self.length, : self.num_heads]
+
+
+def branch_calls(
+    seq_len: int, num_heads: int, segment_length: int, dilation_rate: int, *, pack: bool = False
+) -> list[BranchCall | PackedBlock]:
     """The kernel calls that make up one branch over a sequence of `seq_len` tokens.
 
     Full segments form one block; a shorter last segment (`seq_len % segment_length`) forms a
     second block of one segment. Offsets that no head uses, or that select no row, are skipped.
+    With `pack`, a block of at least `PACK_MIN_OFFSETS` offsets is one `PackedBlock` call.
     """
     full = seq_len // segment_length
     blocks = []
@@ -46,9 +161,15 @@ def branch_calls(seq_len: int, num_heads: int, segment_length: int, dilation_rat
         blocks.append((0, full, segment_length))
     if seq_len - full * segment_length:
         blocks.append((full * segment_length, 1, seq_len - full * segment_length))
-    calls = []
+    calls: list[BranchCall | PackedBlock] = []
     for start, num_segments, length in blocks:
-        for offset in range(min(dilation_rate, num_heads, length)):
+        offsets = min(dilation_rate, num_heads, length)
+        if pack and offsets >= PACK_MIN_OFFSETS:
+            calls.append(
+                PackedBlock(start, num_segments, segment_length, length, dilation_rate, offsets, num_heads)
+            )
+            continue
+        for offset in range(offsets):
             calls.append(
                 BranchCall(
                     start=start,

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from mmlongnet.attention import DilatedAttention, dilated_attention
+from mmlongnet.attention import dilated as dilated_module
+from mmlongnet.attention.geometry import BranchCall, PackedBlock, branch_calls
 
 # (N, segment_lengths, dilation_rates, H): N not a multiple of any segment, N shorter than every
 # segment, H < r, H not a multiple of r, non-power-of-two segments and rates, w % r != 0,
@@ -38,6 +40,14 @@ def padding_mask(batch, seq_len, device="cpu"):
     return mask
 
 
+@pytest.fixture(params=["packed", "per-offset"])
+def packing(request, monkeypatch):
+    """Run small inputs both ways: all offsets of a block in one packed call, or one call each."""
+    if request.param == "per-offset":
+        monkeypatch.setattr(dilated_module, "PACK_MAX_ELEMENTS", 0)
+    return request.param
+
+
 def run(q, k, v, segs, rates, backend, grad, **kwargs):
     out = dilated_attention(q, k, v, segs, rates, backend=backend, **kwargs)
     return (out, *torch.autograd.grad(out, (q, k, v), grad))
@@ -47,7 +57,7 @@ def run(q, k, v, segs, rates, backend, grad, **kwargs):
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize(("seq_len", "segs", "rates", "num_heads"), GRID)
-def test_sdpa_matches_reference(seq_len, segs, rates, num_heads, is_causal, masked, dtype, tol):
+def test_sdpa_matches_reference(seq_len, segs, rates, num_heads, is_causal, masked, dtype, tol, packing):
     q, k, v = make_inputs(seq_len, num_heads, dtype)
     mask = padding_mask(2, seq_len) if masked else None
     grad = torch.randn(q.shape, dtype=dtype)
@@ -57,6 +67,29 @@ def test_sdpa_matches_reference(seq_len, segs, rates, num_heads, is_causal, mask
     for name, a, b in zip(("out", "dq", "dk", "dv"), fast, slow, strict=True):
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_packing_groups_the_offsets_of_a_block_into_one_call():
+    calls = branch_calls(61, 6, 20, 4, pack=True)  # 3 full segments + a last one of 1 row
+    assert [type(c) for c in calls] == [PackedBlock, BranchCall]
+    assert all(type(c) is BranchCall for c in branch_calls(61, 6, 20, 2, pack=True))  # 2 offsets
+    assert len(branch_calls(61, 6, 20, 4)) == 5  # 4 offsets of the full block, 1 of the short one
+
+
+@pytest.mark.parametrize(("length", "heads", "rate"), [(12, 6, 3), (11, 7, 4), (9, 5, 6)])
+def test_packed_rows_are_the_per_offset_rows_and_place_inverts_them(length, heads, rate):
+    x = torch.randn(2, 2 * length, heads, 3)  # two segments of `length` rows
+    (packed,) = branch_calls(2 * length, heads, length, rate, pack=True)
+    rows = packed.kernel_rows(x, fill=float("nan")).unflatten(0, (2, 2, packed.offsets))  # (B, S, O, C, G, D)
+    for call in branch_calls(2 * length, heads, length, rate):
+        expected = call.target(x)  # (B, S, C_o, Ho, D)
+        got = rows[:, :, call.offset, : call.rows, : call.heads]
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert rows[:, :, call.offset, call.rows :].isnan().all()  # padding rows
+        assert rows[:, :, call.offset, :, call.heads :].isnan().all()  # padding heads
+    placed = packed.place(rows.flatten(0, 2), fill=0.0)  # (B, S, L, H, D)
+    selected = torch.arange(length)[:, None] % rate == torch.arange(heads)[None, :] % rate  # (L, H)
+    torch.testing.assert_close(placed, packed.target(x) * selected[..., None], rtol=0, atol=0)
 
 
 def test_rows_without_keys_output_zero_and_pass_no_gradient():
@@ -220,7 +253,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize(("seq_len", "segs", "rates", "num_heads"), GRID)
 def test_cuda_bf16_error_within_twice_reference_bf16_error(
-    seq_len, segs, rates, num_heads, is_causal, masked
+    seq_len, segs, rates, num_heads, is_causal, masked, packing
 ):
     """Kernel error vs the float64 reference <= 2x the bf16 reference's own error (+ rounding).
 

@@ -1,0 +1,371 @@
+"""Audio: waveform -> log-mel spectrogram -> convolutional subsampling -> tokens (+ optional Conformer).
+
+Legend: B batch, S samples, F spectrogram frames, M mel bins, C conv channels, N tokens,
+E embed dim.
+
+Token arithmetic (exact; `AudioEncoder.output_lengths` implements it). A waveform of l valid
+samples (l >= 1) gives
+
+    F(l) = 1 + (l + 2 * (n_fft // 2) - n_fft) // hop_length       (= 1 + l // hop for even n_fft)
+
+frames: the STFT is centred, each side of the waveform is padded with n_fft // 2 ZEROS and
+frame f covers the padded samples [f * hop, f * hop + n_fft). Each of the k = log2(subsampling)
+stride-2 convolutions (kernel 3, padding 1) maps n frames to ceil(n / 2) = (n + 1) // 2, so
+
+    N(l) = ceil(F(l) / subsampling)    (k halvings, each rounding up);    N(0) = 0.
+
+With the defaults (16 kHz, hop 160, subsampling 4) one token covers 40 ms: 25 tokens/s.
+
+Batch invariance (a sample's valid tokens do not depend on what else is in its batch, exactly
+up to float rounding): a sample of length l padded to S > l must see, wherever its valid
+tokens look, exactly what it would see if it were alone with S = l.
+- Samples beyond l are set to zero before the STFT. The STFT's centring pads with zeros
+  (pad_mode="constant", not the usual "reflect", which would mirror the padding region), so
+  the F(l) valid frames see the same samples alone or batched.
+- Frames beyond F(l) may still hold signal (their windows overlap the last valid samples);
+  they are set to zero after the log, which is what the first convolution's own zero padding
+  supplies when the sample is alone. After every convolution the positions beyond the valid
+  length are zeroed again, for the same reason.
+- The Conformer trunk (torchaudio) masks padded keys in its attention; its depthwise
+  convolution would read the padded positions, so a forward pre-hook zeroes them right
+  before that convolution. Its BatchNorm is per-position in eval mode; in training mode its
+  batch statistics include padded positions (as in any BatchNorm over a padded batch).
+The tail of a waveform shorter than one hop is still covered: centring puts the last
+samples inside frame F(l) - 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+import torch
+import torchaudio
+from torch import nn
+
+from mmlongnet.modalities._common import (
+    ceil_div,
+    check_dropout,
+    check_finite,
+    check_lengths,
+    check_positive_int,
+    padding_mask,
+)
+
+__all__ = ["AudioEncoder", "AudioEncoderConfig", "ConformerConfig"]
+
+_SUBSAMPLINGS = (1, 2, 4, 8)
+
+
+@dataclass
+class ConformerConfig:
+    """Options of the Conformer trunk (Gulati et al. 2020, arXiv 2005.08100; torchaudio.models.Conformer)."""
+
+    num_layers: int = 4
+    """Conformer blocks."""
+    num_heads: int = 4
+    """Attention heads; must divide embed_dim."""
+    ffn_dim: int = 1024
+    """Hidden width of the two half-step feed-forward modules."""
+    depthwise_conv_kernel_size: int = 31
+    """Kernel of the depthwise convolution, odd (same padding)."""
+    dropout: float = 0.0
+    """Dropout inside the blocks, in [0, 1)."""
+    convolution_first: bool = False
+    """Run the convolution module before self-attention."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_heads", "ffn_dim", "depthwise_conv_kernel_size"):
+            check_positive_int(f"conformer.{name}", getattr(self, name))
+        if self.depthwise_conv_kernel_size % 2 == 0:
+            raise ValueError(
+                f"conformer.depthwise_conv_kernel_size must be odd (same padding), got {self.depthwise_conv_kernel_size}"
+            )
+        check_dropout("conformer.dropout", self.dropout)
+
+
+@dataclass
+class AudioEncoderConfig:
+    """Log-mel front end, convolutional subsampling and optional Conformer trunk."""
+
+    embed_dim: int = 512
+    """E, width of the output tokens."""
+    sample_rate: int = 16000
+    """Rate (Hz) the encoder works at; inputs at another rate are resampled (see `resample`)."""
+    n_fft: int = 400
+    """STFT size (and window length) in samples; 400 = 25 ms at 16 kHz."""
+    hop_length: int = 160
+    """STFT hop in samples; 160 = 10 ms at 16 kHz."""
+    n_mels: int = 80
+    """Mel bins M."""
+    f_min: float = 0.0
+    """Lowest mel filter frequency (Hz)."""
+    f_max: float | None = None
+    """Highest mel filter frequency (Hz); None = sample_rate / 2."""
+    log_floor: float = 1e-6
+    """Mel power is clamped to at least this before the log."""
+    subsampling: int = 4
+    """Total time stride of the convolutions: 1, 2, 4 or 8 (log2 of it stride-2 Conv2d layers)."""
+    conv_channels: int | None = None
+    """Channels C of the subsampling convolutions; None = embed_dim."""
+    dropout: float = 0.0
+    """Dropout after the projection to embed_dim, in [0, 1)."""
+    resample: bool = True
+    """Resample inputs at another rate with torchaudio.functional.resample; False raises instead."""
+    trunk: Literal["none", "conformer"] = "none"
+    """Layers after the projection: none, or a Conformer configured by `conformer`."""
+    conformer: ConformerConfig = field(default_factory=ConformerConfig)
+    """Conformer options, used when trunk == "conformer"."""
+    check_finite: bool = False
+    """Raise if the waveform holds NaN or inf; costs a device sync."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.conformer, dict):
+            known = {f.name for f in fields(ConformerConfig)}
+            unknown = sorted(set(self.conformer) - known)
+            if unknown:
+                raise ValueError(f"conformer has unknown keys {unknown}; allowed: {sorted(known)}")
+            self.conformer = ConformerConfig(**self.conformer)
+        if not isinstance(self.conformer, ConformerConfig):
+            raise ValueError(f"conformer must be a ConformerConfig, got {type(self.conformer).__name__}")
+        for name in ("embed_dim", "sample_rate", "n_fft", "hop_length", "n_mels"):
+            check_positive_int(name, getattr(self, name))
+        if self.conv_channels is not None:
+            check_positive_int("conv_channels", self.conv_channels)
+        nyquist = self.sample_rate / 2
+        if not 0.0 <= self.f_min < nyquist:
+            raise ValueError(f"f_min must be in [0, sample_rate / 2 = {nyquist}), got {self.f_min}")
+        if self.f_max is not None and not self.f_min < self.f_max <= nyquist:
+            raise ValueError(f"f_max must be in (f_min={self.f_min}, sample_rate / 2 = {nyquist}], got {self.f_max}")
+        if not self.log_floor > 0:
+            raise ValueError(f"log_floor must be positive, got {self.log_floor}")
+        if self.subsampling not in _SUBSAMPLINGS:
+            raise ValueError(f"subsampling must be one of {_SUBSAMPLINGS}, got {self.subsampling!r}")
+        check_dropout("dropout", self.dropout)
+        if self.trunk not in ("none", "conformer"):
+            raise ValueError(f"trunk must be 'none' or 'conformer', got {self.trunk!r}")
+        if self.trunk == "conformer" and self.embed_dim % self.conformer.num_heads:
+            raise ValueError(
+                f"conformer.num_heads={self.conformer.num_heads} must divide embed_dim={self.embed_dim}"
+            )
+
+
+class AudioEncoder(nn.Module):
+    """Waveforms (B, S) -> audio tokens (B, N, E) and padding mask (B, N).
+
+    Pipeline: zero beyond each length -> (resample) -> MelSpectrogram (centred, zero padding)
+    -> log(max(mel, log_floor)) -> zero padded frames -> [Conv2d(3, stride 2, pad 1) + GELU,
+    zero padded frames] x log2(subsampling) over (time, mel) -> Linear(C * M', E) -> dropout
+    -> optional Conformer. See the module docstring for the length formula and batch invariance.
+
+    The STFT and mel filterbank run in float32 whatever dtype the rest of the encoder is in
+    (module casts to half types leave them alone; `.double()` makes them float64).
+
+    Args:
+        config: `AudioEncoderConfig`.
+        device, dtype: where and in which dtype the layers are created.
+
+    Example::
+
+        enc = AudioEncoder(AudioEncoderConfig(embed_dim=64)).eval()
+        wave = torch.randn(2, 16000)                         # 1 s at 16 kHz
+        x, pad = enc(wave, lengths=torch.tensor([16000, 8000]))
+        # x: (2, 25, 64); pad[1] is True from token 13 on (enc.output_lengths -> [25, 13])
+    """
+
+    def __init__(self, config: AudioEncoderConfig, *, device=None, dtype=None) -> None:
+        super().__init__()
+        if not isinstance(config, AudioEncoderConfig):
+            raise ValueError(f"audio: config must be an AudioEncoderConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed_dim = config.embed_dim
+        factory = {"device": device, "dtype": dtype}
+        self.melspec = torchaudio.transforms.MelSpectrogram(
+            sample_rate=config.sample_rate,
+            n_fft=config.n_fft,
+            hop_length=config.hop_length,
+            f_min=config.f_min,
+            f_max=config.f_max,
+            n_mels=config.n_mels,
+            center=True,
+            pad_mode="constant",
+        ).to(device=device)
+        channels = config.conv_channels or config.embed_dim
+        num_convs = int(math.log2(config.subsampling))
+        convs, mels = [], config.n_mels
+        for index in range(num_convs):
+            convs.append(nn.Conv2d(1 if index == 0 else channels, channels, 3, stride=2, padding=1, **factory))
+            mels = (mels + 1) // 2
+        self.convs = nn.ModuleList(convs)
+        self.activation = nn.GELU()
+        self.proj = nn.Linear((channels if num_convs else 1) * mels, config.embed_dim, **factory)
+        self.dropout = nn.Dropout(config.dropout)
+        self.trunk: nn.Module | None = None
+        self._trunk_padding: torch.Tensor | None = None  # (B, 1, N), set only while the trunk runs
+        if config.trunk == "conformer":
+            opts = config.conformer
+            self.trunk = torchaudio.models.Conformer(
+                input_dim=config.embed_dim,
+                num_heads=opts.num_heads,
+                ffn_dim=opts.ffn_dim,
+                num_layers=opts.num_layers,
+                depthwise_conv_kernel_size=opts.depthwise_conv_kernel_size,
+                dropout=opts.dropout,
+                convolution_first=opts.convolution_first,
+            ).to(**factory)
+            self._hook_depthwise_convolutions()
+
+    def _hook_depthwise_convolutions(self) -> None:
+        """Zero the padded positions right before each Conformer block's depthwise convolution."""
+        for index, layer in enumerate(self.trunk.conformer_layers):
+            depthwise = [m for m in layer.modules() if isinstance(m, nn.Conv1d) and m.groups > 1]
+            if len(depthwise) != 1:
+                raise RuntimeError(
+                    f"audio: expected one depthwise Conv1d in Conformer block {index}, found {len(depthwise)}; "
+                    "this torchaudio version lays out its Conformer differently"
+                )
+            depthwise[0].register_forward_pre_hook(self._zero_trunk_padding)
+
+    def _zero_trunk_padding(self, module: nn.Module, args: tuple[torch.Tensor, ...]):
+        if self._trunk_padding is None:
+            return None
+        return (args[0].masked_fill(self._trunk_padding, 0.0),)  # (B, C, N)
+
+    def _apply(self, fn, recurse=True):
+        """Module casts (`.half()`, `.to(dtype)`) leave the STFT window and filterbank in float32."""
+        super()._apply(fn, recurse)
+        for module in self.melspec.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.is_floating_point() and buffer.dtype != torch.float64:
+                    module._buffers[name] = buffer.float()
+        return self
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Token rate: sample_rate / (hop_length * subsampling)."""
+        cfg = self.config
+        return cfg.sample_rate / (cfg.hop_length * cfg.subsampling)
+
+    def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Valid spectrogram frames F(l) = 1 + (l + 2 * (n_fft // 2) - n_fft) // hop, F(0) = 0; (B,) -> (B,)."""
+        cfg = self.config
+        frames = 1 + torch.div(lengths + 2 * (cfg.n_fft // 2) - cfg.n_fft, cfg.hop_length, rounding_mode="floor")
+        return torch.where(lengths > 0, frames, torch.zeros_like(frames))
+
+    def output_lengths(self, lengths: torch.Tensor | int, sample_rate: int | None = None) -> torch.Tensor | int:
+        """Valid tokens for valid samples: N(l) = ceil(F(l) / subsampling), N(0) = 0.
+
+        Args:
+            lengths: (B,) integer tensor or an int, valid samples at `sample_rate`.
+            sample_rate: rate of `lengths`; None = config.sample_rate. At another rate the
+                lengths are first mapped to ceil(l * sample_rate_config / sample_rate), the
+                length resampling yields.
+
+        Returns:
+            (B,) long tensor (or an int for an int input).
+        """
+        as_int = isinstance(lengths, int)
+        lengths = torch.as_tensor(lengths, dtype=torch.long)
+        if sample_rate is not None and sample_rate != self.config.sample_rate:
+            lengths = self._resampled_lengths(lengths, sample_rate)
+        tokens = self.frame_lengths(lengths)
+        for _ in self.convs:
+            tokens = ceil_div(tokens, 2)
+        return int(tokens) if as_int else tokens
+
+    def _resampled_lengths(self, lengths: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        gcd = math.gcd(sample_rate, self.config.sample_rate)
+        orig, new = sample_rate // gcd, self.config.sample_rate // gcd
+        return ceil_div(lengths * new, orig)
+
+    def _check_input(self, waveform: torch.Tensor, sample_rate: int) -> None:
+        if not isinstance(waveform, torch.Tensor):
+            raise ValueError(f"audio: expected waveform (B, S) float tensor, got {type(waveform).__name__}")
+        if waveform.dim() != 2 or not waveform.is_floating_point():
+            hint = " (squeeze the channel axis: mono waveforms only)" if waveform.dim() == 3 else ""
+            raise ValueError(
+                f"audio: expected waveform (B, S) float, got shape {tuple(waveform.shape)} "
+                f"dtype {waveform.dtype}{hint}"
+            )
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
+            raise ValueError(f"audio: sample_rate must be a positive int (Hz), got {sample_rate!r}")
+        if sample_rate != self.config.sample_rate and not self.config.resample:
+            raise ValueError(
+                f"audio: expected waveforms at sample_rate={self.config.sample_rate} Hz, got {sample_rate} Hz; "
+                "resample them first (torchaudio.functional.resample) or set AudioEncoderConfig.resample=True"
+            )
+        if self.config.check_finite:
+            check_finite("audio", "waveform", waveform)
+
+    def forward(
+        self,
+        waveform: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        sample_rate: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode mono waveforms.
+
+        Args:
+            waveform: (B, S) float, mono, at `sample_rate`; what lies beyond each length is ignored.
+            lengths: (B,) integer, valid samples per waveform in [0, S] (0 = no audio: all of
+                that sample's tokens are padding); None = all S valid.
+            sample_rate: rate of `waveform` in Hz; None = config.sample_rate.
+
+        Returns:
+            tokens: (B, N, E), N = output_lengths(S, sample_rate); zero at padded positions.
+            padding_mask: (B, N) bool, True at padding; row b has output_lengths(lengths[b]) False.
+        """
+        cfg = self.config
+        sample_rate = cfg.sample_rate if sample_rate is None else sample_rate
+        self._check_input(waveform, sample_rate)
+        batch, samples = waveform.shape
+        lengths = check_lengths("audio", lengths, batch, samples, "samples", waveform.device)
+        feat_dtype = self.melspec.spectrogram.window.dtype  # float32, float64 after .double()
+        wave = waveform.to(feat_dtype).masked_fill(padding_mask(lengths, samples), 0.0)  # (B, S)
+        if sample_rate != cfg.sample_rate:
+            wave = torchaudio.functional.resample(wave, sample_rate, cfg.sample_rate)  # (B, S')
+            lengths = self._resampled_lengths(lengths, sample_rate)
+            samples = wave.shape[1]
+            wave = wave.masked_fill(padding_mask(lengths, samples), 0.0)  # filter tails beyond l
+        num_tokens = self.output_lengths(samples)
+        token_lengths = self.output_lengths(lengths)  # (B,)
+        pad = padding_mask(token_lengths, num_tokens)  # (B, N)
+        param_dtype = self.proj.weight.dtype
+        if samples == 0:
+            return waveform.new_zeros(batch, 0, self.embed_dim, dtype=param_dtype), pad
+
+        frame_lengths = self.frame_lengths(lengths)  # (B,)
+        mel = self.melspec(wave)  # (B, M, F)
+        x = mel.clamp_min(cfg.log_floor).log().transpose(1, 2)  # (B, F, M)
+        x = x.masked_fill(padding_mask(frame_lengths, x.shape[1])[..., None], 0.0)
+        x = x.to(param_dtype)[:, None]  # (B, 1, F, M)
+        valid = frame_lengths
+        for conv in self.convs:
+            x = self.activation(conv(x))  # (B, C, ceil(F/2), ceil(M/2))
+            valid = ceil_div(valid, 2)
+            x = x.masked_fill(padding_mask(valid, x.shape[2])[:, None, :, None], 0.0)
+        x = x.transpose(1, 2).flatten(2)  # (B, N, C * M')
+        x = self.dropout(self.proj(x))  # (B, N, E)
+        if self.trunk is not None:
+            x = self._run_trunk(x, pad)
+        return x.masked_fill(pad[..., None], 0.0), pad
+
+    def _run_trunk(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """Conformer blocks with key padding; (B, N, E) -> (B, N, E).
+
+        A sample without audio keeps its first position unmasked for the attention, so that no
+        query sees only masked keys (NaN); its outputs are discarded by the caller.
+        """
+        if x.shape[1] == 0:
+            return x
+        key_padding = pad.clone()  # (B, N)
+        key_padding[:, 0] = False
+        self._trunk_padding = key_padding[:, None, :]  # (B, 1, N), read by the depthwise-conv hooks
+        try:
+            x = x.transpose(0, 1)  # (N, B, E), the layout of torchaudio's Conformer blocks
+            for layer in self.trunk.conformer_layers:
+                x = layer(x, key_padding)
+        finally:
+            self._trunk_padding = None
+        return x.transpose(0, 1)  # (B, N, E)
