@@ -39,7 +39,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # Inputs of at most this many elements run with packed calls (one per block of segments, all
 # head offsets together): there the host's launch overhead, not the GPU, sets the pace.
-PACK_MAX_ELEMENTS = 1 << 25
+PACK_MAX_ELEMENTS = 1 << 24
 
 
 def _calls(q: torch.Tensor, segment_length: int, dilation_rate: int) -> list[BranchCall | PackedBlock]:

@@ -30,8 +30,8 @@ tokens look, exactly what it would see if it were alone with S = l.
   convolution would read the padded positions, so a forward pre-hook zeroes them right
   before that convolution. Its BatchNorm is per-position in eval mode; in training mode its
   batch statistics include padded positions (as in any BatchNorm over a padded batch).
-The tail of a waveform shorter than one hop is still covered: centring puts the last
-samples inside frame F(l) - 1.
+No valid sample is dropped: with n_fft // 2 >= hop_length (the defaults), centring puts the
+last samples inside frame F(l) - 1, and a waveform shorter than one hop still gives one token.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ class ConformerConfig:
             check_positive_int(f"conformer.{name}", getattr(self, name))
         if self.depthwise_conv_kernel_size % 2 == 0:
             raise ValueError(
-                f"conformer.depthwise_conv_kernel_size must be odd (same padding), got {self.depthwise_conv_kernel_size}"
+                "conformer.depthwise_conv_kernel_size must be odd (same padding), "
+                f"got {self.depthwise_conv_kernel_size}"
             )
         check_dropout("conformer.dropout", self.dropout)
 
@@ -137,7 +138,9 @@ class AudioEncoderConfig:
         if not 0.0 <= self.f_min < nyquist:
             raise ValueError(f"f_min must be in [0, sample_rate / 2 = {nyquist}), got {self.f_min}")
         if self.f_max is not None and not self.f_min < self.f_max <= nyquist:
-            raise ValueError(f"f_max must be in (f_min={self.f_min}, sample_rate / 2 = {nyquist}], got {self.f_max}")
+            raise ValueError(
+                f"f_max must be in (f_min={self.f_min}, sample_rate / 2 = {nyquist}], got {self.f_max}"
+            )
         if not self.log_floor > 0:
             raise ValueError(f"log_floor must be positive, got {self.log_floor}")
         if self.subsampling not in _SUBSAMPLINGS:
@@ -195,7 +198,9 @@ class AudioEncoder(nn.Module):
         num_convs = int(math.log2(config.subsampling))
         convs, mels = [], config.n_mels
         for index in range(num_convs):
-            convs.append(nn.Conv2d(1 if index == 0 else channels, channels, 3, stride=2, padding=1, **factory))
+            convs.append(
+                nn.Conv2d(1 if index == 0 else channels, channels, 3, stride=2, padding=1, **factory)
+            )
             mels = (mels + 1) // 2
         self.convs = nn.ModuleList(convs)
         self.activation = nn.GELU()
@@ -222,7 +227,8 @@ class AudioEncoder(nn.Module):
             depthwise = [m for m in layer.modules() if isinstance(m, nn.Conv1d) and m.groups > 1]
             if len(depthwise) != 1:
                 raise RuntimeError(
-                    f"audio: expected one depthwise Conv1d in Conformer block {index}, found {len(depthwise)}; "
+                    f"audio: expected one depthwise Conv1d in Conformer block {index}, "
+                    f"found {len(depthwise)}; "
                     "this torchaudio version lays out its Conformer differently"
                 )
             depthwise[0].register_forward_pre_hook(self._zero_trunk_padding)
@@ -248,12 +254,16 @@ class AudioEncoder(nn.Module):
         return cfg.sample_rate / (cfg.hop_length * cfg.subsampling)
 
     def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        """Valid spectrogram frames F(l) = 1 + (l + 2 * (n_fft // 2) - n_fft) // hop, F(0) = 0; (B,) -> (B,)."""
+        """Valid STFT frames, (B,) -> (B,): F(l) = 1 + (l + 2 * (n_fft // 2) - n_fft) // hop, F(0) = 0."""
         cfg = self.config
-        frames = 1 + torch.div(lengths + 2 * (cfg.n_fft // 2) - cfg.n_fft, cfg.hop_length, rounding_mode="floor")
+        frames = 1 + torch.div(
+            lengths + 2 * (cfg.n_fft // 2) - cfg.n_fft, cfg.hop_length, rounding_mode="floor"
+        )
         return torch.where(lengths > 0, frames, torch.zeros_like(frames))
 
-    def output_lengths(self, lengths: torch.Tensor | int, sample_rate: int | None = None) -> torch.Tensor | int:
+    def output_lengths(
+        self, lengths: torch.Tensor | int, sample_rate: int | None = None
+    ) -> torch.Tensor | int:
         """Valid tokens for valid samples: N(l) = ceil(F(l) / subsampling), N(0) = 0.
 
         Args:
@@ -292,7 +302,8 @@ class AudioEncoder(nn.Module):
             raise ValueError(f"audio: sample_rate must be a positive int (Hz), got {sample_rate!r}")
         if sample_rate != self.config.sample_rate and not self.config.resample:
             raise ValueError(
-                f"audio: expected waveforms at sample_rate={self.config.sample_rate} Hz, got {sample_rate} Hz; "
+                f"audio: expected waveforms at sample_rate={self.config.sample_rate} Hz, "
+                f"got {sample_rate} Hz; "
                 "resample them first (torchaudio.functional.resample) or set AudioEncoderConfig.resample=True"
             )
         if self.config.check_finite:
@@ -321,6 +332,10 @@ class AudioEncoder(nn.Module):
         self._check_input(waveform, sample_rate)
         batch, samples = waveform.shape
         lengths = check_lengths("audio", lengths, batch, samples, "samples", waveform.device)
+        param_dtype = self.proj.weight.dtype
+        if samples == 0:
+            empty = waveform.new_zeros(batch, 0, self.embed_dim, dtype=param_dtype)  # (B, 0, E)
+            return empty, torch.zeros(batch, 0, dtype=torch.bool, device=waveform.device)
         feat_dtype = self.melspec.spectrogram.window.dtype  # float32, float64 after .double()
         wave = waveform.to(feat_dtype).masked_fill(padding_mask(lengths, samples), 0.0)  # (B, S)
         if sample_rate != cfg.sample_rate:
@@ -331,9 +346,6 @@ class AudioEncoder(nn.Module):
         num_tokens = self.output_lengths(samples)
         token_lengths = self.output_lengths(lengths)  # (B,)
         pad = padding_mask(token_lengths, num_tokens)  # (B, N)
-        param_dtype = self.proj.weight.dtype
-        if samples == 0:
-            return waveform.new_zeros(batch, 0, self.embed_dim, dtype=param_dtype), pad
 
         frame_lengths = self.frame_lengths(lengths)  # (B,)
         mel = self.melspec(wave)  # (B, M, F)

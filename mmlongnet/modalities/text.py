@@ -49,7 +49,9 @@ def _check_texts(texts: object) -> list[str]:
         raise ValueError(f"text: batch_encode expects a list of str, got {type(texts).__name__}")
     for index, text in enumerate(texts):
         if not isinstance(text, str):
-            raise ValueError(f"text: batch_encode expects a list of str, item {index} is {type(text).__name__}")
+            raise ValueError(
+                f"text: batch_encode expects a list of str, item {index} is {type(text).__name__}"
+            )
     return list(texts)
 
 
@@ -86,7 +88,9 @@ class ByteTokenizer:
         for token in ids:
             token = int(token)
             if not 0 <= token < self.vocab_size:
-                raise ValueError(f"text: token id {token} is outside the byte vocabulary [0, {self.vocab_size})")
+                raise ValueError(
+                    f"text: token id {token} is outside the byte vocabulary [0, {self.vocab_size})"
+                )
             if token >= self.offset:
                 data.append(token - self.offset)
         return data.decode("utf-8", errors="replace")
@@ -106,7 +110,9 @@ class ByteTokenizer:
             lengths: (B,) long, valid ids per text.
         """
         texts = _check_texts(texts)
-        return _pad_batch([self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts], self.pad_id, max_length)
+        return _pad_batch(
+            [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts], self.pad_id, max_length
+        )
 
 
 def _import_tokenizers():
@@ -137,7 +143,9 @@ class HFTokenizer:
         tokenizers = _import_tokenizers()
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"text: tokenizer file {str(path)!r} does not exist; pass a local tokenizer.json")
+            raise FileNotFoundError(
+                f"text: tokenizer file {str(path)!r} does not exist; pass a local tokenizer.json"
+            )
         self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
         file_padding = self._tokenizer.padding
         self._tokenizer.no_padding()
@@ -217,7 +225,9 @@ class TextEncoderConfig:
         if isinstance(self.padding_id, bool) or not isinstance(self.padding_id, int):
             raise ValueError(f"padding_id must be an int, got {self.padding_id!r}")
         if not 0 <= self.padding_id < self.vocab_size:
-            raise ValueError(f"padding_id must be in [0, vocab_size={self.vocab_size}), got {self.padding_id}")
+            raise ValueError(
+                f"padding_id must be in [0, vocab_size={self.vocab_size}), got {self.padding_id}"
+            )
 
 
 class TextEncoder(nn.Module):

@@ -84,7 +84,7 @@ class VisionEncoderConfig:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra timm.create_model arguments, e.g. {"img_size": 32, "patch_size": 8} for a ViT."""
     checkpoint_path: str | None = None
-    """Local backbone weights, loaded by timm (timm.create_model(checkpoint_path=...)); nothing is downloaded."""
+    """Local backbone weights, loaded by timm (create_model(checkpoint_path=...)); nothing is downloaded."""
     dropout: float = 0.0
     """Dropout on the output tokens, in [0, 1)."""
     check_finite: bool = False
@@ -103,9 +103,13 @@ class VisionEncoderConfig:
         for name in ("patch_size", "in_chans", "tubelet_size"):
             check_positive_int(name, getattr(self, name))
         if self.frame_rate is not None and (
-            isinstance(self.frame_rate, bool) or not isinstance(self.frame_rate, (int, float)) or self.frame_rate <= 0
+            isinstance(self.frame_rate, bool)
+            or not isinstance(self.frame_rate, (int, float))
+            or self.frame_rate <= 0
         ):
-            raise ValueError(f"frame_rate must be a positive number of frames per second or None, got {self.frame_rate!r}")
+            raise ValueError(
+                f"frame_rate must be a positive number of frames per second or None, got {self.frame_rate!r}"
+            )
         if self.pos_embed not in (None, "learned", "sincos", "none"):
             raise ValueError(f"pos_embed must be 'learned', 'sincos', 'none' or None, got {self.pos_embed!r}")
         if self.pos_embed == "sincos" and self.embed_dim % 4:
@@ -118,10 +122,13 @@ class VisionEncoderConfig:
                     f"patch_size={self.patch_size} must divide image_size={self.image_size} (patch embedding)"
                 )
             if self.backbone_kwargs:
-                raise ValueError("backbone_kwargs is only used with a backbone; set backbone or leave it empty")
+                raise ValueError(
+                    "backbone_kwargs is only used with a backbone; set backbone or leave it empty"
+                )
             if self.checkpoint_path is not None:
                 raise ValueError(
-                    "checkpoint_path loads backbone weights; set backbone, or load the encoder's state_dict instead"
+                    "checkpoint_path loads backbone weights; set backbone, "
+                    "or load the encoder's state_dict instead"
                 )
             return
         if not isinstance(self.backbone, str) or not timm.is_model(self.backbone):
@@ -133,7 +140,8 @@ class VisionEncoderConfig:
         reserved = sorted(set(self.backbone_kwargs) & set(_RESERVED_BACKBONE_KWARGS))
         if reserved:
             raise ValueError(
-                f"backbone_kwargs must not set {reserved}: the encoder sets them (use in_chans / checkpoint_path)"
+                f"backbone_kwargs must not set {reserved}: the encoder sets them "
+                "(use in_chans / checkpoint_path)"
             )
 
     @property
@@ -172,6 +180,7 @@ class VisionEncoder(nn.Module):
         self.patch_embed: nn.Module | None = None
         self.backbone: nn.Module | None = None
         self.backbone_proj: nn.Module | None = None
+        self.grid_size: tuple[int, int] | None = None  # (h, w) per frame; None: a backbone without a grid
         if config.backbone is None:
             height, width = config.image_size
             self.grid_size = (height // config.patch_size, width // config.patch_size)
@@ -189,8 +198,10 @@ class VisionEncoder(nn.Module):
             self._build_backbone(factory)
         kind = config.pos_embed_kind
         self.pos_embed: nn.Parameter | None = None
+        self.register_buffer("sincos_pos_embed", None, persistent=False)
         if kind == "learned":
-            self.pos_embed = nn.Parameter(torch.empty(self.num_patches, config.embed_dim, **factory))  # (P, E)
+            table = torch.empty(self.num_patches, config.embed_dim, **factory)  # (P, E)
+            self.pos_embed = nn.Parameter(table)
         elif kind == "sincos":
             if self.grid_size is None:
                 raise ValueError(
@@ -241,9 +252,6 @@ class VisionEncoder(nn.Module):
             nn.Identity() if width == cfg.embed_dim else nn.Linear(width, cfg.embed_dim, **factory)
         )
 
-    grid_size: tuple[int, int] | None = None
-    """(h, w) of the token grid per frame; None for a backbone whose tokens have no known grid."""
-
     @property
     def _channels_last(self) -> bool:
         return str(getattr(self.backbone, "output_fmt", "NCHW")).upper() == "NHWC"
@@ -281,7 +289,9 @@ class VisionEncoder(nn.Module):
         if self.config.frame_rate is None:
             raise ValueError("vision: tubelet_times needs VisionEncoderConfig.frame_rate (frames per second)")
         tubelets = -(-num_frames // self.config.tubelet_size)
-        return torch.arange(tubelets, dtype=torch.float64) * (self.config.tubelet_size / self.config.frame_rate)
+        return torch.arange(tubelets, dtype=torch.float64) * (
+            self.config.tubelet_size / self.config.frame_rate
+        )
 
     def forward(
         self, pixels: torch.Tensor, lengths: torch.Tensor | None = None, *, frame_rate: float | None = None
@@ -289,7 +299,9 @@ class VisionEncoder(nn.Module):
         """Encode images (rank 4) or videos (rank 5); see `encode_image` and `encode_video`."""
         if isinstance(pixels, torch.Tensor) and pixels.dim() == 4:
             if frame_rate is not None:
-                raise ValueError("vision: frame_rate applies to videos (B, T, C, H, W), got images (B, C, H, W)")
+                raise ValueError(
+                    "vision: frame_rate applies to videos (B, T, C, H, W), got images (B, C, H, W)"
+                )
             return self.encode_image(pixels, lengths)
         if isinstance(pixels, torch.Tensor) and pixels.dim() == 5:
             return self.encode_video(pixels, lengths, frame_rate=frame_rate)
@@ -332,7 +344,11 @@ class VisionEncoder(nn.Module):
             got = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
             raise ValueError(f"vision: expected video (B, T, C, H, W) float, got {got}")
         expected = self.config.frame_rate
-        if frame_rate is not None and expected is not None and not math.isclose(frame_rate, expected, rel_tol=1e-6):
+        if (
+            frame_rate is not None
+            and expected is not None
+            and not math.isclose(frame_rate, expected, rel_tol=1e-6)
+        ):
             raise ValueError(
                 f"vision: video at frame_rate={frame_rate} fps, but the encoder expects {expected} fps "
                 "(VisionEncoderConfig.frame_rate); resample the frames first"
@@ -343,11 +359,14 @@ class VisionEncoder(nn.Module):
         cfg = self.config
         if not video.is_floating_point():
             raise ValueError(
-                f"vision: expected {layout} float, got dtype {video.dtype}; convert and normalise the pixels first"
+                f"vision: expected {layout} float, got dtype {video.dtype}; "
+                "convert and normalise the pixels first"
             )
         channels, height, width = video.shape[2:]
         if channels != cfg.in_chans:
-            raise ValueError(f"vision: expected {cfg.in_chans} channels (in_chans), got {channels} in {layout}")
+            raise ValueError(
+                f"vision: expected {cfg.in_chans} channels (in_chans), got {channels} in {layout}"
+            )
         if (height, width) != tuple(cfg.image_size):
             raise ValueError(
                 f"vision: expected frames of image_size={tuple(cfg.image_size)}, got ({height}, {width}); "
@@ -373,7 +392,7 @@ class VisionEncoder(nn.Module):
         x = x.reshape(batch, tubelets, self.num_patches, self.embed_dim)  # (B, T', P, E)
         if self.pos_embed is not None:
             x = x + self.pos_embed.to(x.dtype)
-        elif hasattr(self, "sincos_pos_embed"):
+        elif self.sincos_pos_embed is not None:
             x = x + self.sincos_pos_embed.to(x.dtype)
         x = self.dropout(x.flatten(1, 2))  # (B, T' * P, E), time-major
         return x.masked_fill(pad[..., None], 0.0), pad
@@ -399,7 +418,7 @@ class VisionEncoder(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, T' * h * w, E), time-major
 
     def _embed_with_backbone(self, video: torch.Tensor, lengths: torch.Tensor, tubelets: int) -> torch.Tensor:
-        """(B, T, C, H, W) -> (B, T' * P, E): backbone on valid frames, mean over each tubelet's valid frames."""
+        """(B, T, C, H, W) -> (B, T' * P, E): backbone on valid frames, mean over a tubelet's valid frames."""
         cfg = self.config
         batch, frames = video.shape[:2]
         valid = ~padding_mask(lengths, frames)  # (B, T)
