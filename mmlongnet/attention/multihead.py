@@ -19,6 +19,7 @@ from torch import nn
 
 from mmlongnet.attention.cache import DilatedKVCache
 from mmlongnet.attention.dilated import BACKENDS, check_schedule, dilated_attention
+from mmlongnet.layers.multiway import experts_of, maybe_multiway, route
 from mmlongnet.layers.relative_bias import RelativePositionBias
 from mmlongnet.layers.rope import RotaryEmbedding
 from mmlongnet.layers.xpos import XPos
@@ -103,11 +104,14 @@ class MultiheadDilatedAttention(nn.Module):
             "relative" (T5 bias, dense reference backend only), a position module, or None.
         attention: "dilated" (keys of the query length, paired by position) or "dense" (full
             attention over keys of any length M, e.g. cross-attention to an encoder's output).
+        num_ways: > 1 makes the projections and the sub-LayerNorm multiway experts (one per
+            modality, `MultiwayNetwork`), routed by `modality_ids` (B, N) in forward; the
+            attention itself is shared (self-attention only).
         backend: the `dilated_attention` backend.
 
     forward(query (B, N, E), key (B, M, kdim), value (B, M, vdim), key_padding_mask (B, M) bool
     True = padding, need_weights=False, attn_mask=None, is_causal=False, *, position_offset=0,
-    kv_cache=None) -> (out (B, N, E), None). `position_offset` is the position of the first
+    kv_cache=None, modality_ids=None) -> (out (B, N, E), None). `position_offset` is the position of the first
     token (a slice of a longer sequence); `kv_cache` a `DilatedKVCache` for token-by-token decoding.
 
     Weight mapping from `nn.MultiheadAttention` (see `from_multihead_attention`): `in_proj_weight`
@@ -132,6 +136,7 @@ class MultiheadDilatedAttention(nn.Module):
         positions: PositionsArg = None,
         *,
         attention: Literal["dilated", "dense"] = "dilated",
+        num_ways: int = 1,
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -152,17 +157,22 @@ class MultiheadDilatedAttention(nn.Module):
             raise ValueError(f"attention must be 'dilated' or 'dense', got {attention!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        if not isinstance(num_ways, int) or num_ways < 1:
+            raise ValueError(f"num_ways must be a positive int, got {num_ways!r}")
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.segment_lengths, self.dilation_rates = check_schedule(segment_lengths, dilation_rates)
         self.dropout, self.gamma_init, self.attention, self.backend = dropout, gamma_init, attention, backend
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
         self.batch_first = True
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias, **factory)
-        self.inner_norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **factory) if layer_norm else None
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.num_ways = num_ways
+        self.q_proj = maybe_multiway(nn.Linear(embed_dim, embed_dim, bias=bias, **factory), num_ways)
+        self.k_proj = maybe_multiway(nn.Linear(self.kdim, embed_dim, bias=bias, **factory), num_ways)
+        self.v_proj = maybe_multiway(nn.Linear(self.vdim, embed_dim, bias=bias, **factory), num_ways)
+        self.inner_norm = None
+        if layer_norm:
+            self.inner_norm = maybe_multiway(nn.LayerNorm(embed_dim, eps=layer_norm_eps, **factory), num_ways)
+        self.out_proj = maybe_multiway(nn.Linear(embed_dim, embed_dim, bias=bias, **factory), num_ways)
         self.positions = _positions_module(positions, self.head_dim, num_heads, self.segment_lengths)
         if isinstance(self.positions, RelativePositionBias):
             self.positions.to(**factory)
@@ -170,13 +180,15 @@ class MultiheadDilatedAttention(nn.Module):
 
     def reset_parameters(self) -> None:
         """MAGNETO initialisation: Xavier-normal projections, value and output ones with gain gamma."""
-        for proj, gain in ((self.q_proj, 1.0), (self.k_proj, 1.0), (self.v_proj, self.gamma_init),
-                           (self.out_proj, self.gamma_init)):  # fmt: skip
-            nn.init.xavier_normal_(proj.weight, gain=gain)
-            if proj.bias is not None:
-                nn.init.zeros_(proj.bias)
+        for projs, gain in ((self.q_proj, 1.0), (self.k_proj, 1.0), (self.v_proj, self.gamma_init),
+                            (self.out_proj, self.gamma_init)):  # fmt: skip
+            for proj in experts_of(projs):
+                nn.init.xavier_normal_(proj.weight, gain=gain)
+                if proj.bias is not None:
+                    nn.init.zeros_(proj.bias)
         if self.inner_norm is not None:
-            self.inner_norm.reset_parameters()
+            for norm in experts_of(self.inner_norm):
+                norm.reset_parameters()
         if isinstance(self.positions, RelativePositionBias):
             self.positions.reset_parameters()
 
@@ -240,6 +252,10 @@ class MultiheadDilatedAttention(nn.Module):
             raise ValueError(
                 f"positions need keys of the query length, got N={query.shape[1]}, M={key.shape[1]}"
             )
+        if self.num_ways > 1 and key.shape[1] != query.shape[1]:
+            raise ValueError(
+                "multiway projections (num_ways > 1) serve self-attention: keys of the query length"
+            )
         if kv_cache is not None and (
             self.attention != "dilated" or not is_causal or (kv_cache.length and query.shape[1] != 1)
         ):
@@ -260,13 +276,15 @@ class MultiheadDilatedAttention(nn.Module):
         *,
         position_offset: int = 0,
         kv_cache: DilatedKVCache | None = None,
+        modality_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
         self._check_call(query, key, need_weights, attn_mask, is_causal, kv_cache)
         batch, seq_len, _ = query.shape
         key_len = key.shape[1]
-        q = self.q_proj(query).view(batch, seq_len, self.num_heads, self.head_dim)  # (B, N, H, D)
-        k = self.k_proj(key).view(batch, key_len, self.num_heads, self.head_dim)  # (B, M, H, D)
-        v = self.v_proj(value).view(batch, key_len, self.num_heads, self.head_dim)  # (B, M, H, D)
+        ids = modality_ids
+        q = route(self.q_proj, query, ids).view(batch, seq_len, self.num_heads, self.head_dim)  # (B, N, H, D)
+        k = route(self.k_proj, key, ids).view(batch, key_len, self.num_heads, self.head_dim)  # (B, M, H, D)
+        v = route(self.v_proj, value, ids).view(batch, key_len, self.num_heads, self.head_dim)  # (B, M, H, D)
         if kv_cache is not None:
             position_offset = kv_cache.length
         position_bias = None
@@ -300,12 +318,12 @@ class MultiheadDilatedAttention(nn.Module):
                 kv_cache.prefill(k, v)
         out = out.reshape(batch, seq_len, self.embed_dim)  # (B, N, E)
         if self.inner_norm is not None:
-            out = self.inner_norm(out)
-        return self.out_proj(out), None
+            out = route(self.inner_norm, out, ids)
+        return route(self.out_proj, out, ids), None
 
     def extra_repr(self) -> str:
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, attention={self.attention!r}, "
             f"segment_lengths={self.segment_lengths}, dilation_rates={self.dilation_rates}, "
-            f"dropout={self.dropout}, backend={self.backend!r}"
+            f"dropout={self.dropout}, num_ways={self.num_ways}, backend={self.backend!r}"
         )

@@ -126,3 +126,22 @@ def _reset_all(module: nn.Module) -> None:
         return
     for child in module.children():
         _reset_all(child)
+
+
+def maybe_multiway(module: nn.Module, num_ways: int) -> nn.Module:
+    """`module` itself for one way, else a `MultiwayNetwork` of `num_ways` copies of it."""
+    return module if num_ways == 1 else MultiwayNetwork(module, num_ways)
+
+
+def route(module: nn.Module, x: torch.Tensor, modality_ids: torch.Tensor | None) -> torch.Tensor:
+    """Apply a plain module, or a `MultiwayNetwork` with the tokens' modality ids (B, L)."""
+    if isinstance(module, MultiwayNetwork):
+        if modality_ids is None:
+            raise ValueError(f"this layer has {module.num_ways} multiway experts: pass modality_ids (B, L)")
+        return module(x, modality_ids)
+    return module(x)
+
+
+def experts_of(module: nn.Module) -> list[nn.Module]:
+    """The experts of a `MultiwayNetwork`, or [module] for a plain module."""
+    return list(module.experts) if isinstance(module, MultiwayNetwork) else [module]

@@ -21,6 +21,7 @@ from mmlongnet.attention.cache import DilatedKVCache
 from mmlongnet.attention.dilated import check_schedule
 from mmlongnet.attention.multihead import MultiheadDilatedAttention, PositionsArg
 from mmlongnet.layers.feedforward import Activation, FeedForward
+from mmlongnet.layers.multiway import maybe_multiway, route
 from mmlongnet.layers.relative_bias import RelativePositionBias
 
 LONGNET_SEGMENT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
@@ -73,6 +74,7 @@ class _LongNetBlock(nn.Module):
         checkpoint_activations: bool,
         self_attention: Literal["dilated", "dense"],
         cross_attention: Literal["dilated", "dense"] | None,
+        num_ways: int,
         backend: str,
         device,
         dtype,
@@ -85,10 +87,10 @@ class _LongNetBlock(nn.Module):
             dropout=attention_dropout, layer_norm_eps=layer_norm_eps, gamma_init=gamma_init, backend=backend,
             **factory,
         )  # fmt: skip
-        self.self_attn_norm = nn.LayerNorm(d_model, eps=layer_norm_eps, **factory)
+        self.self_attn_norm = maybe_multiway(nn.LayerNorm(d_model, eps=layer_norm_eps, **factory), num_ways)
         self.self_attn = MultiheadDilatedAttention(
             d_model, nhead, segment_lengths, dilation_rates, positions=positions, attention=self_attention,
-            **common,
+            num_ways=num_ways, **common,
         )  # fmt: skip
         self.cross_attn_norm = self.cross_attn = None
         if cross_attention is not None:
@@ -96,11 +98,12 @@ class _LongNetBlock(nn.Module):
             self.cross_attn = MultiheadDilatedAttention(
                 d_model, nhead, segment_lengths, dilation_rates, attention=cross_attention, **common
             )
-        self.ffn_norm = nn.LayerNorm(d_model, eps=layer_norm_eps, **factory)
+        self.ffn_norm = maybe_multiway(nn.LayerNorm(d_model, eps=layer_norm_eps, **factory), num_ways)
         self.ffn = FeedForward(
             d_model, dim_feedforward, activation, dropout, layer_norm_eps=layer_norm_eps,
             gamma_init=gamma_init, **factory,
         )  # fmt: skip
+        self.ffn = maybe_multiway(self.ffn, num_ways)
         self.dropout = nn.Dropout(dropout)
         self.checkpoint_activations = checkpoint_activations
 
@@ -113,11 +116,12 @@ class _LongNetBlock(nn.Module):
         memory_key_padding_mask: torch.Tensor | None,
         position_offset: int,
         kv_cache: DilatedKVCache | None,
+        modality_ids: torch.Tensor | None,
     ) -> torch.Tensor:
-        h = self.self_attn_norm(x)
+        h = route(self.self_attn_norm, x, modality_ids)
         h, _ = self.self_attn(
             h, h, h, key_padding_mask=key_padding_mask, is_causal=is_causal, position_offset=position_offset,
-            kv_cache=kv_cache,
+            kv_cache=kv_cache, modality_ids=modality_ids,
         )  # fmt: skip
         x = x + self.dropout(h)
         if self.cross_attn is not None:
@@ -127,7 +131,7 @@ class _LongNetBlock(nn.Module):
                 self.cross_attn_norm(x), memory, memory, key_padding_mask=memory_key_padding_mask
             )
             x = x + self.dropout(h)
-        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        return x + self.dropout(route(self.ffn, route(self.ffn_norm, x, modality_ids), modality_ids))
 
     def _run(self, *args) -> torch.Tensor:
         if self.checkpoint_activations and self.training and torch.is_grad_enabled():
@@ -149,10 +153,12 @@ class LongNetEncoderLayer(_LongNetBlock):
         gamma_init: MAGNETO initialisation gain (the stacks pass the paper's value).
         checkpoint_activations: recompute this layer in the backward instead of storing activations.
         self_attention: "dilated", or "dense" for full attention (a baseline).
+        num_ways: > 1 makes the projections, FFN and norms multiway experts (one per modality,
+            `MultiwayNetwork`) routed by `modality_ids`; the attention itself spans all tokens.
         backend: the `dilated_attention` backend.
 
     forward(src (B, N, E), src_key_padding_mask (B, N) bool True = padding, is_causal=False, *,
-    position_offset=0) -> (B, N, E).
+    position_offset=0, modality_ids (B, N) long when num_ways > 1) -> (B, N, E).
     """
 
     def __init__(
@@ -170,6 +176,7 @@ class LongNetEncoderLayer(_LongNetBlock):
         gamma_init: float = 1.0,
         checkpoint_activations: bool = False,
         self_attention: Literal["dilated", "dense"] = "dilated",
+        num_ways: int = 1,
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -177,7 +184,7 @@ class LongNetEncoderLayer(_LongNetBlock):
         super().__init__(
             d_model, nhead, dim_feedforward, segment_lengths, dilation_rates, dropout, attention_dropout,
             activation, layer_norm_eps, positions, gamma_init, checkpoint_activations, self_attention, None,
-            backend, device, dtype,
+            num_ways, backend, device, dtype,
         )  # fmt: skip
 
     def forward(
@@ -187,8 +194,11 @@ class LongNetEncoderLayer(_LongNetBlock):
         is_causal: bool = False,
         *,
         position_offset: int = 0,
+        modality_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self._run(src, src_key_padding_mask, is_causal, None, None, position_offset, None)
+        return self._run(
+            src, src_key_padding_mask, is_causal, None, None, position_offset, None, modality_ids
+        )
 
 
 class LongNetDecoderLayer(_LongNetBlock):
@@ -230,7 +240,7 @@ class LongNetDecoderLayer(_LongNetBlock):
         super().__init__(
             d_model, nhead, dim_feedforward, segment_lengths, dilation_rates, dropout, attention_dropout,
             activation, layer_norm_eps, positions, gamma_init, checkpoint_activations, self_attention,
-            cross_attention, backend, device, dtype,
+            cross_attention, 1, backend, device, dtype,
         )  # fmt: skip
 
     def forward(
@@ -245,7 +255,7 @@ class LongNetDecoderLayer(_LongNetBlock):
     ) -> torch.Tensor:
         if kv_cache is not None:  # decoding: no recomputation to save
             return self._forward(tgt, tgt_key_padding_mask, True, memory, memory_key_padding_mask,
-                                 position_offset, kv_cache)  # fmt: skip
+                                 position_offset, kv_cache, None)  # fmt: skip
         return self._run(
-            tgt, tgt_key_padding_mask, True, memory, memory_key_padding_mask, position_offset, None
+            tgt, tgt_key_padding_mask, True, memory, memory_key_padding_mask, position_offset, None, None
         )

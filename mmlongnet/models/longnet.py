@@ -37,7 +37,8 @@ class LongNetEncoder(nn.Module):
     MAGNETO's sqrt(log(2 * num_layers))).
 
     forward(x (B, N, E), key_padding_mask (B, N) bool True = padding, is_causal=False, *,
-    position_offset=0) -> (B, N, E).
+    position_offset=0, modality_ids=None) -> (B, N, E); `modality_ids` (B, N) long routes the
+    tokens of multiway layers (num_ways > 1; the final LayerNorm is shared).
     """
 
     def __init__(
@@ -61,9 +62,12 @@ class LongNetEncoder(nn.Module):
         is_causal: bool = False,
         *,
         position_offset: int = 0,
+        modality_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x, key_padding_mask, is_causal, position_offset=position_offset)
+            x = layer(
+                x, key_padding_mask, is_causal, position_offset=position_offset, modality_ids=modality_ids
+            )
         return self.norm(x)
 
 

@@ -224,3 +224,40 @@ def test_cuda_bf16_training_step_of_dilated_and_dense_models_is_finite():
         loss.backward()
         assert torch.isfinite(loss) and abs(loss.item() - math.log(97)) < 1.0
         assert all(torch.isfinite(p.grad).all() for p in lm.parameters() if p.grad is not None)
+
+
+def _expert_state(layer, expert: int) -> dict:
+    """A multiway layer's state dict as a single-way layer's: expert `expert` of every multiway part."""
+    state = {}
+    for name, value in layer.state_dict().items():
+        if ".experts." in name:
+            prefix, rest = name.split(".experts.", 1)
+            index, rest = rest.split(".", 1)
+            if int(index) == expert:
+                state[f"{prefix}.{rest}"] = value
+        else:
+            state[name] = value
+    return state
+
+
+def test_multiway_layer_routes_each_token_to_its_modality_experts():
+    torch.manual_seed(0)
+    kwargs = dict(dim_feedforward=64, segment_lengths=[4, 8], dilation_rates=[1, 2], dropout=0.0,
+                  positions="rope", dtype=torch.float64)  # fmt: skip
+    multiway = LongNetEncoderLayer(32, 4, num_ways=3, **kwargs)
+    x = torch.randn(2, 13, 32, dtype=torch.float64)
+    for expert in range(3):
+        single = LongNetEncoderLayer(32, 4, **kwargs)
+        single.load_state_dict(_expert_state(multiway, expert))
+        ids = torch.full((2, 13), expert)
+        torch.testing.assert_close(multiway(x, modality_ids=ids), single(x), rtol=1e-12, atol=1e-12)
+    # mixed ids: gradients reach the experts that own tokens (0 and 2), never expert 1
+    ids = torch.randint(0, 2, (2, 13)) * 2
+    multiway(x, modality_ids=ids).square().sum().backward()
+    for name, parameter in multiway.named_parameters():
+        if ".experts.1." in name:
+            assert parameter.grad is None, name
+        elif ".experts." in name:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    with pytest.raises(ValueError, match="modality_ids"):
+        multiway(x)
