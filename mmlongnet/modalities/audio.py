@@ -52,6 +52,7 @@ from mmlongnet.modalities._common import (
     check_positive_int,
     padding_mask,
 )
+from mmlongnet.pretrained import Pretrained
 
 __all__ = ["AudioEncoder", "AudioEncoderConfig", "ConformerConfig"]
 
@@ -154,7 +155,7 @@ class AudioEncoderConfig:
             )
 
 
-class AudioEncoder(nn.Module):
+class AudioEncoder(Pretrained, nn.Module):
     """Waveforms (B, S) -> audio tokens (B, N, E) and padding mask (B, N).
 
     Pipeline: zero beyond each length -> (resample) -> MelSpectrogram (centred, zero padding)
@@ -176,6 +177,8 @@ class AudioEncoder(nn.Module):
         x, pad = enc(wave, lengths=torch.tensor([16000, 8000]))
         # x: (2, 25, 64); pad[1] is True from token 13 on (enc.output_lengths -> [25, 13])
     """
+
+    config_class = AudioEncoderConfig
 
     def __init__(self, config: AudioEncoderConfig, *, device=None, dtype=None) -> None:
         super().__init__()

@@ -25,6 +25,7 @@ from mmlongnet.modalities._common import (
     check_positive_int,
     padding_mask,
 )
+from mmlongnet.pretrained import Pretrained
 
 __all__ = ["ByteTokenizer", "HFTokenizer", "TextEncoder", "TextEncoderConfig"]
 
@@ -230,7 +231,7 @@ class TextEncoderConfig:
             )
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(Pretrained, nn.Module):
     """Token ids -> token vectors and padding mask; no positions (the attention applies rotary ones).
 
     Args:
@@ -244,6 +245,8 @@ class TextEncoder(nn.Module):
         ids, lengths = tok.batch_encode(["a", "longer text"])
         x, pad = enc(ids, lengths)       # x: (2, 11, 64), pad: (2, 11), pad[0, 1:] all True
     """
+
+    config_class = TextEncoderConfig
 
     def __init__(self, config: TextEncoderConfig, *, device=None, dtype=None) -> None:
         super().__init__()

@@ -54,6 +54,7 @@ from mmlongnet.modalities._common import (
     check_positive_int,
     padding_mask,
 )
+from mmlongnet.pretrained import Pretrained
 
 __all__ = ["VisionEncoder", "VisionEncoderConfig"]
 
@@ -152,7 +153,7 @@ class VisionEncoderConfig:
         return "learned" if self.backbone is None else "none"
 
 
-class VisionEncoder(nn.Module):
+class VisionEncoder(Pretrained, nn.Module):
     """Images (B, C, H, W) or videos (B, T, C, H, W) -> tokens (B, N, E) and padding mask (B, N).
 
     N = P for images and ceil(T / tubelet_size) * P for videos (time-major). See the module
@@ -169,6 +170,8 @@ class VisionEncoder(nn.Module):
         x, pad = enc(torch.randn(2, 5, 3, 32, 32), lengths=torch.tensor([5, 2]))
         # x: (2, 3 * 16, 64); pad[1] is True from token 16 on (1 valid tubelet of 16 patches)
     """
+
+    config_class = VisionEncoderConfig
 
     def __init__(self, config: VisionEncoderConfig, *, device=None, dtype=None) -> None:
         super().__init__()

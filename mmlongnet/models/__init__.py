@@ -1,7 +1,8 @@
-"""LongNet models: encoder/decoder layers and stacks, the encoder-decoder and the language model."""
+"""LongNet models: layers and stacks, the encoder-decoder, the language model, the multimodal model."""
 
 from mmlongnet.models.blocks import LongNetDecoderLayer, LongNetEncoderLayer
 from mmlongnet.models.longnet import LongNet, LongNetDecoder, LongNetEncoder, LongNetLM
+from mmlongnet.models.multimodal import MMLongNet, MMLongNetConfig, MMLongNetOutput, StackConfig
 
 __all__ = [
     "LongNet",
@@ -10,4 +11,8 @@ __all__ = [
     "LongNetEncoder",
     "LongNetEncoderLayer",
     "LongNetLM",
+    "MMLongNet",
+    "MMLongNetConfig",
+    "MMLongNetOutput",
+    "StackConfig",
 ]

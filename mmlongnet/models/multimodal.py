@@ -1,0 +1,398 @@
+"""The multimodal LongNet: modality encoders, modality stacks, cross-modal multiway fusion.
+
+Legend: B batch, N_m tokens of modality m, L fused tokens, E embed dim (d_model), M modalities.
+
+    inputs {"text": (B, L_t) ids, "audio": (B, S) waveform, "video": (B, T, C, H, W) frames}
+      -> encoder of each present modality -> tokens (B, N_m, E) + padding mask (B, N_m)
+      -> modality stack (dilated self-attention layers, own schedule per modality)
+      -> + modality type embedding; each sample's valid tokens packed one modality after the
+         other at the start of the fused sequence (its positions never depend on the batch)
+      -> fusion stack: dilated self-attention over all modalities, whose projections, FFNs and
+         norms are multiway experts chosen per token by its modality id
+      -> fused tokens (B, L, E), padding mask, modality ids, pooled embeddings.
+
+A modality absent from `inputs` (or None) is missing for the whole batch: its encoder and stack
+do not run. A length of 0 marks one sample as lacking the modality.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mmlongnet.attention.dilated import check_schedule
+from mmlongnet.modalities.audio import AudioEncoder, AudioEncoderConfig
+from mmlongnet.modalities.text import TextEncoder, TextEncoderConfig
+from mmlongnet.modalities.vision import VisionEncoder, VisionEncoderConfig
+from mmlongnet.models.longnet import LongNetEncoder
+from mmlongnet.pretrained import Pretrained
+
+MODALITIES = ("text", "audio", "video")
+_ENCODERS = {"text": (TextEncoder, TextEncoderConfig), "audio": (AudioEncoder, AudioEncoderConfig),
+             "video": (VisionEncoder, VisionEncoderConfig)}  # fmt: skip
+
+
+@dataclass
+class StackConfig:
+    """A stack of dilated-attention encoder layers (one modality's, or the fusion's)."""
+
+    num_layers: int = 2
+    """Layers in the stack (0: none, the tokens pass through)."""
+    segment_lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192])
+    """Segment length of each dilated-attention branch."""
+    dilation_rates: list[int] = field(default_factory=lambda: [1, 2, 4])
+    """Dilation rate of each branch."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 0:
+            raise ValueError(f"num_layers must be an int >= 0, got {self.num_layers!r}")
+        self.segment_lengths, self.dilation_rates = check_schedule(self.segment_lengths, self.dilation_rates)
+
+
+def _sub_config(cls, value, name: str):
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        return cls(**value)
+    raise ValueError(f"{name} must be a {cls.__name__}, a dict of its fields, or None; got {value!r}")
+
+
+@dataclass
+class MMLongNetConfig:
+    """Configuration of `MMLongNet` (every field validated; nested configs may be given as dicts)."""
+
+    d_model: int = 512
+    """E, the width of every token (the encoders' embed_dim must equal it)."""
+    nhead: int = 8
+    """Attention heads of every layer."""
+    dim_feedforward: int = 2048
+    """FFN hidden size of every layer."""
+    dropout: float = 0.0
+    """Residual and FFN dropout."""
+    activation: Literal["gelu", "relu", "silu"] = "gelu"
+    """FFN activation."""
+    positions: Literal["rope", "xpos"] | None = "rope"
+    """Positions of every self-attention (rotary by default)."""
+    text: TextEncoderConfig | None = field(default_factory=TextEncoderConfig)
+    """Text encoder; None: the model has no text modality."""
+    audio: AudioEncoderConfig | None = field(default_factory=AudioEncoderConfig)
+    """Audio encoder; None: no audio modality."""
+    video: VisionEncoderConfig | None = field(default_factory=VisionEncoderConfig)
+    """Image/video encoder; None: no video modality."""
+    text_stack: StackConfig = field(default_factory=StackConfig)
+    """Dilated-attention layers over the text tokens."""
+    audio_stack: StackConfig = field(default_factory=StackConfig)
+    """Dilated-attention layers over the audio tokens."""
+    video_stack: StackConfig = field(default_factory=StackConfig)
+    """Dilated-attention layers over the video tokens."""
+    fusion_stack: StackConfig = field(
+        default_factory=lambda: StackConfig(4, [2048, 4096, 8192, 16384], [1, 2, 4, 8])
+    )
+    """Cross-modal layers over the fused sequence (multiway experts per modality)."""
+    fusion: Literal["sequence", "feature"] = "sequence"
+    """"sequence": concatenate the modalities along the sequence (any lengths, any subset).
+    "feature": time-aligned streams of equal token length per sample, concatenated along the
+    feature dimension and projected to E (every configured modality must be present)."""
+    checkpoint_activations: bool = False
+    """Recompute each layer in the backward instead of storing its activations."""
+    backend: Literal["auto", "reference", "sdpa"] = "auto"
+    """The dilated-attention backend."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "nhead", "dim_feedforward"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.d_model % self.nhead:
+            raise ValueError(f"nhead must divide d_model={self.d_model}, got nhead={self.nhead}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name, (_, cls) in _ENCODERS.items():
+            setattr(self, name, _sub_config(cls, getattr(self, name), name))
+            config = getattr(self, name)
+            if config is not None and config.embed_dim != self.d_model:
+                raise ValueError(
+                    f"{name}.embed_dim must equal d_model={self.d_model}, got {config.embed_dim}"
+                )
+            stack = f"{name}_stack"
+            setattr(self, stack, _sub_config(StackConfig, getattr(self, stack), stack))
+        self.fusion_stack = _sub_config(StackConfig, self.fusion_stack, "fusion_stack")
+        if not self.modalities:
+            raise ValueError("at least one of text, audio, video must be configured (not None)")
+        if self.fusion not in ("sequence", "feature"):
+            raise ValueError(f"fusion must be 'sequence' or 'feature', got {self.fusion!r}")
+        if self.positions not in ("rope", "xpos", None):
+            raise ValueError(f"positions must be 'rope', 'xpos' or None, got {self.positions!r}")
+
+    @property
+    def modalities(self) -> list[str]:
+        """The configured modalities, in fusion order (their index is the modality id)."""
+        return [name for name in MODALITIES if getattr(self, name) is not None]
+
+    @classmethod
+    def tiny(cls, **overrides) -> MMLongNetConfig:
+        """A small model for tests and CPU demos: E=32, 4 heads, 1-layer stacks, 2 fusion layers."""
+        schedule = dict(segment_lengths=[8, 16], dilation_rates=[1, 2])
+        fields = dict(
+            d_model=32, nhead=4, dim_feedforward=64,
+            text=TextEncoderConfig(embed_dim=32),
+            audio=AudioEncoderConfig(embed_dim=32, n_fft=256, hop_length=160, n_mels=16, conv_channels=8),
+            video=VisionEncoderConfig(embed_dim=32, image_size=16, patch_size=8, tubelet_size=2),
+            text_stack=StackConfig(1, **schedule), audio_stack=StackConfig(1, **schedule),
+            video_stack=StackConfig(1, **schedule), fusion_stack=StackConfig(2, [16, 32], [1, 2]),
+        )  # fmt: skip
+        return cls(**(fields | overrides))
+
+
+@dataclass
+class MMLongNetOutput:
+    """What `MMLongNet` returns (B batch, L fused tokens, E width)."""
+
+    tokens: torch.Tensor
+    """(B, L, E) fused tokens."""
+    padding_mask: torch.Tensor
+    """(B, L) bool, True = padding."""
+    modality_ids: torch.Tensor
+    """(B, L) long, index into `MMLongNetConfig.modalities` (padding: the first present one)."""
+    pooled: torch.Tensor
+    """(B, E) mean of each sample's fused tokens."""
+    modality_pooled: dict[str, torch.Tensor]
+    """Per present modality, (B, E) mean of its stack's tokens (zeros where a sample lacks it)."""
+    modality_present: dict[str, torch.Tensor]
+    """Per present modality, (B,) bool: which samples carry it."""
+
+
+def _masked_mean(tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """(B, N, E), (B, N) -> (B, E): mean over valid tokens, zeros for a sample without any."""
+    keep = (~padding).to(tokens.dtype)[..., None]  # (B, N, 1)
+    return (tokens * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+
+
+class MMLongNet(Pretrained, nn.Module):
+    """The multimodal long-context model; see the module docstring for the data flow.
+
+    forward(inputs, lengths=None, *, audio_sample_rate=None) -> MMLongNetOutput
+        inputs: {"text": (B, L_t) long, "audio": (B, S) float, "video": (B, T, C, H, W) or
+            images (B, C, H, W)}; a missing key or None = the modality is absent for the batch.
+        lengths: {name: (B,) long} valid raw lengths (tokens, samples, frames); 0 = this sample
+            lacks the modality; a missing entry = all valid.
+        audio_sample_rate: the waveforms' rate if it is not the encoder's.
+    """
+
+    config_class = MMLongNetConfig
+
+    def __init__(self, config: MMLongNetConfig, *, device=None, dtype=None) -> None:
+        super().__init__()
+        if not isinstance(config, MMLongNetConfig):
+            raise TypeError(f"config must be an MMLongNetConfig, got {type(config).__name__}")
+        self.config = config
+        factory = {"device": device, "dtype": dtype}
+        layer = dict(
+            dim_feedforward=config.dim_feedforward, dropout=config.dropout, activation=config.activation,
+            positions=config.positions, checkpoint_activations=config.checkpoint_activations,
+            backend=config.backend, **factory,
+        )  # fmt: skip
+        self.encoders = nn.ModuleDict()
+        self.stacks = nn.ModuleDict()
+        for name in config.modalities:
+            encoder_cls, _ = _ENCODERS[name]
+            self.encoders[name] = encoder_cls(getattr(config, name), **factory)
+            stack = getattr(config, f"{name}_stack")
+            if stack.num_layers:
+                self.stacks[name] = LongNetEncoder(
+                    stack.num_layers, config.d_model, config.nhead, segment_lengths=stack.segment_lengths,
+                    dilation_rates=stack.dilation_rates, **layer,
+                )  # fmt: skip
+        num_ways = len(config.modalities) if config.fusion == "sequence" else 1
+        self.type_embedding = nn.Embedding(len(config.modalities), config.d_model, **factory)
+        self.feature_proj = None
+        if config.fusion == "feature":
+            self.feature_proj = nn.Linear(len(config.modalities) * config.d_model, config.d_model, **factory)
+        fusion = config.fusion_stack
+        self.fusion = None
+        if fusion.num_layers:
+            self.fusion = LongNetEncoder(
+                fusion.num_layers, config.d_model, config.nhead, segment_lengths=fusion.segment_lengths,
+                dilation_rates=fusion.dilation_rates, num_ways=num_ways, **layer,
+            )  # fmt: skip
+        nn.init.normal_(self.type_embedding.weight, std=config.d_model**-0.5)
+
+    # --- single modalities -------------------------------------------------------------------
+
+    def _encode(self, name: str, x: torch.Tensor, lengths: torch.Tensor | None, **kwargs):
+        if name not in self.encoders:
+            raise ValueError(f"this model has no {name} modality (configured: {self.config.modalities})")
+        try:
+            tokens, padding = self.encoders[name](x, lengths, **kwargs)  # (B, N_m, E), (B, N_m)
+        except (TypeError, ValueError) as error:  # name the modality as the caller named it
+            raise type(error)(f"inputs[{name!r}]: {error}") from error
+        if name in self.stacks:
+            tokens = self.stacks[name](tokens, padding)
+        return tokens, padding
+
+    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None):
+        """Text ids (B, L) -> (tokens (B, L, E), padding_mask (B, L)) after the text stack."""
+        return self._encode("text", tokens, lengths)
+
+    def encode_audio(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None, sample_rate=None):
+        """Waveform (B, S) -> (tokens (B, N_a, E), padding_mask (B, N_a)) after the audio stack."""
+        return self._encode("audio", waveform, lengths, sample_rate=sample_rate)
+
+    def encode_video(self, frames: torch.Tensor, lengths: torch.Tensor | None = None):
+        """Video (B, T, C, H, W) or images (B, C, H, W) -> (tokens (B, N_v, E), padding_mask) after
+        the video stack."""
+        return self._encode("video", frames, lengths)
+
+    # --- the multimodal forward --------------------------------------------------------------
+
+    def _check_inputs(self, inputs, lengths) -> tuple[dict, dict, int]:
+        if not isinstance(inputs, dict):
+            raise TypeError(f"inputs must be a dict of modality name -> tensor, got {type(inputs).__name__}")
+        lengths = dict(lengths or {})
+        for name in list(inputs) + list(lengths):
+            if name not in self.config.modalities:
+                raise ValueError(
+                    f"unknown modality {name!r}; this model takes {self.config.modalities} (missing ones may "
+                    "be left out or set to None)"
+                )
+        present = {name: x for name, x in inputs.items() if x is not None}
+        if not present:
+            raise ValueError(f"inputs hold no modality: pass at least one of {self.config.modalities}")
+        for name in lengths:
+            if name not in present:
+                raise ValueError(f"lengths given for {name!r}, which is missing from inputs")
+        batch = {
+            name: x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else None
+            for name, x in present.items()
+        }
+        if len(set(batch.values())) != 1 or None in batch.values():
+            raise ValueError(f"every modality must have the same batch size B, got {batch}")
+        size = next(iter(batch.values()))
+        for name, value in lengths.items():
+            if not isinstance(value, torch.Tensor) or value.shape != (size,) or value.dtype != torch.long:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"{name}: lengths must be a (B,) = ({size},) long tensor, got {shape}")
+        return present, lengths, size
+
+    def forward(
+        self,
+        inputs: dict[str, torch.Tensor | None],
+        lengths: dict[str, torch.Tensor] | None = None,
+        *,
+        audio_sample_rate: int | None = None,
+    ) -> MMLongNetOutput:
+        present, lengths, batch = self._check_inputs(inputs, lengths)
+        order = [name for name in self.config.modalities if name in present]
+        streams = {}  # name -> (tokens (B, N_m, E), padding (B, N_m))
+        for name in order:
+            kwargs = {"sample_rate": audio_sample_rate} if name == "audio" else {}
+            streams[name] = self._encode(name, present[name], lengths.get(name), **kwargs)
+        counts = torch.stack([(~streams[name][1]).sum(1) for name in order])  # (M_present, B)
+        empty = (counts.sum(0) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"sample {empty[0]} has no modality at all (every length is 0); drop it from the batch"
+            )
+        modality_pooled = {name: _masked_mean(*streams[name]) for name in order}
+        modality_present = {name: counts[i] > 0 for i, name in enumerate(order)}
+        if self.config.fusion == "sequence":
+            tokens, padding, ids = self._pack(streams, order, counts)
+        else:
+            tokens, padding, ids = self._concat_features(streams, order)
+        if self.fusion is not None:
+            tokens = self.fusion(
+                tokens, padding, modality_ids=ids if self.config.fusion == "sequence" else None
+            )
+        return MMLongNetOutput(
+            tokens=tokens, padding_mask=padding, modality_ids=ids, pooled=_masked_mean(tokens, padding),
+            modality_pooled=modality_pooled, modality_present=modality_present,
+        )  # fmt: skip
+
+    def _pack(self, streams: dict, order: list[str], counts: torch.Tensor):
+        """Each sample's valid tokens, modality after modality, at the start of (B, L, E)."""
+        batch = counts.shape[1]
+        totals = counts.sum(0)  # (B,)
+        length = int(totals.max())
+        first = self.config.modalities.index(order[0])
+        tokens = None
+        ids = torch.full((batch, length), first, dtype=torch.long, device=counts.device)
+        offset = torch.zeros_like(totals)  # (B,) where the next modality starts in each sample
+        for i, name in enumerate(order):
+            stream, padding = streams[name]  # (B, N_m, E), (B, N_m)
+            modality = self.config.modalities.index(name)
+            stream = stream + self.type_embedding.weight[modality]
+            if tokens is None:
+                tokens = stream.new_zeros(batch, length, stream.shape[-1])  # (B, L, E)
+            rows, cols = (~padding).nonzero(as_tuple=True)  # valid tokens are a prefix of each row
+            where = offset[rows] + cols
+            tokens = tokens.index_put((rows, where), stream[rows, cols])
+            ids[rows, where] = modality
+            offset = offset + counts[i]
+        padding = torch.arange(length, device=counts.device)[None, :] >= totals[:, None]  # (B, L)
+        return tokens, padding, ids
+
+    def _concat_features(self, streams: dict, order: list[str]):
+        """Time-aligned streams of equal length, concatenated along E and projected: (B, N, E)."""
+        if order != self.config.modalities:
+            missing = sorted(set(self.config.modalities) - set(order))
+            raise ValueError(f"fusion='feature' needs every modality in the batch; missing {missing}")
+        shapes = {name: tuple(streams[name][1].shape) for name in order}
+        masks = [streams[name][1] for name in order]
+        if len(set(shapes.values())) != 1 or any(not torch.equal(masks[0], m) for m in masks[1:]):
+            raise ValueError(
+                f"fusion='feature' needs time-aligned streams with equal token lengths per sample; got token "
+                f"shapes {shapes} (or differing valid lengths); use fusion='sequence' otherwise"
+            )
+        features = torch.cat(
+            [streams[name][0] + self.type_embedding.weight[i] for i, name in enumerate(order)], dim=-1
+        )  # (B, N, M*E)
+        padding = masks[0]
+        ids = torch.zeros(padding.shape, dtype=torch.long, device=padding.device)
+        return self.feature_proj(features), padding, ids
+
+    # --- inputs for docs, tests and benchmarks ----------------------------------------------
+
+    def example_inputs(self, batch_size: int = 2, seed: int = 0, *, scale: int = 1):
+        """Valid random inputs of every configured modality, with varied lengths.
+
+        Returns (inputs, lengths) for `forward`. `scale` multiplies every length (longer inputs for
+        benchmarks). Text: up to 24 * scale ids; audio: up to 0.5 * scale seconds; video: up to
+        6 * scale frames.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        device = self.type_embedding.weight.device
+        inputs, lengths = {}, {}
+
+        def varied(limit: int) -> torch.Tensor:
+            low = max(1, limit // 2)
+            return torch.randint(low, limit + 1, (batch_size,), generator=generator)
+
+        if "text" in self.encoders:
+            cfg = self.config.text
+            n = 24 * scale if cfg.max_length is None else min(24 * scale, cfg.max_length)
+            lengths["text"] = varied(n)
+            inputs["text"] = torch.randint(3, cfg.vocab_size, (batch_size, n), generator=generator)
+        if "audio" in self.encoders:
+            n = self.config.audio.sample_rate * scale // 2
+            lengths["audio"] = varied(n)
+            inputs["audio"] = 0.1 * torch.randn(batch_size, n, generator=generator)
+        if "video" in self.encoders:
+            cfg = self.config.video
+            height, width = (
+                (cfg.image_size, cfg.image_size) if isinstance(cfg.image_size, int) else cfg.image_size
+            )
+            n = 6 * scale
+            lengths["video"] = varied(n)
+            inputs["video"] = torch.randn(batch_size, n, cfg.in_chans, height, width, generator=generator)
+        for name in list(lengths):  # padding beyond each length is zero, as a collate would leave it
+            mask = torch.arange(inputs[name].shape[1])[None, :] >= lengths[name][:, None]
+            inputs[name] = inputs[name].masked_fill(
+                mask.view(*mask.shape, *[1] * (inputs[name].dim() - 2)), 0
+            )
+        return {k: v.to(device) for k, v in inputs.items()}, {k: v.to(device) for k, v in lengths.items()}
+
+
+__all__ = ["MMLongNet", "MMLongNetConfig", "MMLongNetOutput", "StackConfig"]

@@ -1,0 +1,207 @@
+"""MMLongNet: mixed batches, batch invariance, skipped encoders, multiway gradients, export, errors."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from mmlongnet.modalities import AudioEncoder, TextEncoder, VisionEncoder
+from mmlongnet.models import MMLongNet, MMLongNetConfig
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MMLongNet(MMLongNetConfig.tiny()).eval()
+
+
+def sample(inputs, lengths, b):
+    return {k: v[b : b + 1] for k, v in inputs.items()}, {k: v[b : b + 1] for k, v in lengths.items()}
+
+
+def assert_batch_invariant(model, inputs, lengths):
+    """Every sample's valid fused tokens and pooled outputs equal those of the sample alone."""
+    batch = model(inputs, lengths)
+    for b in range(next(iter(inputs.values())).shape[0]):
+        alone = model(*sample(inputs, lengths, b))
+        n = int((~alone.padding_mask).sum())
+        assert int((~batch.padding_mask[b]).sum()) == n
+        torch.testing.assert_close(batch.tokens[b, :n], alone.tokens[0, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batch.pooled[b], alone.pooled[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(batch.modality_ids[b, :n], alone.modality_ids[0, :n])
+    return batch
+
+
+@pytest.mark.parametrize(
+    "modalities", [("text", "audio"), ("video",), ("text", "audio", "video"), ("audio", "video")]
+)
+def test_mixed_batches_are_batch_invariant(model, modalities):
+    inputs, lengths = model.example_inputs(3, seed=1)
+    inputs = {k: v for k, v in inputs.items() if k in modalities}
+    lengths = {k: v for k, v in lengths.items() if k in modalities}
+    out = assert_batch_invariant(model, inputs, lengths)
+    ids = [model.config.modalities.index(m) for m in modalities]
+    assert set(out.modality_ids[~out.padding_mask].tolist()) == set(ids)
+    assert set(out.modality_pooled) == set(modalities)
+
+
+def test_samples_missing_some_modalities(model):
+    inputs, lengths = model.example_inputs(4, seed=2)
+    lengths["text"][1] = 0  # sample 1: no text
+    lengths["audio"][2] = 0  # sample 2: no audio
+    lengths["video"][3] = 0  # sample 3: no video
+    lengths["audio"][3] = 0  # ... and no audio: text only
+    for name in inputs:  # a collate leaves zeros beyond each length
+        mask = torch.arange(inputs[name].shape[1])[None, :] >= lengths[name][:, None]
+        inputs[name] = inputs[name].masked_fill(mask.view(*mask.shape, *[1] * (inputs[name].dim() - 2)), 0)
+    out = assert_batch_invariant(model, inputs, lengths)
+    text, audio, video = (model.config.modalities.index(m) for m in ("text", "audio", "video"))
+    valid = ~out.padding_mask
+    assert text not in out.modality_ids[1][valid[1]].tolist()
+    assert set(out.modality_ids[3][valid[3]].tolist()) == {text}
+    assert out.modality_present["audio"].tolist() == [True, True, False, False]
+    assert out.modality_pooled["audio"][2].abs().max() == 0
+
+
+def test_the_encoder_of_an_absent_modality_never_runs(model):
+    calls = {name: 0 for name in model.encoders}
+    hooks = [
+        encoder.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+        for name, encoder in model.encoders.items()
+    ]
+    inputs, lengths = model.example_inputs(2)
+    model({"text": inputs["text"], "audio": None}, {"text": lengths["text"]})
+    for hook in hooks:
+        hook.remove()
+    assert calls == {"text": 1, "audio": 0, "video": 0}
+
+
+def test_gradients_reach_exactly_the_experts_that_owned_tokens():
+    torch.manual_seed(0)
+    model = MMLongNet(MMLongNetConfig.tiny())
+    inputs, lengths = model.example_inputs(2)
+    out = model(
+        {"text": inputs["text"], "video": inputs["video"]}, {k: lengths[k] for k in ("text", "video")}
+    )
+    out.pooled.square().sum().backward()
+    audio = model.config.modalities.index("audio")
+    for name, parameter in model.fusion.named_parameters():
+        if f".experts.{audio}." in name:
+            assert parameter.grad is None, name
+        elif ".experts." in name:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in model.encoders["audio"].parameters())
+
+
+def test_save_and_load_reproduce_outputs_exactly(model, tmp_path):
+    inputs, lengths = model.example_inputs(2)
+    model.save_pretrained(tmp_path / "mm")
+    loaded = MMLongNet.from_pretrained(tmp_path / "mm").eval()
+    assert loaded.config == model.config
+    assert torch.equal(loaded(inputs, lengths).tokens, model(inputs, lengths).tokens)
+    assert not list((tmp_path / "mm").glob("*.pt*")) and (tmp_path / "mm" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["text", "audio", "video"])
+def test_a_single_encoder_exports_alone(model, name, tmp_path):
+    encoder = model.encoders[name]
+    inputs, lengths = model.example_inputs(2)
+    encoder.save_pretrained(tmp_path / name)
+    loaded = type(encoder).from_pretrained(tmp_path / name).eval()
+    expected, got = encoder(inputs[name], lengths[name]), loaded(inputs[name], lengths[name])
+    assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
+    assert isinstance(loaded, TextEncoder | AudioEncoder | VisionEncoder)
+    with pytest.raises(ValueError, match="MMLongNet.from_pretrained"):
+        type(encoder).from_pretrained(model.save_pretrained(tmp_path / "whole"))
+
+
+def test_encode_single_modalities_runs_encoder_and_stack(model):
+    inputs, lengths = model.example_inputs(2)
+    tokens, padding = model.encode_audio(inputs["audio"], lengths["audio"])
+    raw, raw_padding = model.encoders["audio"](inputs["audio"], lengths["audio"])
+    torch.testing.assert_close(tokens, model.stacks["audio"](raw, raw_padding))
+    assert torch.equal(padding, raw_padding)
+    assert model.encode_text(inputs["text"], lengths["text"])[0].shape == (2, 24, 32)
+    assert model.encode_video(inputs["video"], lengths["video"])[0].shape[0] == 2
+
+
+def test_feature_fusion_of_time_aligned_streams():
+    torch.manual_seed(0)
+    config = MMLongNetConfig.tiny(audio=None, video=None, fusion="feature")
+    model = MMLongNet(config).eval()
+    tokens = torch.randint(3, 259, (2, 10))
+    out = model({"text": tokens}, {"text": torch.tensor([10, 6])})
+    assert out.tokens.shape == (2, 10, 32) and out.padding_mask[1, 6:].all()
+    both = MMLongNet(MMLongNetConfig.tiny(video=None, fusion="feature")).eval()
+    inputs, lengths = both.example_inputs(2)
+    with pytest.raises(ValueError, match="equal token lengths"):
+        both(inputs, lengths)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda i, lens: ({**i, "depth": i["text"]}, lens), ValueError, "unknown modality 'depth'"),
+        (lambda i, lens: ({**i, "audio": i["audio"][:1]}, lens), ValueError, "same batch size"),
+        (lambda i, lens: ({**i, "audio": i["audio"][..., None]}, lens), ValueError, "audio"),
+        (lambda i, lens: ({**i, "text": i["text"].float()}, lens), (TypeError, ValueError), "text"),
+        (lambda i, lens: (i, {**lens, "video": torch.tensor([3, 99])}), ValueError, "video"),
+        (lambda i, lens: (i, {**lens, "text": lens["text"][:1]}), ValueError, r"\(B,\)"),
+        (lambda i, lens: ({"text": i["text"]}, lens), ValueError, "missing from inputs"),
+        (lambda i, lens: ({k: None for k in i}, {}), ValueError, "no modality"),
+    ],
+)
+def test_bad_input_names_the_modality(model, call, error, match):
+    inputs, lengths = model.example_inputs(2)
+    with pytest.raises(error, match=match):
+        model(*call(inputs, lengths))
+
+
+def test_a_sample_without_any_modality_is_named(model):
+    inputs, lengths = model.example_inputs(3)
+    for name in lengths:
+        lengths[name][1] = 0
+    with pytest.raises(ValueError, match="sample 1 has no modality"):
+        model(inputs, lengths)
+
+
+def test_audio_at_another_rate_is_resampled_or_refused():
+    torch.manual_seed(0)
+    model = MMLongNet(MMLongNetConfig.tiny()).eval()
+    waveform = torch.randn(1, 4000)
+    out = model({"audio": waveform}, audio_sample_rate=8000)
+    assert out.tokens.shape[0] == 1
+    audio = dataclasses.replace(model.config.audio, resample=False)
+    strict = MMLongNet(MMLongNetConfig.tiny(audio=audio)).eval()
+    with pytest.raises(ValueError, match="8000"):
+        strict({"audio": waveform}, audio_sample_rate=8000)
+
+
+def test_nan_inputs_are_caught_when_checking_is_enabled():
+    config = MMLongNetConfig.tiny()
+    audio = dataclasses.replace(config.audio, check_finite=True)
+    model = MMLongNet(MMLongNetConfig.tiny(audio=audio)).eval()
+    waveform = torch.randn(1, 4000)
+    waveform[0, 10] = float("nan")
+    with pytest.raises(ValueError, match="audio"):
+        model({"audio": waveform})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (dict(nhead=5), "nhead"),
+        (dict(d_model=48), "embed_dim must equal d_model"),
+        (dict(text=None, audio=None, video=None), "at least one"),
+        (dict(fusion="cross"), "fusion"),
+        (
+            dict(fusion_stack={"num_layers": 1, "segment_lengths": [8, 16], "dilation_rates": [1]}),
+            "equal length",
+        ),
+        (dict(text_stack={"num_layers": -1}), "num_layers"),
+        (dict(dropout=2.0), "dropout"),
+    ],
+)
+def test_config_validation_names_the_field(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        MMLongNetConfig.tiny(**overrides)
