@@ -205,3 +205,23 @@ def test_nan_inputs_are_caught_when_checking_is_enabled():
 def test_config_validation_names_the_field(overrides, match):
     with pytest.raises(ValueError, match=match):
         MMLongNetConfig.tiny(**overrides)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_batch_invariance_and_bf16_training_step():
+    torch.manual_seed(0)
+    video = {"embed_dim": 128, "image_size": 16, "patch_size": 8, "tubelet_size": 2}
+    config = MMLongNetConfig.tiny(d_model=128, nhead=2, dim_feedforward=256, text={"embed_dim": 128},
+                                  audio={"embed_dim": 128, "n_mels": 16}, video=video)  # fmt: skip
+    model = MMLongNet(config).cuda().eval()
+    inputs, lengths = model.example_inputs(3, seed=4, scale=8)
+    assert_batch_invariant(model, inputs, lengths)  # float32 on the fused CUDA kernels
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(inputs, lengths)
+    out.pooled.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
