@@ -21,6 +21,9 @@ from mmlongnet.models import (
     LongNetEncoder,
     LongNetEncoderLayer,
     LongNetLM,
+    MMLongNet,
+    MMLongNetConfig,
+    MMLongNetOutput,
 )
 
 __version__ = "0.1.0"
@@ -34,6 +37,9 @@ __all__ = [
     "LongNetEncoder",
     "LongNetEncoderLayer",
     "LongNetLM",
+    "MMLongNet",
+    "MMLongNetConfig",
+    "MMLongNetOutput",
     "MultiheadDilatedAttention",
     "MultiwayNetwork",
     "RelativePositionBias",

@@ -62,3 +62,17 @@ def test_readme_longnet_example_runs_and_shows_true_shapes():
     assert namespace["logits"].shape == (2, 100, 256)
     assert namespace["text"].shape == (2, 150)
     assert namespace["y"].shape == (2, 3000, 512)
+
+
+def test_readme_multimodal_example_runs(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## The multimodal model", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    out = namespace["out"]
+    assert out.tokens.shape[0] == 3 and out.tokens.shape[2] == 32
+    assert out.modality_present["text"].tolist() == [True, False, True]
+    assert (tmp_path / "mm-tiny" / "model.safetensors").is_file()
+    assert (tmp_path / "video-encoder" / "config.json").is_file()
