@@ -337,12 +337,12 @@ class Row:
         return cls(**{key: value for key, value in data.items() if key in names})
 
 
-def fill_ratios(rows: list[Row]) -> None:
-    """Set each measured dilated row's ratio: its tokens/s over the dense row's at the same N and B."""
-    dense = {(r.n, r.batch): r for r in rows if r.kind == "dense" and r.status == "ok"}
+def fill_ratios(rows: list[Row], baseline: str = "dense") -> None:
+    """Set each measured row's ratio: its tokens/s over the `baseline` kind's row at the same N and B."""
+    dense = {(r.n, r.batch): r for r in rows if r.kind == baseline and r.status == "ok"}
     for row in rows:
         base = dense.get((row.n, row.batch))
-        if row.kind == "dilated" and row.status == "ok" and base is not None and base.tokens_per_s:
+        if row.kind != baseline and row.status == "ok" and base is not None and base.tokens_per_s:
             row.ratio = row.tokens_per_s / base.tokens_per_s
 
 
@@ -353,7 +353,14 @@ def error_line(exc: BaseException) -> str:
 
 class Sweep:
     """Runs configurations one by one: keeps to the time budget, prints a line per configuration
-    and saves every row to `<json>.tmp` as it goes."""
+    and saves every row to `<json>.tmp` as it goes.
+
+    What a configuration is comes from `new_row`, `measure` and `describe`; another benchmark
+    overrides them (and `baseline`, the kind the other kinds' ratio divides by) and keeps the
+    rest: the time budget, the checkpointing fallback on out-of-memory and the partial results.
+    """
+
+    baseline = "dense"
 
     def __init__(self, args: argparse.Namespace, meta: dict, json_path: Path | None, dry_run: bool):
         """`json_path` None (or dry_run) saves nothing; the budget counts from now."""
@@ -371,6 +378,22 @@ class Sweep:
         """Seconds since the sweep started (estimated seconds in a dry run)."""
         return self.estimated if self.dry_run else time.monotonic() - self.started
 
+    def new_row(self, kind: str, n: int) -> Row:
+        """The row of one configuration before it runs: what it is and its model FLOPs."""
+        args = self.args
+        return Row(kind, n, args.batch, "ok", step_flops(self.config, args.vocab, kind, n, args.batch))
+
+    def measure(self, kind: str, n: int, checkpointing: bool) -> Measurement:
+        """Time one configuration's training steps (raises on out-of-memory)."""
+        args = self.args
+        return measure_config(
+            self.config, args.vocab, kind, n, args.batch, checkpointing, args.steps, self.device
+        )
+
+    def describe(self, row: Row) -> str:
+        """The line printed for a row."""
+        return describe(row)
+
     def run(self, kind: str, n: int) -> Row:
         """Measure one configuration (or estimate it in a dry run) and record its row.
 
@@ -379,7 +402,7 @@ class Sweep:
         are skipped (memory grows with N).
         """
         args = self.args
-        row = Row(kind, n, args.batch, "ok", step_flops(self.config, args.vocab, kind, n, args.batch))
+        row = self.new_row(kind, n)
         if kind in self.stopped:
             row.status, row.error = "skipped", self.stopped[kind]
             return self._record(row)
@@ -402,9 +425,7 @@ class Sweep:
         for checkpointing in (True,) if kind in self.checkpoint_from else (False, True):
             free_memory(self.device)
             try:
-                result = measure_config(
-                    self.config, args.vocab, kind, n, args.batch, checkpointing, args.steps, self.device
-                )
+                result = self.measure(kind, n, checkpointing)
             except Exception as exc:  # noqa: BLE001 - a failure ends this kind's series, not the sweep
                 if not is_oom(exc):
                     row.status, row.error = "error", error_line(exc)
@@ -423,7 +444,7 @@ class Sweep:
             row.loss, row.peak_gib = result.loss, result.peak_gib
             row.runs = len(result.times_ms)
             row.ms = statistics.median(result.times_ms)
-            row.tokens_per_s = args.batch * n / (row.ms / 1e3)
+            row.tokens_per_s = row.batch * row.n / (row.ms / 1e3)
             row.tflops = row.flops / row.ms / 1e9
             break
         free_memory(self.device)
@@ -433,8 +454,8 @@ class Sweep:
     def _record(self, row: Row) -> Row:
         """Keep a row, print its line, and rewrite the partial results file."""
         self.rows.append(row)
-        fill_ratios(self.rows)
-        print(f"[{self.elapsed():6.1f}s] {describe(row)}", flush=True)
+        fill_ratios(self.rows, self.baseline)
+        print(f"[{self.elapsed():6.1f}s] {self.describe(row)}", flush=True)
         if not self.dry_run and self.json_path is not None:
             save_json(self.json_path.with_name(self.json_path.name + ".tmp"), self.meta, self.rows)
         return row
@@ -473,10 +494,10 @@ def save_json(path: Path, meta: dict, rows: list[Row]) -> None:
     partial.replace(path)
 
 
-def load_json(path: Path) -> tuple[dict, list[Row]]:
-    """Read the metadata and rows saved by `save_json`."""
+def load_json(path: Path, row_type: type[Row] = Row) -> tuple[dict, list[Row]]:
+    """Read the metadata and rows saved by `save_json`, as `row_type` rows."""
     data = json.loads(path.read_text())
-    return data["meta"], [Row.from_dict(row) for row in data["rows"]]
+    return data["meta"], [row_type.from_dict(row) for row in data["rows"]]
 
 
 def _number(value: float | None, fmt: str) -> str:
@@ -518,10 +539,28 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def plot_results(meta: dict, rows: list[Row], path: Path) -> None:
+# Line styles of the plot, per kind; dense is drawn first, dashed, with larger markers, so that
+# equal values leave both visible.
+STYLES = {
+    "dilated": dict(color="tab:blue", ls="-", marker="o", ms=6, zorder=3, label="dilated attention"),
+    "dense": dict(color="black", ls="--", marker="s", ms=9, zorder=2, label="dense attention"),
+}
+
+
+def plot_results(
+    meta: dict,
+    rows: list[Row],
+    path: Path,
+    *,
+    kinds: Sequence[str] = KINDS,
+    styles: dict[str, dict] | None = None,
+    title: str | None = None,
+    xlabel: str = "sequence length N (tokens)",
+) -> None:
     """Two panels against N (log-x): tokens/s (log-y) and peak memory, one line per kind.
 
     Open markers: runs with activation checkpointing. Crosses on the device-memory line: "oom".
+    `kinds` are drawn last to first with `styles` (default STYLES); `title` defaults to `caption`.
     """
     import matplotlib
 
@@ -529,26 +568,18 @@ def plot_results(meta: dict, rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    # dense drawn first, dashed, with larger markers: equal values leave both visible
-    styles = {
-        "dilated": {"color": "tab:blue", "ls": "-", "marker": "o", "ms": 6, "zorder": 3},
-        "dense": {"color": "black", "ls": "--", "marker": "s", "ms": 9, "zorder": 2},
-    }
+    styles = STYLES if styles is None else styles
     fig, (ax_rate, ax_memory) = plt.subplots(1, 2, figsize=(13, 5.5))
     device_gib = meta.get("device_memory_gib")
     if device_gib:
         ax_memory.axhline(
             device_gib, color="grey", ls=":", lw=1, label=f"device memory ({device_gib:.0f} GiB)"
         )
-    for kind in [kind for kind in reversed(KINDS) if any(r.kind == kind for r in rows)]:
+    for kind in [kind for kind in reversed(kinds) if any(r.kind == kind for r in rows)]:
         ok = sorted((r for r in rows if r.kind == kind and r.status == "ok"), key=sort_key)
-        style = styles.get(kind, {"color": "tab:red", "ls": "-", "marker": "o", "ms": 6, "zorder": 3})
-        line = {
-            "color": style["color"],
-            "ls": style["ls"],
-            "zorder": style["zorder"],
-            "label": f"{kind} attention",
-        }
+        style = {"color": "tab:red", "ls": "-", "marker": "o", "ms": 6, "zorder": 3, "label": kind}
+        style |= styles.get(kind, {})
+        line = {key: style[key] for key in ("color", "ls", "zorder", "label")}
         ax_rate.plot([r.n for r in ok], [r.tokens_per_s for r in ok], **line)
         if all(r.peak_gib is not None for r in ok):
             ax_memory.plot([r.n for r in ok], [r.peak_gib for r in ok], **line)
@@ -569,7 +600,7 @@ def plot_results(meta: dict, rows: list[Row], path: Path) -> None:
     for ax in (ax_rate, ax_memory):
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(tokens)
-        ax.set_xlabel("sequence length N (tokens)")
+        ax.set_xlabel(xlabel)
         ax.grid(True, which="major", alpha=0.3)
         if ax.get_legend_handles_labels()[1]:
             ax.legend(fontsize=8)
@@ -579,7 +610,7 @@ def plot_results(meta: dict, rows: list[Row], path: Path) -> None:
     ax_memory.set_ylabel("peak allocated memory (GiB)")
     ax_memory.set_ylim(bottom=0)
     ax_memory.set_title("peak memory of a training step")
-    fig.suptitle(caption(meta), fontsize=10)
+    fig.suptitle(caption(meta) if title is None else title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -597,11 +628,10 @@ def png_path(json_path: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def run_metadata(args: argparse.Namespace) -> dict:
-    """Device, library versions, command line, date and settings of this run."""
+def environment(args: argparse.Namespace) -> dict:
+    """Device, library versions, command line, date and allocator settings of this run."""
     device = torch.device(args.device)
     cuda = device.type == "cuda" and torch.cuda.is_available()
-    config = TINY if args.tiny else BASE
     return {
         "device": torch.cuda.get_device_name(device) if cuda else "cpu" if device.type == "cpu" else "none",
         "device_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else None,
@@ -610,6 +640,16 @@ def run_metadata(args: argparse.Namespace) -> dict:
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+    }
+
+
+def run_metadata(args: argparse.Namespace) -> dict:
+    """Device, library versions, command line, date and settings of this run."""
+    device = torch.device(args.device)
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    config = TINY if args.tiny else BASE
+    return environment(args) | {
         "model": dataclasses.asdict(config)
         | {"positions": "rope", "dropout": 0.0, "name": "tiny" if args.tiny else "base"},
         "vocab": args.vocab,
@@ -621,7 +661,6 @@ def run_metadata(args: argparse.Namespace) -> dict:
         "dense_kernels": "cuDNN, then flash (sdpa_kernel, set_priority=True)" if cuda else "default",
         "warmup_steps": WARMUP_STEPS,
         "timing": "host time between device synchronisations, median of the timed steps",
-        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "seed": SEED,
         "args": {key: value for key, value in vars(args).items() if key not in ("out", "plot_only")}
         | {"out": str(args.out)},

@@ -65,4 +65,3 @@ class Pretrained:
                 f"unexpected {sorted(unexpected)}"
             )
         return module.to(device) if device is not None else module
-

@@ -216,6 +216,8 @@ def run_chain(chain: list[Kernel], method: str, shape_key: tuple, *args):
             continue
         try:
             return getattr(kernel, method)(*args)
+        except torch.OutOfMemoryError:
+            raise  # out of memory is not a refusal of the shape
         except RuntimeError as error:
             if len(chain) == 1:
                 raise

@@ -351,8 +351,9 @@ class AudioEncoder(Pretrained, nn.Module):
         pad = padding_mask(token_lengths, num_tokens)  # (B, N)
 
         frame_lengths = self.frame_lengths(lengths)  # (B,)
-        mel = self.melspec(wave)  # (B, M, F)
-        x = mel.clamp_min(cfg.log_floor).log().transpose(1, 2)  # (B, F, M)
+        with torch.autocast(wave.device.type, enabled=False):  # features in float32 under autocast too
+            mel = self.melspec(wave)  # (B, M, F)
+            x = mel.clamp_min(cfg.log_floor).log().transpose(1, 2)  # (B, F, M)
         x = x.masked_fill(padding_mask(frame_lengths, x.shape[1])[..., None], 0.0)
         x = x.to(param_dtype)[:, None]  # (B, 1, F, M)
         valid = frame_lengths

@@ -165,6 +165,11 @@ class MMLongNetOutput:
     """Per present modality, (B,) bool: which samples carry it."""
 
 
+def _mask_if_padded(padding: torch.Tensor) -> torch.Tensor | None:
+    """The (B, N) padding mask, or None when nothing is padded (the attention then runs maskless)."""
+    return padding if bool(padding.any()) else None
+
+
 def _masked_mean(tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
     """(B, N, E), (B, N) -> (B, E): mean over valid tokens, zeros for a sample without any."""
     keep = (~padding).to(tokens.dtype)[..., None]  # (B, N, 1)
@@ -230,7 +235,7 @@ class MMLongNet(Pretrained, nn.Module):
         except (TypeError, ValueError) as error:  # name the modality as the caller named it
             raise type(error)(f"inputs[{name!r}]: {error}") from error
         if name in self.stacks:
-            tokens = self.stacks[name](tokens, padding)
+            tokens = self.stacks[name](tokens, _mask_if_padded(padding))
         return tokens, padding
 
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None):
@@ -303,9 +308,8 @@ class MMLongNet(Pretrained, nn.Module):
         else:
             tokens, padding, ids = self._concat_features(streams, order)
         if self.fusion is not None:
-            tokens = self.fusion(
-                tokens, padding, modality_ids=ids if self.config.fusion == "sequence" else None
-            )
+            ids_or_none = ids if self.config.fusion == "sequence" else None
+            tokens = self.fusion(tokens, _mask_if_padded(padding), modality_ids=ids_or_none)
         return MMLongNetOutput(
             tokens=tokens, padding_mask=padding, modality_ids=ids, pooled=_masked_mean(tokens, padding),
             modality_pooled=modality_pooled, modality_present=modality_present,
