@@ -30,16 +30,10 @@ from mmlongnet.models.blocks import (
 )
 
 
-class LongNetEncoder(nn.Module):
-    """A stack of `LongNetEncoderLayer`s with a final LayerNorm.
+class _LayerStack(nn.Module):
+    """`num_layers` layers of `layer_class` and a final LayerNorm (the shared part of the stacks)."""
 
-    Args: num_layers, then the arguments of `LongNetEncoderLayer` (gamma_init defaults to
-    MAGNETO's sqrt(log(2 * num_layers))).
-
-    forward(x (B, N, E), key_padding_mask (B, N) bool True = padding, is_causal=False, *,
-    position_offset=0, modality_ids=None) -> (B, N, E); `modality_ids` (B, N) long routes the
-    tokens of multiway layers (num_ways > 1; the final LayerNorm is shared).
-    """
+    layer_class: type[nn.Module]
 
     def __init__(
         self, num_layers: int, d_model: int, nhead: int, *, gamma_init: float | None = None, **layer_kwargs
@@ -50,10 +44,24 @@ class LongNetEncoder(nn.Module):
         )
         gamma = magneto_gamma(num_layers) if gamma_init is None else gamma_init
         self.layers = nn.ModuleList(
-            LongNetEncoderLayer(d_model, nhead, gamma_init=gamma, **layer_kwargs) for _ in range(num_layers)
+            self.layer_class(d_model, nhead, gamma_init=gamma, **layer_kwargs) for _ in range(num_layers)
         )
         factory = {k: layer_kwargs[k] for k in ("device", "dtype") if k in layer_kwargs}
         self.norm = nn.LayerNorm(d_model, eps=layer_kwargs.get("layer_norm_eps", 1e-5), **factory)
+
+
+class LongNetEncoder(_LayerStack):
+    """A stack of `LongNetEncoderLayer`s with a final LayerNorm.
+
+    Args: num_layers, then the arguments of `LongNetEncoderLayer` (gamma_init defaults to
+    MAGNETO's sqrt(log(2 * num_layers))).
+
+    forward(x (B, N, E), key_padding_mask (B, N) bool True = padding, is_causal=False, *,
+    position_offset=0, modality_ids=None) -> (B, N, E); `modality_ids` (B, N) long routes the
+    tokens of multiway layers (num_ways > 1; the final LayerNorm is shared).
+    """
+
+    layer_class = LongNetEncoderLayer
 
     def forward(
         self,
@@ -71,7 +79,7 @@ class LongNetEncoder(nn.Module):
         return self.norm(x)
 
 
-class LongNetDecoder(nn.Module):
+class LongNetDecoder(_LayerStack):
     """A stack of `LongNetDecoderLayer`s with a final LayerNorm.
 
     Args: num_layers, then the arguments of `LongNetDecoderLayer` (gamma_init defaults to
@@ -82,19 +90,7 @@ class LongNetDecoder(nn.Module):
     `kv_caches`: one `DilatedKVCache` per layer (see `new_caches`) for token-by-token decoding.
     """
 
-    def __init__(
-        self, num_layers: int, d_model: int, nhead: int, *, gamma_init: float | None = None, **layer_kwargs
-    ):
-        super().__init__()
-        check_block_args(
-            d_model, nhead, layer_kwargs.get("dim_feedforward", 2048), 0.0, num_layers=num_layers
-        )
-        gamma = magneto_gamma(num_layers) if gamma_init is None else gamma_init
-        self.layers = nn.ModuleList(
-            LongNetDecoderLayer(d_model, nhead, gamma_init=gamma, **layer_kwargs) for _ in range(num_layers)
-        )
-        factory = {k: layer_kwargs[k] for k in ("device", "dtype") if k in layer_kwargs}
-        self.norm = nn.LayerNorm(d_model, eps=layer_kwargs.get("layer_norm_eps", 1e-5), **factory)
+    layer_class = LongNetDecoderLayer
 
     def new_caches(self) -> list[DilatedKVCache]:
         """Empty key/value caches, one per layer, for `forward(..., kv_caches=...)`."""
