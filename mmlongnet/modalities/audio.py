@@ -43,6 +43,7 @@ from typing import Literal
 import torch
 import torchaudio
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mmlongnet.modalities._common import (
     ceil_div,
@@ -111,6 +112,12 @@ class AudioEncoderConfig:
     """Total time stride of the convolutions: 1, 2, 4 or 8 (log2 of it stride-2 Conv2d layers)."""
     conv_channels: int | None = None
     """Channels C of the subsampling convolutions; None = embed_dim."""
+    conv_chunk_tokens: int | None = 4096
+    """The subsampling runs over chunks of this many output tokens, each reading the few frames
+    around it that it depends on (exact: the chunks join into what one pass would give). Bounds
+    the convolutions' working memory to one chunk (C x 2 * chunk x M / 2 values at the first
+    layer) and keeps each call far below 2^31 elements (one pass over 78 minutes of 16 kHz audio
+    at C = 768 passes it); None = one pass."""
     dropout: float = 0.0
     """Dropout after the projection to embed_dim, in [0, 1)."""
     resample: bool = True
@@ -133,8 +140,9 @@ class AudioEncoderConfig:
             raise ValueError(f"conformer must be a ConformerConfig, got {type(self.conformer).__name__}")
         for name in ("embed_dim", "sample_rate", "n_fft", "hop_length", "n_mels"):
             check_positive_int(name, getattr(self, name))
-        if self.conv_channels is not None:
-            check_positive_int("conv_channels", self.conv_channels)
+        for name in ("conv_channels", "conv_chunk_tokens"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
         nyquist = self.sample_rate / 2
         if not 0.0 <= self.f_min < nyquist:
             raise ValueError(f"f_min must be in [0, sample_rate / 2 = {nyquist}), got {self.f_min}")
@@ -162,12 +170,16 @@ class AudioEncoder(Pretrained, nn.Module):
     -> log(max(mel, log_floor)) -> zero padded frames -> [Conv2d(3, stride 2, pad 1) + GELU,
     zero padded frames] x log2(subsampling) over (time, mel) -> Linear(C * M', E) -> dropout
     -> optional Conformer. See the module docstring for the length formula and batch invariance.
+    The convolutions and the projection run over chunks of `conv_chunk_tokens` output tokens.
 
     The STFT and mel filterbank run in float32 whatever dtype the rest of the encoder is in
     (module casts to half types leave them alone; `.double()` makes them float64).
 
     Args:
         config: `AudioEncoderConfig`.
+        checkpoint_activations: while gradients are recorded, recompute each chunk of the
+            subsampling in the backward instead of storing its activations (C channels per frame
+            and mel bin: the largest of a long recording).
         device, dtype: where and in which dtype the layers are created.
 
     Example::
@@ -180,12 +192,15 @@ class AudioEncoder(Pretrained, nn.Module):
 
     config_class = AudioEncoderConfig
 
-    def __init__(self, config: AudioEncoderConfig, *, device=None, dtype=None) -> None:
+    def __init__(
+        self, config: AudioEncoderConfig, *, checkpoint_activations: bool = False, device=None, dtype=None
+    ) -> None:
         super().__init__()
         if not isinstance(config, AudioEncoderConfig):
             raise ValueError(f"audio: config must be an AudioEncoderConfig, got {type(config).__name__}")
         self.config = config
         self.embed_dim = config.embed_dim
+        self.checkpoint_activations = checkpoint_activations
         factory = {"device": device, "dtype": dtype}
         self.melspec = torchaudio.transforms.MelSpectrogram(
             sample_rate=config.sample_rate,
@@ -201,8 +216,9 @@ class AudioEncoder(Pretrained, nn.Module):
         num_convs = int(math.log2(config.subsampling))
         convs, mels = [], config.n_mels
         for index in range(num_convs):
+            # padding 1 over mels; over time the chunks bring their neighbouring rows (zero beyond the ends)
             convs.append(
-                nn.Conv2d(1 if index == 0 else channels, channels, 3, stride=2, padding=1, **factory)
+                nn.Conv2d(1 if index == 0 else channels, channels, 3, stride=2, padding=(0, 1), **factory)
             )
             mels = (mels + 1) // 2
         self.convs = nn.ModuleList(convs)
@@ -355,17 +371,53 @@ class AudioEncoder(Pretrained, nn.Module):
             mel = self.melspec(wave)  # (B, M, F)
             x = mel.clamp_min(cfg.log_floor).log().transpose(1, 2)  # (B, F, M)
         x = x.masked_fill(padding_mask(frame_lengths, x.shape[1])[..., None], 0.0)
-        x = x.to(param_dtype)[:, None]  # (B, 1, F, M)
-        valid = frame_lengths
-        for conv in self.convs:
-            x = self.activation(conv(x))  # (B, C, ceil(F/2), ceil(M/2))
-            valid = ceil_div(valid, 2)
-            x = x.masked_fill(padding_mask(valid, x.shape[2])[:, None, :, None], 0.0)
-        x = x.transpose(1, 2).flatten(2)  # (B, N, C * M')
-        x = self.dropout(self.proj(x))  # (B, N, E)
+        x = self.dropout(self._subsample(x.to(param_dtype), frame_lengths, num_tokens))  # (B, N, E)
         if self.trunk is not None:
             x = self._run_trunk(x, pad)
         return x.masked_fill(pad[..., None], 0.0), pad
+
+    def _subsample(
+        self, features: torch.Tensor, frame_lengths: torch.Tensor, num_tokens: int
+    ) -> torch.Tensor:
+        """Log-mel features (B, F, M), zero beyond each sample's frames -> tokens (B, N, E) before
+        dropout, chunk by chunk of `conv_chunk_tokens` tokens."""
+        chunk = self.config.conv_chunk_tokens or num_tokens
+        checkpointing = self.checkpoint_activations and torch.is_grad_enabled()
+        pieces = []
+        for start in range(0, num_tokens, chunk):
+            rows = (features, frame_lengths, start, min(start + chunk, num_tokens))
+            if checkpointing:
+                pieces.append(checkpoint(self._subsample_rows, *rows, use_reentrant=False))
+            else:
+                pieces.append(self._subsample_rows(*rows))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+    def _subsample_rows(
+        self, features: torch.Tensor, frame_lengths: torch.Tensor, start: int, stop: int
+    ) -> torch.Tensor:
+        """Tokens [start, stop) of the subsampling, (B, stop - start, E), from the frames they read.
+
+        Output row j of a stride-2 convolution with kernel 3 reads its input rows 2j - 1, 2j and
+        2j + 1, so rows [a, b) read [2a - 1, 2b). Going down from the tokens gives the rows every
+        layer needs; rows before 0 or beyond a sample's valid length are zero, as the one-pass
+        convolution's zero padding and masking make them.
+        """
+        spans = [(start, stop)]  # spans[i]: rows of the input of layer i; spans[-1]: the tokens
+        for _ in self.convs:
+            first, end = spans[0]
+            spans.insert(0, (2 * first - 1, 2 * end))
+        first, end = spans[0]
+        num_frames = features.shape[1]
+        x = features[:, max(first, 0) : min(end, num_frames)]  # (B, rows, M)
+        x = nn.functional.pad(x, (0, 0, max(-first, 0), max(end - num_frames, 0)))[:, None]  # (B, 1, rows, M)
+        valid = frame_lengths  # (B,) valid rows of the current layer
+        for conv, (first, end) in zip(self.convs, spans[1:], strict=True):
+            x = self.activation(conv(x))  # (B, C, end - first, ceil(M / 2))
+            valid = ceil_div(valid, 2)
+            index = torch.arange(first, end, device=x.device)  # the rows' positions in the whole layer
+            outside = (index < 0) | (index >= valid[:, None])  # (B, end - first)
+            x = x.masked_fill(outside[:, None, :, None], 0.0)
+        return self.proj(x.transpose(1, 2).flatten(2))  # (B, stop - start, C * M') -> (..., E)
 
     def _run_trunk(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         """Conformer blocks with key padding; (B, N, E) -> (B, N, E).

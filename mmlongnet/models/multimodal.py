@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mmlongnet.attention.dilated import check_schedule
 from mmlongnet.modalities.audio import AudioEncoder, AudioEncoderConfig
@@ -97,7 +98,10 @@ class MMLongNetConfig:
     "feature": time-aligned streams of equal token length per sample, concatenated along the
     feature dimension and projected to E (every configured modality must be present)."""
     checkpoint_activations: bool = False
-    """Recompute each layer in the backward instead of storing its activations."""
+    """Recompute each encoder and each layer in the backward instead of storing their activations
+    (in training, with gradients enabled); inside the audio encoder, each chunk of its subsampling
+    convolutions, whose C channels per frame and mel bin are the model's largest activations on
+    long recordings."""
     backend: Literal["auto", "reference", "sdpa"] = "auto"
     """The dilated-attention backend."""
 
@@ -204,7 +208,8 @@ class MMLongNet(Pretrained, nn.Module):
         self.stacks = nn.ModuleDict()
         for name in config.modalities:
             encoder_cls, _ = _ENCODERS[name]
-            self.encoders[name] = encoder_cls(getattr(config, name), **factory)
+            options = {"checkpoint_activations": config.checkpoint_activations} if name == "audio" else {}
+            self.encoders[name] = encoder_cls(getattr(config, name), **options, **factory)
             stack = getattr(config, f"{name}_stack")
             if stack.num_layers:
                 self.stacks[name] = LongNetEncoder(
@@ -230,8 +235,12 @@ class MMLongNet(Pretrained, nn.Module):
     def _encode(self, name: str, x: torch.Tensor, lengths: torch.Tensor | None, **kwargs):
         if name not in self.encoders:
             raise ValueError(f"this model has no {name} modality (configured: {self.config.modalities})")
+        encoder = self.encoders[name]
         try:
-            tokens, padding = self.encoders[name](x, lengths, **kwargs)  # (B, N_m, E), (B, N_m)
+            if self.config.checkpoint_activations and self.training and torch.is_grad_enabled():
+                tokens, padding = checkpoint(encoder, x, lengths, use_reentrant=False, **kwargs)
+            else:
+                tokens, padding = encoder(x, lengths, **kwargs)  # (B, N_m, E), (B, N_m)
         except (TypeError, ValueError) as error:  # name the modality as the caller named it
             raise type(error)(f"inputs[{name!r}]: {error}") from error
         if name in self.stacks:

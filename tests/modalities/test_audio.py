@@ -85,6 +85,62 @@ def test_batch_invariance_alone_vs_padded_batch(trunk):
         torch.testing.assert_close(batched[row, :valid], alone[0], rtol=0, atol=1e-5)
 
 
+def one_pass_reference(encoder, wave, lengths):
+    """The subsampling in one pass, as the formulas write it: Conv2d with zero padding 1 over time
+    and mels, GELU, rows beyond each sample's valid length zeroed after every layer."""
+    frames = encoder.frame_lengths(lengths)
+    x = encoder.melspec(wave.masked_fill(torch.arange(wave.shape[1]) >= lengths[:, None], 0.0))
+    x = x.clamp_min(encoder.config.log_floor).log().transpose(1, 2)[:, None]  # (B, 1, F, M)
+    x = x.masked_fill((torch.arange(x.shape[2]) >= frames[:, None])[:, None, :, None], 0.0)
+    for conv in encoder.convs:
+        x = torch.nn.functional.gelu(
+            torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=2, padding=1)
+        )
+        frames = -(-frames // 2)
+        x = x.masked_fill((torch.arange(x.shape[2]) >= frames[:, None])[:, None, :, None], 0.0)
+    tokens = encoder.proj(x.transpose(1, 2).flatten(2))
+    return tokens.masked_fill((torch.arange(x.shape[2]) >= frames[:, None])[..., None], 0.0)
+
+
+@pytest.mark.parametrize("subsampling", [1, 2, 4, 8])
+@pytest.mark.parametrize("chunk", [None, 1, 3, 7])
+def test_chunked_subsampling_equals_the_one_pass_reference(subsampling, chunk):
+    encoder = make_encoder(seed=5, subsampling=subsampling, conv_chunk_tokens=chunk).double()
+    lengths = torch.tensor([8000, 3017, 0, 161, 7999])
+    wave = waveforms(len(lengths), 8000, seed=2).double().requires_grad_()
+    tokens, _ = encoder(wave, lengths)
+    expected = one_pass_reference(encoder, wave, lengths)
+    torch.testing.assert_close(tokens, expected, rtol=1e-12, atol=1e-12)
+    cotangent = torch.randn_like(tokens)
+    grads = torch.autograd.grad((tokens * cotangent).sum(), [wave, *encoder.parameters()], allow_unused=True)
+    expected_grads = torch.autograd.grad(
+        (expected * cotangent).sum(), [wave, *encoder.parameters()], allow_unused=True
+    )
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        if expected_grad is None:
+            assert grad is None
+        else:
+            torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_checkpointed_chunks_give_the_same_gradients_and_are_recomputed():
+    torch.manual_seed(6)
+    config = AudioEncoderConfig(**SMALL, conv_chunk_tokens=4)
+    plain = AudioEncoder(config).double()
+    checkpointed = AudioEncoder(config, checkpoint_activations=True).double()
+    checkpointed.load_state_dict(plain.state_dict())
+    calls = []
+    checkpointed.convs[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    lengths = torch.tensor([6000, 2500])
+    wave = waveforms(2, 6000, seed=3).double()
+    for encoder in (plain, checkpointed):
+        tokens, _ = encoder(wave, lengths)
+        tokens.square().sum().backward()
+    assert len(calls) == 2 * 3  # 10 tokens in 3 chunks of 4: forward, then again in the backward
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-14, msg=name)
+
+
 def test_conformer_trunk_respects_lengths_and_trains():
     encoder = make_encoder(seed=4, trunk="conformer", conformer=CONFORMER)
     assert isinstance(encoder.trunk, torchaudio.models.Conformer)
@@ -199,6 +255,7 @@ def test_check_finite():
         ({"hop_length": 1.5}, "hop_length must be a positive int"),
         ({"n_mels": 0}, "n_mels must be a positive int"),
         ({"conv_channels": 0}, "conv_channels must be a positive int"),
+        ({"conv_chunk_tokens": 0}, "conv_chunk_tokens must be a positive int"),
         ({"subsampling": 3}, r"subsampling must be one of \(1, 2, 4, 8\)"),
         ({"f_min": 9000.0}, r"f_min must be in \[0, sample_rate / 2 = 8000.0\)"),
         ({"f_max": 9000.0}, r"f_max must be in \(f_min=0.0, sample_rate / 2 = 8000.0\]"),

@@ -93,6 +93,30 @@ def test_gradients_reach_exactly_the_experts_that_owned_tokens():
     assert all(p.grad is None for p in model.encoders["audio"].parameters())
 
 
+def test_checkpointing_recomputes_encoders_and_layers_with_the_same_gradients():
+    config = dataclasses.replace(MMLongNetConfig.tiny(), dropout=0.1)
+    models = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        models.append(MMLongNet(dataclasses.replace(config, checkpoint_activations=checkpointing)).double())
+    inputs, lengths = models[0].example_inputs(3, seed=4)
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    calls = {name: 0 for name in models[1].encoders}
+    for name, encoder in models[1].encoders.items():
+        encoder.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    for model in models:
+        torch.manual_seed(1)  # the same dropout masks, recomputed ones included
+        model(inputs, lengths).pooled.square().sum().backward()
+    assert calls == {name: 2 for name in calls}  # forward, then again in the backward
+    grads = [dict((n, p.grad) for n, p in model.named_parameters()) for model in models]
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        if grad is None:
+            assert grads[1][name] is None, name
+        else:
+            torch.testing.assert_close(grads[1][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_save_and_load_reproduce_outputs_exactly(model, tmp_path):
     inputs, lengths = model.example_inputs(2)
     model.save_pretrained(tmp_path / "mm")
