@@ -1,0 +1,12 @@
+"""Datasets and their collation: every dataset yields the sample dicts of `mmlongnet.data.collate`
+(id, text, audio (S,), video (T, C, H, W), label), and `collate_samples` pads a list of them into a
+`Batch` for `model(batch.inputs, batch.lengths)`. `ManifestDataset` reads your own multimodal data
+listed in a JSONL manifest (see data/example_manifest/README.md); `AVDigitsDataset` composes the
+bundled AV digits question-answering task (see data/README.md).
+"""
+
+from mmlongnet.data.avdigits import AVDigitsConfig, AVDigitsDataset
+from mmlongnet.data.collate import MODALITIES, Batch, collate_samples
+from mmlongnet.data.manifest import ManifestDataset
+
+__all__ = ["MODALITIES", "AVDigitsConfig", "AVDigitsDataset", "Batch", "ManifestDataset", "collate_samples"]

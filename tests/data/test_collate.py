@@ -1,0 +1,61 @@
+"""collate_samples: padding, lengths per modality, absent modalities, errors."""
+
+import pytest
+import torch
+
+from mmlongnet.data.collate import collate_samples
+from mmlongnet.modalities import ByteTokenizer
+
+
+def test_pads_each_modality_and_gives_zero_lengths_to_missing_ones():
+    samples = [
+        {"id": "a", "text": "hi", "audio": torch.ones(5), "video": None, "label": 3},
+        {
+            "id": "b",
+            "text": None,
+            "audio": torch.full((2,), 2.0),
+            "video": torch.ones(3, 1, 4, 4),
+            "label": 1,
+        },
+        {"id": "c", "text": "hello", "video": torch.full((1, 1, 4, 4), 5.0)},
+    ]
+    batch = collate_samples(samples)
+    assert batch.ids == ["a", "b", "c"] and len(batch) == 3
+    assert batch.labels.tolist() == [3, 1, -1]
+    assert {k: v.tolist() for k, v in batch.lengths.items()} == {
+        "text": [2, 0, 5], "audio": [5, 2, 0], "video": [0, 3, 1]
+    }  # fmt: skip
+    tokenizer = ByteTokenizer()
+    assert batch.inputs["text"][2].tolist() == tokenizer.encode("hello")
+    assert batch.inputs["text"][0].tolist() == tokenizer.encode("hi") + [tokenizer.pad_id] * 3
+    assert batch.inputs["audio"].tolist() == [[1.0] * 5, [2.0, 2.0, 0, 0, 0], [0.0] * 5]
+    assert batch.inputs["video"].shape == (3, 3, 1, 4, 4)
+    assert batch.inputs["video"][0].abs().sum() == 0 and batch.inputs["video"][2, 1:].abs().sum() == 0
+    assert batch.inputs["video"][2, 0].eq(5.0).all()
+    assert batch.present() == {
+        "text": [True, False, True],
+        "audio": [True, True, False],
+        "video": [False, True, True],
+    }
+
+
+def test_a_modality_no_sample_has_is_left_out_and_text_is_truncated():
+    batch = collate_samples([{"id": "x", "text": "abcdef", "label": 0}], max_text_length=3)
+    assert set(batch.inputs) == {"text"} and batch.inputs["text"].shape == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "samples, match",
+    [
+        ([], "empty batch"),
+        ([{"id": "s1", "text": None, "label": 0}], "sample 's1' has none of the modalities"),
+        ([{"id": "s2", "audio": torch.ones(2, 3)}], r"sample 's2': audio must be \(S,\)"),
+        (
+            [{"id": "p", "video": torch.ones(1, 1, 4, 4)}, {"id": "q", "video": torch.ones(1, 1, 5, 5)}],
+            r"sample 'q': video frames of shape \(1, 5, 5\) differ",
+        ),
+    ],
+)
+def test_errors_name_the_sample(samples, match):
+    with pytest.raises(ValueError, match=match):
+        collate_samples(samples)
