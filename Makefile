@@ -1,4 +1,4 @@
-# `make demo`, `make test`, `make bench`, `make lint`, `make clean`.
+# `make demo`, `make test`, `make tour`, `make bench`, `make lint`, `make clean`.
 # The first target run creates $(VENV) and installs the package with its dev extras;
 # the stamp file makes later runs skip the install until pyproject.toml changes.
 
@@ -8,7 +8,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test tour bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VPY) -m mmlongnet.demo
+
+tour: $(STAMP)
+	$(VPY) -m mmlongnet.tour
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,4 @@
-"""A short CPU tour of dilated attention: ``python -m mmlongnet.demo`` (or ``make demo``).
+"""A short CPU tour of dilated attention: ``python -m mmlongnet.tour`` (or ``make tour``).
 
 Four steps, each printing what it checks:
 
@@ -115,7 +115,7 @@ def step_throughput() -> None:
 
 def main() -> None:
     torch.manual_seed(0)
-    print("mmlongnet demo: LongNet dilated attention on the CPU")
+    print("mmlongnet tour: LongNet dilated attention on the CPU")
     step_any_length()
     step_sdpa_vs_reference()
     step_causal_padding()

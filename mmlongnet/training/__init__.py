@@ -1,0 +1,24 @@
+"""Training with Lightning: modules, data modules, callbacks and the command line.
+
+`python train.py fit --config configs/demo.yaml` runs `CLI`, a `LightningCLI` whose model is
+any `LightningModule` (here `MultimodalClassifier` or `LanguageModel`) and whose data is any
+`LightningDataModule` (here `AVDigitsDataModule`, `ManifestDataModule`, `TextFilesDataModule`),
+each picked by `class_path` in the YAML.
+"""
+
+from mmlongnet.training.callbacks import JSONLPredictionWriter, TokenThroughput
+from mmlongnet.training.cli import CLI
+from mmlongnet.training.data import AVDigitsDataModule, ManifestDataModule, TextFilesDataModule
+from mmlongnet.training.module import LanguageModel, MultimodalClassifier, OptimizerConfig
+
+__all__ = [
+    "CLI",
+    "AVDigitsDataModule",
+    "JSONLPredictionWriter",
+    "LanguageModel",
+    "ManifestDataModule",
+    "MultimodalClassifier",
+    "OptimizerConfig",
+    "TextFilesDataModule",
+    "TokenThroughput",
+]

@@ -1,0 +1,242 @@
+"""Lightning modules: a multimodal classifier on `MMLongNet` and a byte-level `LongNetLM`.
+
+Legend: B batch, L fused tokens, N text tokens, E embed dim, K classes, V vocabulary.
+
+Both take an `OptimizerConfig` (AdamW, linear warm-up, then cosine or linear decay, stepped
+every optimizer step); gradient clipping is the Trainer's (`gradient_clip_val`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from mmlongnet.data.collate import Batch
+from mmlongnet.models import LongNetLM, MMLongNet, MMLongNetConfig
+
+__all__ = ["LanguageModel", "MultimodalClassifier", "OptimizerConfig"]
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with a warm-up and a decay (Loshchilov & Hutter 2019, arXiv 1711.05101)."""
+
+    lr: float = 3e-4
+    """Peak learning rate, reached at the end of the warm-up."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay of the matrices (not of biases, norms and embeddings)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """Adam's moment decay rates."""
+    warmup_steps: int = 100
+    """Optimizer steps of linear warm-up from 0."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after the warm-up, over the run's remaining optimizer steps."""
+    min_lr_ratio: float = 0.1
+    """The decay ends at lr * min_lr_ratio."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if (
+            isinstance(self.warmup_steps, bool)
+            or not isinstance(self.warmup_steps, int)
+            or self.warmup_steps < 0
+        ):
+            raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', got {self.schedule!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def factor(self, step: int, total_steps: int) -> float:
+        """The learning-rate multiplier at optimizer step `step` of `total_steps`."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, total_steps - self.warmup_steps))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if self.schedule == "cosine" else 1.0 - progress
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * decay
+
+    def build(self, module: nn.Module, total_steps: int) -> dict:
+        """AdamW over `module`'s parameters and its per-step scheduler, in Lightning's format."""
+        decay, no_decay = [], []
+        for name, parameter in module.named_parameters():
+            if parameter.requires_grad:
+                (decay if parameter.dim() >= 2 and "embedding" not in name else no_decay).append(parameter)
+        groups = [
+            {"params": decay, "weight_decay": self.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.factor(step, total_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _total_steps(module: pl.LightningModule) -> int:
+    """Optimizer steps of the run (for the decay), or 1 outside a fit."""
+    trainer = module._trainer
+    if trainer is None:
+        return 1
+    steps = trainer.estimated_stepping_batches
+    return int(steps) if math.isfinite(steps) else max(1, trainer.max_steps)
+
+
+class MultimodalClassifier(pl.LightningModule):
+    """`MMLongNet` with a classification head, for `Batch`es from `mmlongnet.data`.
+
+    Args:
+        model: the `MMLongNetConfig` of the network.
+        num_classes: K.
+        pooling: what the head reads. "mean": the mean of all valid fused tokens; "text": the
+            mean of the fused text tokens (the question, after it has attended to the other
+            modalities), falling back to "mean" for samples without text.
+        optimizer: `OptimizerConfig`.
+        label_smoothing: of the cross-entropy.
+
+    Samples labelled -1 (unknown) are left out of the loss and the accuracy.
+
+    `forward(batch) -> logits (B, K)`; `predict_step` returns one record per sample
+    (id, modalities present, predicted class, its probability, and the label when known).
+    """
+
+    def __init__(
+        self,
+        model: MMLongNetConfig,
+        num_classes: int = 10,
+        pooling: Literal["mean", "text"] = "mean",
+        optimizer: OptimizerConfig | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        if pooling not in ("mean", "text"):
+            raise ValueError(f"pooling must be 'mean' or 'text', got {pooling!r}")
+        if pooling == "text" and "text" not in model.modalities:
+            raise ValueError("pooling='text' needs a text modality (model.text is None)")
+        self.save_hyperparameters()
+        self.optimizer_config = optimizer or OptimizerConfig()
+        self.pooling = pooling
+        self.label_smoothing = label_smoothing
+        self.model = MMLongNet(model)
+        self.last_batch_tokens = 0  # valid fused tokens of the last batch (for throughput)
+        self.head = nn.Sequential(nn.LayerNorm(model.d_model), nn.Linear(model.d_model, num_classes))
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_acc": MulticlassAccuracy(num_classes, average="micro")
+                for stage in ("train", "val", "test")
+            }
+        )
+
+    def features(self, batch: Batch) -> torch.Tensor:
+        """The pooled representation the head reads, (B, E)."""
+        out = self.model(batch.inputs, batch.lengths)
+        self.last_batch_tokens = int((~out.padding_mask).sum())
+        if self.pooling == "mean":
+            return out.pooled
+        text = self.model.config.modalities.index("text")
+        weights = ((out.modality_ids == text) & ~out.padding_mask).to(out.tokens.dtype)  # (B, L)
+        count = weights.sum(1, keepdim=True)  # (B, 1)
+        text_mean = torch.einsum("bl,ble->be", weights, out.tokens) / count.clamp_min(1)  # (B, E)
+        return torch.where(count > 0, text_mean, out.pooled)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.head(self.features(batch))  # (B, K)
+
+    def _step(self, batch: Batch, stage: str) -> torch.Tensor:
+        logits = self(batch)
+        labelled = batch.labels >= 0  # (B,); samples with label -1 take no part
+        if not labelled.any():
+            return logits.sum() * 0.0
+        loss = F.cross_entropy(
+            logits[labelled].float(), batch.labels[labelled], label_smoothing=self.label_smoothing
+        )
+        metric = self.metrics[f"{stage}_acc"]
+        metric(logits[labelled], batch.labels[labelled])
+        size = int(labelled.sum())
+        self.log(f"{stage}_loss", loss, batch_size=size, prog_bar=True, sync_dist=stage != "train")
+        self.log(f"{stage}_acc", metric, batch_size=size, prog_bar=True, on_epoch=True, on_step=False)
+        return loss
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> list[dict]:
+        probabilities = self(batch).float().softmax(-1)  # (B, K)
+        confidence, predicted = probabilities.max(-1)
+        present = batch.present()
+        return [
+            {
+                "id": sample_id,
+                "modalities": [name for name in present if present[name][row]],
+                "prediction": int(predicted[row]),
+                "probability": round(float(confidence[row]), 6),
+                **({"label": int(batch.labels[row])} if batch.labels[row] >= 0 else {}),
+            }
+            for row, sample_id in enumerate(batch.ids)
+        ]
+
+    def configure_optimizers(self) -> dict:
+        return self.optimizer_config.build(self, _total_steps(self))
+
+
+class LanguageModel(pl.LightningModule):
+    """Next-token prediction with a `LongNetLM` (causal dilated attention).
+
+    Args:
+        model: the `LongNetLM` (given in a config as class_path / init_args).
+        optimizer: `OptimizerConfig`.
+
+    Batches are (B, N + 1) long token windows: the model reads tokens [:-1] and predicts [1:].
+    Logs loss (nats per token) and bits per token.
+    """
+
+    def __init__(self, model: LongNetLM, optimizer: OptimizerConfig | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.optimizer_config = optimizer or OptimizerConfig()
+        self.last_batch_tokens = 0  # input tokens of the last batch (for throughput)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.last_batch_tokens = tokens.numel()
+        return self.model(tokens)  # (B, N, V)
+
+    def _step(self, windows: torch.Tensor, stage: str) -> torch.Tensor:
+        logits = self(windows[:, :-1])  # (B, N, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten())
+        self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=stage != "train", batch_size=len(windows))
+        self.log(
+            f"{stage}_bits_per_token", loss / math.log(2), sync_dist=stage != "train", batch_size=len(windows)
+        )
+        return loss
+
+    def training_step(self, windows: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self._step(windows, "train")
+
+    def validation_step(self, windows: torch.Tensor, batch_idx: int) -> None:
+        self._step(windows, "val")
+
+    def test_step(self, windows: torch.Tensor, batch_idx: int) -> None:
+        self._step(windows, "test")
+
+    def configure_optimizers(self) -> dict:
+        return self.optimizer_config.build(self, _total_steps(self))

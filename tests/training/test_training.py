@@ -1,0 +1,164 @@
+"""Training: the optimizer schedule, the classifier's pooling and predictions, every config
+through the CLI, and short end-to-end fits (demo task, byte LM, a manifest)."""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mmlongnet.data.collate import collate_samples
+from mmlongnet.models import MMLongNetConfig
+from mmlongnet.training import CLI, MultimodalClassifier, OptimizerConfig
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    config = OptimizerConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert config.factor(0, 110) == pytest.approx(0.1)
+    assert config.factor(9, 110) == pytest.approx(1.0)
+    assert config.factor(60, 110) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert config.factor(110, 110) == pytest.approx(0.1)
+    linear = dataclasses.replace(config, schedule="linear", min_lr_ratio=0.0)
+    assert linear.factor(35, 110) == pytest.approx(0.75)
+    assert dataclasses.replace(config, schedule="constant").factor(100, 110) == 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"lr": 0.0}, "lr must be positive"), ({"warmup_steps": -1}, "warmup_steps must be an int"),
+     ({"schedule": "step"}, "schedule must be"), ({"betas": (0.9, 1.0)}, "betas must be")],
+)  # fmt: skip
+def test_optimizer_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OptimizerConfig(**kwargs)
+
+
+def small_batch(model):
+    inputs, lengths = model.model.example_inputs(3, seed=1)
+    samples = []
+    for row in range(3):
+        samples.append({
+            "id": f"s{row}", "text": "what is the first digit?" if row != 1 else None,
+            "audio": inputs["audio"][row, : lengths["audio"][row]],
+            "video": inputs["video"][row, : lengths["video"][row]], "label": row,
+        })  # fmt: skip
+    return collate_samples(samples)
+
+
+def test_text_pooling_reads_the_fused_text_tokens_and_predictions_name_modalities():
+    torch.manual_seed(0)
+    classifier = MultimodalClassifier(MMLongNetConfig.tiny(), num_classes=4, pooling="text").eval()
+    batch = small_batch(classifier)
+    out = classifier.model(batch.inputs, batch.lengths)
+    text = classifier.model.config.modalities.index("text")
+    features = classifier.features(batch)
+    for row in range(3):
+        chosen = (out.modality_ids[row] == text) & ~out.padding_mask[row]
+        expected = out.tokens[row, chosen].mean(0) if chosen.any() else out.pooled[row]
+        torch.testing.assert_close(features[row], expected)
+    assert classifier.last_batch_tokens == int((~out.padding_mask).sum())
+    records = classifier.predict_step(batch, 0)
+    assert [r["id"] for r in records] == ["s0", "s1", "s2"]
+    assert records[1]["modalities"] == ["audio", "video"] and records[0]["label"] == 0
+    probabilities = classifier(batch).softmax(-1)
+    for row, record in enumerate(records):
+        assert record["prediction"] == int(probabilities[row].argmax())
+        assert record["probability"] == pytest.approx(float(probabilities[row].max()), abs=1e-6)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_parses_and_builds_through_the_cli(path, tmp_path):
+    cli = CLI(
+        args=["--config", str(path), "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+              "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"],
+        run=False,
+    )  # fmt: skip
+    assert cli.model is not None and cli.datamodule is not None
+    assert sum(p.numel() for p in cli.model.parameters()) > 0
+
+
+def run_cli(*args):
+    return CLI(args=list(args))
+
+
+def config_in(tmp_path, name):
+    """A copy of configs/<name> writing everything under tmp_path."""
+    config = yaml.safe_load((REPO / "configs" / name).read_text())
+    trainer = config["trainer"]
+    trainer["default_root_dir"] = str(tmp_path)
+    trainer["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    for callback in trainer.get("callbacks", []):
+        if "output_path" in callback.get("init_args", {}):
+            callback["init_args"]["output_path"] = str(tmp_path / "predictions.jsonl")
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_demo_config_fits_tests_and_predicts_end_to_end(tmp_path):
+    common = [
+        "--config", config_in(tmp_path, "demo.yaml"), "--data.init_args.train_examples", "32",
+        "--data.init_args.val_examples", "16", "--data.init_args.test_examples", "16",
+        "--data.init_args.predict_examples", "8", "--data.init_args.batch_size", "8",
+    ]  # fmt: skip
+    cli = run_cli("fit", *common, "--trainer.max_epochs", "1")  # 4 steps, then validation
+    assert cli.trainer.global_step == 4
+    metrics = cli.trainer.callback_metrics
+    assert math.isfinite(float(metrics["train_loss"])) and 0.0 <= float(metrics["val_acc"]) <= 1.0
+    checkpoint = cli.trainer.checkpoint_callback.last_model_path
+    assert Path(checkpoint).is_file()
+    tested = run_cli("test", *common, "--ckpt_path", checkpoint)
+    assert 0.0 <= float(tested.trainer.callback_metrics["test_acc"]) <= 1.0
+    run_cli("predict", *common, "--ckpt_path", checkpoint)
+    lines = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 8 and len({line["id"] for line in lines}) == 8
+    for line in lines:
+        assert set(line) == {"id", "modalities", "prediction", "probability", "label"}
+        assert 0 <= line["prediction"] < 10 and 0.0 < line["probability"] <= 1.0 and line["modalities"]
+
+
+def test_byte_language_model_fits_on_a_text_directory(tmp_path):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(40):
+        (texts / f"t{i}.txt").write_text(f"line {i}: the quick brown fox jumps over the lazy dog\n" * 10)
+    lm = "--model.init_args.model.init_args."
+    cli = run_cli(
+        "fit", "--config", config_in(tmp_path, "lm_bytes.yaml"), "--trainer.accelerator", "cpu",
+        "--trainer.precision", "32-true", "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
+        "--trainer.limit_val_batches", "1", "--data.init_args.root", str(texts),
+        "--data.init_args.pattern", "*.txt", "--data.init_args.window", "32",
+        "--data.init_args.batch_size", "2", f"{lm}d_model", "32", f"{lm}nhead", "2", f"{lm}num_layers", "1",
+        f"{lm}dim_feedforward", "64", f"{lm}segment_lengths", "[8, 16]", f"{lm}dilation_rates", "[1, 2]",
+    )  # fmt: skip
+    assert cli.trainer.global_step == 3
+    assert math.isfinite(float(cli.trainer.callback_metrics["val_loss"]))
+
+
+def test_a_manifest_of_mixed_media_trains_through_the_manifest_data_module():
+    import lightning.pytorch as pl
+
+    from mmlongnet.training import ManifestDataModule
+
+    manifest = str(REPO / "data" / "example_manifest" / "manifest.jsonl")
+    data = ManifestDataModule(
+        train=manifest, val=manifest, classes=["red", "green", "blue"], frame_size=16, batch_size=5
+    )
+    torch.manual_seed(0)
+    model = MultimodalClassifier(MMLongNetConfig.tiny(), num_classes=3)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 2
+    assert math.isfinite(float(trainer.callback_metrics["val_loss"]))
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert any(name.startswith("model.encoders.audio") for name in changed)
+    assert any(name.startswith("model.encoders.video") for name in changed)
