@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mmlongnet.attention.dilated import BACKENDS, check_schedule, dilated_attention
+from mmlongnet.attention.sharding import current_shard, unsupported_under_shard
 
 
 class DilatedAttention(nn.Module):
@@ -21,7 +22,9 @@ class DilatedAttention(nn.Module):
         backend: see `dilated_attention` ("auto", "reference", "sdpa").
 
     forward(q, k, v, is_causal=False, key_padding_mask=None) -> (B, N, H, D), with
-    key_padding_mask (B, N) bool, True = padding.
+    key_padding_mask (B, N) bool, True = padding. Under a `SequenceShard` (see
+    `mmlongnet.attention.sharding`) the inputs are one shard (B, n, H, D) of a longer sequence and
+    the call goes to the shard's collective attention.
     """
 
     def __init__(
@@ -51,6 +54,14 @@ class DilatedAttention(nn.Module):
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        shard = current_shard()
+        if shard is not None:
+            if self.training and self.attention_dropout > 0.0:
+                raise unsupported_under_shard("attention dropout")
+            return shard.attention(
+                q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal,
+                key_padding_mask=key_padding_mask, softmax_scale=self.softmax_scale,
+            )  # fmt: skip
         return dilated_attention(
             q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal,
             key_padding_mask=key_padding_mask, softmax_scale=self.softmax_scale,

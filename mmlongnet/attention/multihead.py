@@ -19,6 +19,7 @@ from torch import nn
 
 from mmlongnet.attention.cache import DilatedKVCache
 from mmlongnet.attention.dilated import BACKENDS, check_schedule, dilated_attention
+from mmlongnet.attention.sharding import current_shard, unsupported_under_shard
 from mmlongnet.layers.multiway import experts_of, maybe_multiway, route
 from mmlongnet.layers.relative_bias import RelativePositionBias
 from mmlongnet.layers.rope import RotaryEmbedding
@@ -113,6 +114,10 @@ class MultiheadDilatedAttention(nn.Module):
     True = padding, need_weights=False, attn_mask=None, is_causal=False, *, position_offset=0,
     kv_cache=None, modality_ids=None) -> (out (B, N, E), None). `position_offset` is the position of the first
     token (a slice of a longer sequence); `kv_cache` a `DilatedKVCache` for token-by-token decoding.
+    Under a `SequenceShard` (see `mmlongnet.attention.sharding`) query, key and value are one shard
+    (B, n, E) of a longer sequence: the dilated attention goes to the shard's collective attention and
+    the positions start at position_offset + the shard's offset (dense attention, the relative bias,
+    attention dropout and the decoding cache are refused there with a ValueError).
 
     Weight mapping from `nn.MultiheadAttention` (see `from_multihead_attention`): `in_proj_weight`
     rows [0, E), [E, 2E), [2E, 3E) are `q_proj`, `k_proj`, `v_proj` (or its separate
@@ -264,6 +269,17 @@ class MultiheadDilatedAttention(nn.Module):
                 "per call, with is_causal=True"
             )
 
+    def _check_shard(self, kv_cache: DilatedKVCache | None) -> None:
+        """ValueError for what cannot run on one shard of a sequence (see `sequence_parallel`)."""
+        if kv_cache is not None:
+            raise unsupported_under_shard("decoding with a kv_cache")
+        if self.attention == "dense":
+            raise unsupported_under_shard("attention='dense' (it would see the local shard only)")
+        if isinstance(self.positions, RelativePositionBias):
+            raise unsupported_under_shard("positions='relative' (its bias is an (H, N, N) tensor)")
+        if self.training and self.dropout > 0.0:
+            raise unsupported_under_shard("attention dropout")
+
     def forward(
         self,
         query: torch.Tensor,
@@ -287,6 +303,10 @@ class MultiheadDilatedAttention(nn.Module):
         v = route(self.v_proj, value, ids).view(batch, key_len, self.num_heads, self.head_dim)  # (B, M, H, D)
         if kv_cache is not None:
             position_offset = kv_cache.length
+        shard = current_shard()
+        if shard is not None:
+            self._check_shard(kv_cache)
+            position_offset = position_offset + shard.position_offset(seq_len)
         position_bias = None
         if isinstance(self.positions, RelativePositionBias):
             where = torch.arange(position_offset, position_offset + seq_len, device=query.device)
@@ -307,6 +327,11 @@ class MultiheadDilatedAttention(nn.Module):
             out = dense_attention(
                 q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask,
                 position_bias=position_bias, dropout_p=dropout_p,
+            )  # fmt: skip
+        elif shard is not None:
+            out = shard.attention(
+                q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal,
+                key_padding_mask=key_padding_mask,
             )  # fmt: skip
         else:
             out = dilated_attention(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
@@ -20,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from mmlongnet.attention.cache import DilatedKVCache
 from mmlongnet.attention.dilated import check_schedule
 from mmlongnet.attention.multihead import MultiheadDilatedAttention, PositionsArg
+from mmlongnet.attention.sharding import current_shard, use_shard
 from mmlongnet.layers.feedforward import Activation, FeedForward
 from mmlongnet.layers.multiway import maybe_multiway, route
 from mmlongnet.layers.relative_bias import RelativePositionBias
@@ -135,7 +137,15 @@ class _LongNetBlock(nn.Module):
 
     def _run(self, *args) -> torch.Tensor:
         if self.checkpoint_activations and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, *args, use_reentrant=False)
+            # The recomputation in backward runs under the sequence shard of the forward (if any),
+            # also when backward is called after the `sequence_parallel` block has been left.
+            shard = current_shard()
+            return checkpoint(
+                self._forward,
+                *args,
+                use_reentrant=False,
+                context_fn=lambda: (nullcontext(), use_shard(shard)),
+            )
         return self._forward(*args)
 
 

@@ -1,0 +1,31 @@
+"""Sequence sharding: LongNet's distributed dilated attention and what runs models on it.
+
+A sequence of N tokens on the P ranks of a group: rank p holds [p*N/P, (p+1)*N/P). See
+`sharded_dilated_attention` (the collective op), `sequence_parallel` (models unchanged), the
+autograd collectives and the split helpers.
+"""
+
+from mmlongnet.distributed.collectives import all_gather, all_gather_no_grad, reduce_scatter
+from mmlongnet.distributed.context import sequence_parallel, sequence_shard
+from mmlongnet.distributed.groups import (
+    check_split,
+    gather_sequence,
+    new_sequence_parallel_groups,
+    shard_sequence,
+    split_sequence,
+)
+from mmlongnet.distributed.sharded import sharded_dilated_attention
+
+__all__ = [
+    "all_gather",
+    "all_gather_no_grad",
+    "check_split",
+    "gather_sequence",
+    "new_sequence_parallel_groups",
+    "reduce_scatter",
+    "sequence_parallel",
+    "sequence_shard",
+    "shard_sequence",
+    "sharded_dilated_attention",
+    "split_sequence",
+]
