@@ -1,0 +1,202 @@
+"""Sequence-sharded dilated attention on several GPUs: weak scaling and the longest sequence.
+
+Launch one process per GPU:
+
+    torchrun --nproc_per_node 2 benchmarks/sharded.py --tag h200x2
+    torchrun --nproc_per_node 2 benchmarks/sharded.py --device cpu --tokens-per-rank 1024 --longest 0  # gloo smoke test
+
+Weak scaling: every rank holds n tokens (`--tokens-per-rank`) of a sequence of N = P * n tokens
+and runs `sharded_dilated_attention` forward + backward (bf16, B=1, H heads of dim D) with the
+paper's schedule: segments 2K, 4K, ... up to N at rates w / 2K, so the longest branch spans all
+ranks and needs communication, and the shorter ones stay on one rank; the
+baseline, measured in the same run, is rank 0 alone running `dilated_attention` on n tokens (the
+work of one GPU without sharding, at a P times shorter sequence). The communication share is the
+device time of NCCL kernels over the step time, from one profiled step. Longest sequence: n doubles
+(forward only, then forward + backward) until a rank runs out of memory.
+
+Timing: host time between device synchronisations and barriers, median of `--steps` after 3
+warm-up steps. Writes `<out>/sharded_<tag>.json` (rank 0) and prints a table.
+"""
+
+# B batch, N tokens in all, P ranks, n tokens per rank, H heads, D head dim
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from mmlongnet.attention import dilated_attention  # noqa: E402
+from mmlongnet.distributed import sharded_dilated_attention  # noqa: E402
+
+KEYS_PER_SEGMENT = 2048  # w / r of every branch, as in the paper: each attends 2048 keys per segment
+WARMUP = 3
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens-per-rank", type=int, default=32768, help="n (default 32768)")
+    parser.add_argument("--heads", type=int, default=12, help="H (default 12)")
+    parser.add_argument("--head-dim", type=int, default=64, help="D (default 64)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    parser.add_argument("--longest", type=int, default=6, help="doublings of n to try (0 = skip)")
+    parser.add_argument("--device", default="cuda", help="cuda (NCCL) or cpu (gloo)")
+    parser.add_argument("--tag", default="local")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    return parser.parse_args()
+
+
+def schedule(length: int) -> tuple[list[int], list[int]]:
+    """The paper's geometric schedule for a sequence of `length` tokens (a power of 2 >= 2048):
+    segments 2048, 4096, ... up to `length`, each at rate w / 2048, so the last branch spans the
+    whole sequence (all ranks) and every branch attends 2048 keys per segment and head."""
+    segments = [KEYS_PER_SEGMENT]
+    while segments[-1] < length:
+        segments.append(segments[-1] * 2)
+    return segments, [w // KEYS_PER_SEGMENT for w in segments]
+
+
+def qkv(n: int, args, device, dtype) -> list[torch.Tensor]:
+    """q, k, v (1, n, H, D) needing grad."""
+    return [
+        torch.randn(1, n, args.heads, args.head_dim, device=device, dtype=dtype, requires_grad=True)
+        for _ in range(3)
+    ]
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, steps: int, device, group=None) -> float:
+    """Median milliseconds of `step()` over `steps` runs after the warm-up, all ranks in step."""
+    times = []
+    for i in range(WARMUP + steps):
+        if group is not False:
+            dist.barrier()
+        sync(device)
+        started = time.perf_counter()
+        step()
+        sync(device)
+        if i >= WARMUP:
+            times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
+def comm_share(step, device) -> float | None:
+    """Share of one step's wall time spent in NCCL kernels (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        sync(device)
+    wall_us = (time.perf_counter() - started) * 1e6
+    nccl_us = sum(e.device_time_total for e in prof.key_averages() if "nccl" in e.key.lower())
+    return nccl_us / wall_us
+
+
+def oom_anywhere(failed: bool, device) -> bool:
+    flag = torch.tensor([1.0 if failed else 0.0], device=device)
+    dist.all_reduce(flag)
+    return bool(flag.item())
+
+
+def main() -> int:
+    args = parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = args.tokens_per_rank
+    segments, rates = schedule(world * n)
+    torch.manual_seed(rank)
+
+    q, k, v = qkv(n, args, device, dtype)
+    grad = torch.randn_like(q)
+
+    def sharded_step(forward_only: bool = False):
+        out = sharded_dilated_attention(q, k, v, segments, rates, validate=False)
+        if not forward_only:
+            out.backward(grad)
+
+    sharded_ms = time_steps(sharded_step, args.steps, device)
+    share = comm_share(sharded_step, device)
+    baseline_ms = None
+    local_segments, local_rates = schedule(n)
+    if rank == 0:
+        def single_step():
+            dilated_attention(q, k, v, local_segments, local_rates).backward(grad)
+
+        baseline_ms = time_steps(single_step, args.steps, device, group=False)
+    dist.barrier()
+    rows = [{
+        "kind": "weak scaling", "P": world, "tokens_per_rank": n, "N": world * n, "segments": segments,
+        "rates": rates, "sharded_ms": sharded_ms, "single_gpu_ms_at_n": baseline_ms,
+        "efficiency": None if baseline_ms is None else baseline_ms / sharded_ms, "comm_share": share,
+    }]  # fmt: skip
+    del q, k, v, grad
+
+    for forward_only in (True, False):
+        longest = None
+        size = n
+        for _ in range(args.longest):
+            size *= 2
+            failed = False
+            try:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                tensors = qkv(size, args, device, dtype)
+                segs, rts = schedule(world * size)
+                with torch.set_grad_enabled(not forward_only):
+                    out = sharded_dilated_attention(*tensors, segs, rts, validate=False)
+                    if not forward_only:
+                        out.backward(torch.ones_like(out))
+                sync(device)
+                del tensors, out
+            except torch.OutOfMemoryError:
+                failed = True
+            if oom_anywhere(failed, device):
+                break
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            longest = {"tokens_per_rank": size, "N": world * size, "peak_gib_rank0": peak}
+        rows.append({"kind": "longest, forward" if forward_only else "longest, forward+backward", "P": world,
+                     "result": longest})  # fmt: skip
+
+    if rank == 0:
+        meta = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "world_size": world, "torch": torch.__version__, "dtype": str(dtype), "heads": args.heads,
+            "head_dim": args.head_dim, "command": " ".join(sys.argv), "steps": args.steps,
+            "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"),
+        }  # fmt: skip
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"sharded_{args.tag}.json"
+        path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        for row in rows:
+            print(json.dumps(row))
+        print(f"results: {path}")
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
