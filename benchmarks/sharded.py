@@ -3,7 +3,7 @@
 Launch one process per GPU:
 
     torchrun --nproc_per_node 2 benchmarks/sharded.py --tag h200x2
-    torchrun --nproc_per_node 2 benchmarks/sharded.py --device cpu --tokens-per-rank 1024 --longest 0  # gloo smoke test
+    torchrun --nproc_per_node 2 benchmarks/sharded.py --device cpu --tokens-per-rank 2048 --longest 0  # gloo
 
 Weak scaling: every rank holds n tokens (`--tokens-per-rank`) of a sequence of N = P * n tokens
 and runs `sharded_dilated_attention` forward + backward (bf16, B=1, H heads of dim D) with the
@@ -116,6 +116,65 @@ def oom_anywhere(failed: bool, device) -> bool:
     return bool(flag.item())
 
 
+def weak_scaling(args, device, dtype, rank: int, world: int) -> dict:
+    """The sharded op at n tokens per rank against rank 0 alone at n tokens (same run)."""
+    n = args.tokens_per_rank
+    segments, rates = schedule(world * n)
+    torch.manual_seed(rank)
+    q, k, v = qkv(n, args, device, dtype)
+    grad = torch.randn_like(q)
+
+    def sharded_step():
+        sharded_dilated_attention(q, k, v, segments, rates, validate=False).backward(grad)
+
+    sharded_ms = time_steps(sharded_step, args.steps, device)
+    share = comm_share(sharded_step, device)
+    baseline_ms = None
+    if rank == 0:
+        local_segments, local_rates = schedule(n)
+
+        def single_step():
+            dilated_attention(q, k, v, local_segments, local_rates).backward(grad)
+
+        baseline_ms = time_steps(single_step, args.steps, device, group=False)
+    dist.barrier()
+    return {
+        "kind": "weak scaling", "P": world, "tokens_per_rank": n, "N": world * n, "segments": segments,
+        "rates": rates, "sharded_ms": sharded_ms, "single_gpu_ms_at_n": baseline_ms,
+        "efficiency": None if baseline_ms is None else baseline_ms / sharded_ms, "comm_share": share,
+    }  # fmt: skip
+
+
+def try_once(size: int, args, device, dtype, world: int, forward_only: bool) -> bool:
+    """Run the op once at `size` tokens per rank; False when this rank ran out of memory."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        tensors = qkv(size, args, device, dtype)
+        segments, rates = schedule(world * size)
+        with torch.set_grad_enabled(not forward_only):
+            out = sharded_dilated_attention(*tensors, segments, rates, validate=False)
+            if not forward_only:
+                out.backward(torch.ones_like(out))
+        sync(device)
+    except torch.OutOfMemoryError:
+        return False
+    return True
+
+
+def longest(args, device, dtype, world: int, forward_only: bool) -> dict | None:
+    """The most tokens per rank, doubling from n, that every rank ran (None: not even 2n)."""
+    best, size = None, args.tokens_per_rank
+    for _ in range(args.longest):
+        size *= 2
+        if oom_anywhere(not try_once(size, args, device, dtype, world, forward_only), device):
+            break
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        best = {"tokens_per_rank": size, "N": world * size, "peak_gib_rank0": peak}
+    return best
+
+
 def main() -> int:
     args = parse_args()
     device = torch.device(args.device)
@@ -125,62 +184,10 @@ def main() -> int:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = args.tokens_per_rank
-    segments, rates = schedule(world * n)
-    torch.manual_seed(rank)
-
-    q, k, v = qkv(n, args, device, dtype)
-    grad = torch.randn_like(q)
-
-    def sharded_step(forward_only: bool = False):
-        out = sharded_dilated_attention(q, k, v, segments, rates, validate=False)
-        if not forward_only:
-            out.backward(grad)
-
-    sharded_ms = time_steps(sharded_step, args.steps, device)
-    share = comm_share(sharded_step, device)
-    baseline_ms = None
-    local_segments, local_rates = schedule(n)
-    if rank == 0:
-        def single_step():
-            dilated_attention(q, k, v, local_segments, local_rates).backward(grad)
-
-        baseline_ms = time_steps(single_step, args.steps, device, group=False)
-    dist.barrier()
-    rows = [{
-        "kind": "weak scaling", "P": world, "tokens_per_rank": n, "N": world * n, "segments": segments,
-        "rates": rates, "sharded_ms": sharded_ms, "single_gpu_ms_at_n": baseline_ms,
-        "efficiency": None if baseline_ms is None else baseline_ms / sharded_ms, "comm_share": share,
-    }]  # fmt: skip
-    del q, k, v, grad
-
+    rows = [weak_scaling(args, device, dtype, rank, world)]
     for forward_only in (True, False):
-        longest = None
-        size = n
-        for _ in range(args.longest):
-            size *= 2
-            failed = False
-            try:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(device)
-                tensors = qkv(size, args, device, dtype)
-                segs, rts = schedule(world * size)
-                with torch.set_grad_enabled(not forward_only):
-                    out = sharded_dilated_attention(*tensors, segs, rts, validate=False)
-                    if not forward_only:
-                        out.backward(torch.ones_like(out))
-                sync(device)
-                del tensors, out
-            except torch.OutOfMemoryError:
-                failed = True
-            if oom_anywhere(failed, device):
-                break
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            longest = {"tokens_per_rank": size, "N": world * size, "peak_gib_rank0": peak}
-        rows.append({"kind": "longest, forward" if forward_only else "longest, forward+backward", "P": world,
-                     "result": longest})  # fmt: skip
-
+        kind = "longest, forward" if forward_only else "longest, forward+backward"
+        rows.append({"kind": kind, "P": world, "result": longest(args, device, dtype, world, forward_only)})
     if rank == 0:
         meta = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
