@@ -8,8 +8,11 @@ When a `SequenceShard` is active they (a) send their dilated self-attention to i
 function instead of `dilated_attention`, and (b) add `shard.position_offset(n)` to the positions of
 RoPE / XPOS / the relative bias, so that every shard is rotated at its global positions.
 
+Models that run only part of their layers sharded (`MMLongNet`'s fusion stack) cut the sequence with
+`shard.split` and put it back together with `shard.gather`.
+
 Nothing here knows about processes: `mmlongnet.distributed.sequence_parallel` builds the shard
-(with the collective attention) and activates it with `use_shard`. The active shard is one
+(with the collective attention and gather) and activates it with `use_shard`. The active shard is one
 process-wide setting (a module global rather than a `ContextVar`, which `torch.compile` cannot
 trace): activate it around the forward pass of the thread that runs the model.
 """
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 ShardedAttention = Callable[..., torch.Tensor]
+SequenceGather = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -36,11 +40,15 @@ class SequenceShard:
             returns this shard's output (B, n, H, D).
         index: the shard's index (its rank in the sequence-parallel group).
         num_shards: the number of shards (the group's size).
+        gather: gather(x, dim) -> the full sequence from every shard's slice x along `dim`,
+            (B, n, *) -> (B, N, *), differentiably (the gradient reaching x is the sum over shards of
+            the gradients of this shard's rows); None where the shard cannot gather.
     """
 
     attention: ShardedAttention
     index: int
     num_shards: int
+    gather: SequenceGather | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_shards, int) or self.num_shards < 1:
@@ -51,6 +59,20 @@ class SequenceShard:
     def position_offset(self, local_len: int) -> int:
         """Global position of this shard's first token when every shard holds `local_len` tokens."""
         return self.index * local_len
+
+    def split(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This shard's slice of a full sequence: (B, N, *) -> (B, n, *) along `dim`, a view.
+
+        Raises ValueError when N is not a positive multiple of num_shards.
+        """
+        length = x.shape[dim]
+        if length <= 0 or length % self.num_shards:
+            raise ValueError(
+                f"a sequence of N={length} tokens cannot be split evenly over {self.num_shards} shards; "
+                f"N must be a positive multiple of {self.num_shards}"
+            )
+        n = length // self.num_shards
+        return x.narrow(dim, self.index * n, n)
 
 
 _current: SequenceShard | None = None

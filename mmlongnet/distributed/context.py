@@ -14,8 +14,9 @@ not change and never imports torch.distributed: it reads the `SequenceShard` tha
 activates (`mmlongnet.attention.sharding`).
 
 Refused with a ValueError inside the block: dense attention, the relative position bias, attention
-dropout in training mode, and cached decoding. Not covered: `MMLongNet`'s fused-sequence packing,
-which moves tokens between positions per sample and needs the whole sequence.
+dropout in training mode, and cached decoding. `MMLongNet` takes the whole (replicated) inputs
+instead of a slice: it runs its encoders and modality stacks unsharded, packs the fused sequence, and
+shards only the fusion stack (`shard.split`, then `shard.gather` before pooling).
 
 Backward may run after the block has been left: the collective attention keeps its group, and
 activation checkpointing (`checkpoint_activations=True`) recomputes under the shard of the forward.
@@ -28,12 +29,14 @@ from contextlib import contextmanager
 
 from mmlongnet.attention.sharding import SequenceShard, use_shard
 from mmlongnet.distributed.collectives import Group, group_rank, group_size
+from mmlongnet.distributed.groups import gather_sequence
 from mmlongnet.distributed.sharded import sharded_dilated_attention
 
 
 def sequence_shard(group: Group = None, *, validate: bool = True) -> SequenceShard:
     """The `SequenceShard` of this rank in `group` (None: the default group), whose attention is
-    `sharded_dilated_attention(..., group=group, validate=validate)`."""
+    `sharded_dilated_attention(..., group=group, validate=validate)` and whose gather is
+    `gather_sequence(x, group, dim)`."""
 
     def attention(q, k, v, segment_lengths, dilation_rates, *, is_causal=False, key_padding_mask=None,
                   softmax_scale=None):  # fmt: skip
@@ -42,7 +45,12 @@ def sequence_shard(group: Group = None, *, validate: bool = True) -> SequenceSha
             key_padding_mask=key_padding_mask, softmax_scale=softmax_scale, validate=validate,
         )  # fmt: skip
 
-    return SequenceShard(attention=attention, index=group_rank(group), num_shards=group_size(group))
+    def gather(x, dim=1):
+        return gather_sequence(x, group, dim)
+
+    return SequenceShard(
+        attention=attention, index=group_rank(group), num_shards=group_size(group), gather=gather
+    )
 
 
 @contextmanager

@@ -13,6 +13,15 @@ Legend: B batch, N_m tokens of modality m, L fused tokens, E embed dim (d_model)
 
 A modality absent from `inputs` (or None) is missing for the whole batch: its encoder and stack
 do not run. A length of 0 marks one sample as lacking the modality.
+
+Sequence parallel (under `mmlongnet.distributed.sequence_parallel`, P ranks that hold the SAME batch):
+the encoders, modality stacks and packing run replicated, unsharded, on every rank (packing moves
+tokens per sample and needs the whole sequence); the fused sequence is padded to a multiple of P with
+padding tokens, each rank runs the fusion stack on its slice of L/P tokens (the dilated attention
+exchanging keys and values), and the slices are gathered back, differentiably, before pooling. The
+outputs are those of the unsharded model; each rank's parameter gradients hold its slice's share, and
+summed over the P ranks they are P times the unsharded gradients of a loss computed on every rank
+alike (the gather's backward sums over ranks), so averaging over the P ranks gives them exactly.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmlongnet.attention.dilated import check_schedule
+from mmlongnet.attention.sharding import SequenceShard, current_shard, use_shard
 from mmlongnet.modalities.audio import AudioEncoder, AudioEncoderConfig
 from mmlongnet.modalities.text import TextEncoder, TextEncoderConfig
 from mmlongnet.modalities.vision import VisionEncoder, VisionEncoderConfig
@@ -300,10 +310,12 @@ class MMLongNet(Pretrained, nn.Module):
     ) -> MMLongNetOutput:
         present, lengths, batch = self._check_inputs(inputs, lengths)
         order = [name for name in self.config.modalities if name in present]
+        shard = current_shard()
         streams = {}  # name -> (tokens (B, N_m, E), padding (B, N_m))
-        for name in order:
-            kwargs = {"sample_rate": audio_sample_rate} if name == "audio" else {}
-            streams[name] = self._encode(name, present[name], lengths.get(name), **kwargs)
+        with use_shard(None):  # encoders and modality stacks see whole sequences, also when sharded
+            for name in order:
+                kwargs = {"sample_rate": audio_sample_rate} if name == "audio" else {}
+                streams[name] = self._encode(name, present[name], lengths.get(name), **kwargs)
         counts = torch.stack([(~streams[name][1]).sum(1) for name in order])  # (M_present, B)
         empty = (counts.sum(0) == 0).nonzero().flatten().tolist()
         if empty:
@@ -318,11 +330,30 @@ class MMLongNet(Pretrained, nn.Module):
             tokens, padding, ids = self._concat_features(streams, order)
         if self.fusion is not None:
             ids_or_none = ids if self.config.fusion == "sequence" else None
-            tokens = self.fusion(tokens, _mask_if_padded(padding), modality_ids=ids_or_none)
+            if shard is None:
+                tokens = self.fusion(tokens, _mask_if_padded(padding), modality_ids=ids_or_none)
+            else:
+                tokens = self._fuse_sharded(shard, tokens, padding, ids_or_none)
         return MMLongNetOutput(
             tokens=tokens, padding_mask=padding, modality_ids=ids, pooled=_masked_mean(tokens, padding),
             modality_pooled=modality_pooled, modality_present=modality_present,
         )  # fmt: skip
+
+    def _fuse_sharded(self, shard: SequenceShard, tokens, padding, ids):
+        """The fusion stack on this shard's slice of the fused sequence, gathered back: (B, L, E)."""
+        if shard.gather is None:
+            raise ValueError("a sharded MMLongNet needs the shard's gather (sequence_parallel sets one)")
+        length = tokens.shape[1]
+        extra = -length % shard.num_shards  # padding tokens up to a multiple of P
+        if extra:
+            tokens = nn.functional.pad(tokens, (0, 0, 0, extra))  # (B, L', E)
+            padding = nn.functional.pad(padding, (0, extra), value=True)  # (B, L')
+            if ids is not None:
+                ids = torch.cat([ids, ids[:, :1].expand(-1, extra)], 1)  # (B, L')
+        mask = shard.split(padding) if bool(padding.any()) else None  # the same choice on every shard
+        local_ids = None if ids is None else shard.split(ids)  # (B, L'/P)
+        local = self.fusion(shard.split(tokens), mask, modality_ids=local_ids)  # (B, L'/P, E)
+        return shard.gather(local, 1)[:, :length]  # (B, L, E)
 
     def _pack(self, streams: dict, order: list[str], counts: torch.Tensor):
         """Each sample's valid tokens, modality after modality, at the start of (B, L, E)."""

@@ -3,13 +3,15 @@
 `python train.py fit --config configs/demo.yaml` runs `CLI`, a `LightningCLI` whose model is
 any `LightningModule` (here `MultimodalClassifier` or `LanguageModel`) and whose data is any
 `LightningDataModule` (here `AVDigitsDataModule`, `ManifestDataModule`, `TextFilesDataModule`),
-each picked by `class_path` in the YAML.
+each picked by `class_path` in the YAML. `SequenceParallelStrategy` (DDP with sequence sharding)
+is picked the same way, as `trainer.strategy`.
 """
 
 from mmlongnet.training.callbacks import JSONLPredictionWriter, TokenThroughput
 from mmlongnet.training.cli import CLI
 from mmlongnet.training.data import AVDigitsDataModule, ManifestDataModule, TextFilesDataModule
 from mmlongnet.training.module import LanguageModel, MultimodalClassifier, OptimizerConfig
+from mmlongnet.training.strategy import SequenceParallelStrategy
 
 __all__ = [
     "CLI",
@@ -19,6 +21,7 @@ __all__ = [
     "ManifestDataModule",
     "MultimodalClassifier",
     "OptimizerConfig",
+    "SequenceParallelStrategy",
     "TextFilesDataModule",
     "TokenThroughput",
 ]

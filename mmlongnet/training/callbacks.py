@@ -16,7 +16,9 @@ __all__ = ["JSONLPredictionWriter", "TokenThroughput"]
 class JSONLPredictionWriter(BasePredictionWriter):
     """Writes each record `predict_step` returns as one JSON line of `output_path`.
 
-    Under several processes, rank r writes `<stem>.rank<r>.jsonl` beside it.
+    Every sample is written once: with several data-parallel ranks, rank group k writes
+    `<stem>.part<k>.jsonl` beside it; under `SequenceParallelStrategy` only the first rank of
+    each sequence-parallel group writes (its peers predicted the same samples).
 
     Args:
         output_path: the JSONL file (its folder is created).
@@ -27,25 +29,32 @@ class JSONLPredictionWriter(BasePredictionWriter):
         self.output_path = Path(output_path)
         self._file = None
 
-    def path_for(self, trainer: pl.Trainer) -> Path:
-        if trainer.world_size == 1:
+    def path_for(self, trainer: pl.Trainer) -> Path | None:
+        """This rank's file, or None when a sequence-parallel peer writes its samples."""
+        sp = getattr(trainer.strategy, "sequence_parallel_size", 1)
+        if trainer.global_rank % sp:
+            return None
+        if trainer.world_size == sp:
             return self.output_path
-        return self.output_path.with_name(f"{self.output_path.stem}.rank{trainer.global_rank}.jsonl")
+        return self.output_path.with_name(f"{self.output_path.stem}.part{trainer.global_rank // sp}.jsonl")
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         path = self.path_for(trainer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("w")
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("w")
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
     ) -> None:
-        for record in prediction:
-            self._file.write(json.dumps(record) + "\n")
+        if self._file is not None:
+            for record in prediction:
+                self._file.write(json.dumps(record) + "\n")
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._file.close()
-        self._file = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class TokenThroughput(pl.Callback):

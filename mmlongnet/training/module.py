@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from mmlongnet.attention.sharding import current_shard
 from mmlongnet.data.collate import Batch
 from mmlongnet.models import LongNetLM, MMLongNet, MMLongNetConfig
 
@@ -207,6 +208,11 @@ class LanguageModel(pl.LightningModule):
 
     Batches are (B, N + 1) long token windows: the model reads tokens [:-1] and predicts [1:].
     Logs loss (nats per token) and bits per token.
+
+    Sequence parallel (steps run under a `SequenceShard`, e.g. by `SequenceParallelStrategy`): every
+    rank of a group holds the same windows and takes its slice of the N inputs and the N targets
+    (N must be a multiple of the group size); the loss is the token mean over that slice, so the mean
+    of the loss over the group's equal slices is the full-sequence loss (see the strategy).
     """
 
     def __init__(self, model: LongNetLM, optimizer: OptimizerConfig | None = None) -> None:
@@ -221,8 +227,12 @@ class LanguageModel(pl.LightningModule):
         return self.model(tokens)  # (B, N, V)
 
     def _step(self, windows: torch.Tensor, stage: str) -> torch.Tensor:
-        logits = self(windows[:, :-1])  # (B, N, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten())
+        inputs, targets = windows[:, :-1], windows[:, 1:]  # (B, N), (B, N)
+        shard = current_shard()
+        if shard is not None:  # this rank's slice of positions: (B, n), (B, n)
+            inputs, targets = shard.split(inputs), shard.split(targets)
+        logits = self(inputs)  # (B, N or n, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=stage != "train", batch_size=len(windows))
         self.log(
             f"{stage}_bits_per_token", loss / math.log(2), sync_dist=stage != "train", batch_size=len(windows)

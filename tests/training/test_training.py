@@ -162,3 +162,21 @@ def test_a_manifest_of_mixed_media_trains_through_the_manifest_data_module():
     changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
     assert any(name.startswith("model.encoders.audio") for name in changed)
     assert any(name.startswith("model.encoders.video") for name in changed)
+
+
+def test_prediction_writer_writes_each_sample_once_per_data_parallel_group(tmp_path):
+    from types import SimpleNamespace
+
+    from mmlongnet.training import JSONLPredictionWriter
+
+    writer = JSONLPredictionWriter(str(tmp_path / "p.jsonl"))
+
+    def trainer(rank, world, sp=None):
+        strategy = SimpleNamespace(sequence_parallel_size=sp) if sp else SimpleNamespace()
+        return SimpleNamespace(global_rank=rank, world_size=world, strategy=strategy)
+
+    assert writer.path_for(trainer(0, 1)) == tmp_path / "p.jsonl"
+    assert writer.path_for(trainer(1, 2)) == tmp_path / "p.part1.jsonl"
+    assert [writer.path_for(trainer(r, 2, sp=2)) for r in range(2)] == [tmp_path / "p.jsonl", None]
+    paths = [writer.path_for(trainer(r, 4, sp=2)) for r in range(4)]
+    assert paths == [tmp_path / "p.part0.jsonl", None, tmp_path / "p.part1.jsonl", None]

@@ -1,0 +1,139 @@
+"""Sequence parallelism under Lightning's DDP: `SequenceParallelStrategy`.
+
+Legend: W world size (all ranks), P sequence-parallel size, D = W / P data-parallel size,
+B batch, N tokens.
+
+The W ranks form a (D x P) mesh: ranks [d*P, (d+1)*P) are sequence-parallel group d, and rank r has
+data-parallel rank r // P and sequence rank r % P (`sequence_parallel_layout`). The distributed
+sampler runs over the D data-parallel ranks, so the P ranks of one group receive the SAME batch; every
+training / validation / test / predict step runs under `sequence_parallel(group)`, so the package's
+models compute on their slice of the sequence (`LanguageModel` slices its inputs and targets,
+`MMLongNet` shards its fusion stack) with the collective dilated attention.
+
+Why DDP's gradient average is right. Let L_d be the loss of group d's batch on one device and the
+global loss L = (1/D) sum_d L_d. Within group d, rank p computes a loss l_{d,p} with
+(1/P) sum_p l_{d,p} = L_d: for the LM, the token mean over its slice of N/P positions (equal slices,
+so the mean of the slice means is the full token mean); for the classifier, the full L_d itself
+(the fused tokens are gathered before pooling, so every rank of the group computes the same loss).
+Backward sends gradients across the group (the all-gather of keys / values and of the fused slices
+has a reduce-scatter as backward), so rank p's parameter gradient g_{d,p} is its share of the group's
+total, and sum_p g_{d,p} = d(sum_p l_{d,p})/dtheta = P dL_d/dtheta. DDP all-reduces the mean over
+all W = D * P ranks: (1/W) sum_{d,p} g_{d,p} = (1/(D*P)) sum_d P dL_d/dtheta = dL/dtheta, the
+gradient of the global batch on one device. No rescaling is needed.
+
+Metrics: a value logged with `sync_dist=True` is averaged over all W ranks; for the LM, the mean of
+the group's equal-slice losses is the full loss; for the classifier, all P copies are equal, so the
+mean is unchanged (nothing is double counted). Values logged without sync (the train loss in the
+progress bar) are rank 0's: the LM's shows the loss of the first slice only. torchmetrics states are
+summed over all ranks, so each sample counts P times in an accuracy's numerator and denominator alike.
+`predict_step` outputs are written by every rank, P copies of each sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+
+from mmlongnet.distributed.context import sequence_parallel
+from mmlongnet.distributed.groups import new_sequence_parallel_groups
+
+__all__ = ["SequenceParallelStrategy", "sequence_parallel_layout"]
+
+
+def sequence_parallel_layout(world_size: int, sp_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The (D x P) mesh of `world_size` ranks: (sequence-parallel groups, data-parallel groups).
+
+    Sequence group d holds the consecutive ranks [d*P, (d+1)*P); data-parallel group p holds the
+    ranks with sequence rank p, [p, p + P, p + 2P, ...]. Raises ValueError unless P divides the world.
+    """
+    if isinstance(sp_size, bool) or not isinstance(sp_size, int) or sp_size < 1:
+        raise ValueError(f"sequence_parallel_size must be a positive int, got {sp_size!r}")
+    if world_size % sp_size:
+        raise ValueError(
+            f"sequence_parallel_size={sp_size} must divide the world size {world_size} (devices x nodes); "
+            f"choose one of {[size for size in range(1, world_size + 1) if world_size % size == 0]}"
+        )
+    sequence = [list(range(start, start + sp_size)) for start in range(0, world_size, sp_size)]
+    data = [list(range(offset, world_size, sp_size)) for offset in range(sp_size)]
+    return sequence, data
+
+
+class SequenceParallelStrategy(DDPStrategy):
+    """DDP over a (data-parallel x sequence-parallel) mesh; see the module docstring.
+
+    Args:
+        sequence_parallel_size: P, the ranks that share one batch and split its sequences; must
+            divide the world size (devices x nodes). 1 is plain DDP.
+        validate: let each sharded attention call check that the ranks agree on shapes and options
+            (one small all_gather; False saves it once a setup is known to be right).
+        **kwargs: `DDPStrategy`'s arguments (process_group_backend, timeout, start_method, ...).
+    """
+
+    strategy_name = "sequence_parallel"
+
+    def __init__(self, sequence_parallel_size: int = 1, validate: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        sequence_parallel_layout(sequence_parallel_size, sequence_parallel_size)  # checks the type
+        self.sequence_parallel_size = sequence_parallel_size
+        self.validate = validate
+        self.sequence_group: dist.ProcessGroup | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.num_processes
+
+    @property
+    def data_parallel_size(self) -> int:
+        """D = W / P, the number of distinct batches per step."""
+        return self.world_size // self.sequence_parallel_size
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """This rank's row of the mesh (which batch it receives)."""
+        return self.global_rank // self.sequence_parallel_size
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # the sampler splits the data over the D data-parallel ranks: sequence peers get the same indices
+        return {"num_replicas": self.data_parallel_size, "rank": self.data_parallel_rank}
+
+    def setup_distributed(self) -> None:
+        sequence_parallel_layout(self.world_size, self.sequence_parallel_size)  # fail before any collective
+        super().setup_distributed()
+        # every rank creates every group (dist.new_group is collective over the default group)
+        self.sequence_group, _ = new_sequence_parallel_groups(self.sequence_parallel_size)
+
+    def teardown(self) -> None:
+        self.sequence_group = None
+        super().teardown()
+
+    @contextmanager
+    def sharded(self) -> Iterator[None]:
+        """The block in which the module's models see their slice of the sequence (none when P = 1)."""
+        if self.sequence_parallel_size == 1:
+            yield
+            return
+        if self.sequence_group is None:
+            raise RuntimeError("SequenceParallelStrategy: the process groups are not set up yet")
+        with sequence_parallel(self.sequence_group, validate=self.validate):
+            yield
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.sharded():
+            return super().training_step(*args, **kwargs)
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.sharded():
+            return super().validation_step(*args, **kwargs)
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.sharded():
+            return super().test_step(*args, **kwargs)
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.sharded():
+            return super().predict_step(*args, **kwargs)
