@@ -29,3 +29,21 @@ __all__ = [
     "sharded_dilated_attention",
     "split_sequence",
 ]
+
+# Vocabulary-sharded embeddings with routed, deduplicated lookups, and target attention over
+# distinct tokens ("Distributed Tokenized Attention").
+from mmlongnet.distributed.routing import RoutingStats, ShardedEmbedding, shard_offsets  # noqa: E402
+from mmlongnet.distributed.tokenized import (  # noqa: E402
+    TargetAttention,
+    full_target_attention,
+    unique_target_attention,
+)
+
+__all__ += [
+    "RoutingStats",
+    "ShardedEmbedding",
+    "TargetAttention",
+    "full_target_attention",
+    "shard_offsets",
+    "unique_target_attention",
+]

@@ -1,0 +1,182 @@
+"""Vocabulary-sharded embeddings and target attention over distinct tokens.
+
+Single process: the shard layout, and unique vs full target attention (float64, forward and
+gradients). On 2 and 4 gloo ranks: `ShardedEmbedding` (dedup and naive) against one `nn.Embedding`
+over the assembled table, outputs and gradients shard by shard, and the errors raised on every rank.
+"""
+
+# B batch, L length, V vocabulary, E embedding dim, D key dim, P ranks
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed_helpers import run_ranks
+from torch import nn
+
+from mmlongnet.distributed import (
+    ShardedEmbedding,
+    TargetAttention,
+    full_target_attention,
+    shard_offsets,
+    unique_target_attention,
+)
+
+E = 5
+
+
+def test_shard_offsets_give_the_first_ranks_one_more_row():
+    assert shard_offsets(10, 4) == [0, 3, 6, 8, 10]
+    assert shard_offsets(8, 2) == [0, 4, 8]
+    assert shard_offsets(2, 4) == [0, 1, 2, 2, 2]  # the last two ranks own nothing
+    with pytest.raises(ValueError, match="num_embeddings"):
+        shard_offsets(0, 2)
+
+
+def _history(generator: torch.Generator, B: int, L: int, V: int, lengths: list[int]):
+    """(B, L) ids from a small range (many repeats), padding set to -1; lengths (B,)."""
+    history = torch.randint(0, V, (B, L), generator=generator)
+    lengths = torch.tensor(lengths)
+    history[torch.arange(L) >= lengths[:, None]] = -1
+    return history, lengths
+
+
+def test_unique_target_attention_equals_full_attention_forward_and_gradients():
+    g = torch.Generator().manual_seed(0)
+    V, D, B, L = 6, 4, 4, 9
+    history, lengths = _history(g, B, L, V, [0, 9, 5, 1])
+    table = torch.randn(V, E, generator=g, dtype=torch.float64)
+    wk = torch.randn(E, D, generator=g, dtype=torch.float64)
+    wv = torch.randn(E, 3, generator=g, dtype=torch.float64)
+    query = torch.randn(B, D, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(B, 3, generator=g, dtype=torch.float64)
+    results = []
+    for attend in (unique_target_attention, full_target_attention):
+        leaves = [t.clone().requires_grad_() for t in (query, table, wk, wv)]
+        q, tab, k, v = leaves
+        out = attend(
+            q, history, lengths, lambda ids, t=tab, w=k: t[ids] @ w, lambda ids, t=tab, w=v: t[ids] @ w
+        )
+        out.backward(grad_out)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for unique, full in zip(*results, strict=True):
+        torch.testing.assert_close(unique, full, rtol=1e-12, atol=1e-12)
+    assert results[0][0][0].abs().max() == 0  # length 0: zeros, not NaN
+    assert torch.isfinite(results[0][1]).all() and results[0][1][0].abs().max() == 0
+    # a history of one repeated id attends to that id alone, whatever the query
+    same = torch.full((1, 4), 2)
+    out = unique_target_attention(
+        query[:1], same, torch.tensor([4]), lambda i: table[i] @ wk, lambda i: table[i] @ wv
+    )
+    torch.testing.assert_close(out, (table[2] @ wv)[None], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"lengths\[1\] = 10"):
+        unique_target_attention(query, history, torch.tensor([0, 10, 1, 1]), lambda i: i, lambda i: i)
+
+
+def _embedding_on_ranks(rank: int, world: int, V: int) -> None:
+    dtype = torch.float64
+    B, L = 4, 6
+    torch.manual_seed(100 + rank)  # different shard initialisations and mini-batches on every rank
+    dedup = ShardedEmbedding(V, E, dtype=dtype)
+    naive = ShardedEmbedding(V, E, dedup=False, dtype=dtype)
+    with torch.no_grad():
+        naive.weight.copy_(dedup.weight)
+    offsets = shard_offsets(V, world)
+    assert (dedup.start, dedup.end) == (offsets[rank], offsets[rank + 1])
+    table = dedup.gather_weight()  # (V, E), the same on every rank
+    assert table.shape == (V, E)
+    torch.testing.assert_close(table[dedup.start : dedup.end], dedup.weight, rtol=0, atol=0)
+    reference = nn.Embedding(V, E, dtype=dtype)
+    g = torch.Generator().manual_seed(rank)
+    cases = [
+        [0, L, 3, L],  # lengths 0 and L; ids from the whole vocabulary
+        [0, 0, 0, 0] if rank == world - 1 else [L, 2, L, 1],  # one rank without any valid token
+    ]
+    for lengths_list in cases:
+        tokens, lengths = _history(g, B, L, V, lengths_list)
+        tokens[0, 0] = V - 1  # an id repeated within and across ranks (where valid)
+        tokens[1, :2] = V - 1
+        grad_out = torch.randn(B, L, E, generator=g, dtype=dtype)
+        outs, grads, stats = [], [], []
+        for module in (dedup, naive):
+            module.weight.grad = None
+            out = module(tokens, lengths)  # (B, L, E)
+            out.backward(grad_out)
+            outs.append(out.detach())
+            grads.append(module.weight.grad.clone())
+            stats.append(module.last_stats)
+        valid = torch.arange(L) < lengths[:, None]  # (B, L)
+        ref_weight = table.clone().requires_grad_()
+        reference.weight = nn.Parameter(ref_weight)
+        expected = reference(tokens.clamp_min(0)) * valid[..., None]  # (B, L, E), padding zero
+        expected.backward(grad_out)
+        full_grad = reference.weight.grad.clone()  # (V, E), this rank's contribution
+        dist.all_reduce(full_grad)  # summed over ranks: the single-process gradient of the whole batch
+        torch.testing.assert_close(outs[0], expected.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+        torch.testing.assert_close(grads[0], full_grad[dedup.start : dedup.end], rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-13, atol=1e-13)
+        assert stats[0].valid_tokens == stats[1].valid_tokens == int(valid.sum())
+        assert sum(stats[0].send_counts) == len(set(tokens[valid].tolist()))  # distinct ids only
+        assert sum(stats[1].send_counts) == int(valid.sum())
+        sent = torch.tensor([[s.forward_elements, s.backward_elements] for s in stats])  # (2, 2) dedup, naive
+        dist.all_reduce(sent)
+        assert (sent[0] < sent[1]).all(), sent  # dedup communicates less over the group
+
+    # an id out of range at a valid position: the same error, naming the row, on every rank
+    tokens = torch.zeros(B, L, dtype=torch.long)
+    tokens[3, L - 1] = -5  # padding: never read, never checked
+    lengths = torch.tensor([L, L, L, 2])
+    if rank == 1:
+        tokens[2, 4] = V
+    with pytest.raises(ValueError, match=rf"token id {V} at tokens\[2, 4\] \(batch row 2\) on rank 1"):
+        dedup(tokens, lengths)
+    bad_lengths = torch.tensor([L, L + 1 if rank == 0 else L, 0, 0])
+    with pytest.raises(ValueError, match=rf"lengths\[1\] = {L + 1} on rank 0"):
+        dedup(torch.zeros(B, L, dtype=torch.long), bad_lengths)
+    with pytest.raises(ValueError, match="lengths must be a|on rank 0 of the group have a wrong shape"):
+        dedup(torch.zeros(B, L, dtype=torch.long), lengths[:2] if rank == 0 else lengths)
+    out = dedup(tokens.clamp(0, V - 1), lengths)  # the group still works afterwards
+    assert out[3, L - 1].abs().max() == 0
+
+    # target attention over distinct ids, keys and values from the sharded table, equals full
+    # attention over an nn.Embedding of the whole table, in the output and every gradient
+    attention = TargetAttention(E, key_dim=3, dtype=dtype)
+    history, hist_lengths = _history(g, B, L, V, [L, 0, 4, 1])
+    query = torch.randn(B, 3, generator=g, dtype=dtype)
+    grad_out = torch.randn(B, E, generator=g, dtype=dtype)
+    dedup.weight.grad = None
+    q1 = query.clone().requires_grad_()
+    out1 = attention(q1, history, hist_lengths, dedup.lookup)  # (B, E)
+    out1.backward(grad_out)
+    sharded_grads = [
+        out1.detach(),
+        q1.grad,
+        dedup.weight.grad,
+        attention.key.weight.grad,
+        attention.value.weight.grad,
+    ]
+    attention.zero_grad()
+    attention.unique = False
+    reference = nn.Embedding.from_pretrained(table, freeze=False)
+    q2 = query.clone().requires_grad_()
+    out2 = attention(q2, history, hist_lengths, reference)  # (B, E)
+    out2.backward(grad_out)
+    assert out2[1].abs().max() == 0  # length 0
+    table_grad = reference.weight.grad.clone()
+    dist.all_reduce(table_grad)
+    full_grads = [
+        out2.detach(),
+        q2.grad,
+        table_grad[dedup.start : dedup.end],
+        attention.key.weight.grad,
+        attention.value.weight.grad,
+    ]
+    for got, want in zip(sharded_grads, full_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("world, V", [(2, 7), (4, 10)])
+def test_sharded_embedding_equals_one_table_on_gloo_ranks(world, V):
+    run_ranks(_embedding_on_ranks, world, V, timeout=60.0)
