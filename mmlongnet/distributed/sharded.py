@@ -14,10 +14,18 @@ Branches are of two kinds:
 - remote: the other branches; some of their segments cross a slice boundary. Each rank sparsifies
   its own keys and values first: for head h (offset o = h mod R) it keeps the C rows whose index
   within their segment is = o mod R, about n / R rows, as a (B, C, H, D) tensor. These are
-  all-gathered over the whole group (one `all_gather_into_tensor` of keys and values together per
-  branch; the backward is a reduce-scatter). Each rank then lets its own selected queries attend to
-  the gathered keys of the ranks its segments span (the "window"), with explicit scores masked by
-  segment, causality (global positions) and padding (the masks are all-gathered too).
+  all-gathered (one `all_gather_into_tensor` of keys and values together per branch; the backward
+  is a reduce-scatter over the same ranks) only among the ranks that span the segment:
+  - n divides W (W = m * n, the usual case of powers of two): the segments are exactly the aligned
+    blocks of m consecutive ranks [b*m, (b+1)*m) (the last one shorter when m does not divide P),
+    so each block gathers within its own process group (`block_group`, created once per parent
+    group and m, then cached; a block of the whole group uses the group itself, a block of one rank
+    does not communicate). `gather_ranks` gives the ranks a rank gathers from.
+  - otherwise segments straddle slices irregularly and overlapping windows of different ranks
+    would need many small groups: the branch is gathered over the whole group.
+  Each rank then lets its own selected queries attend to the gathered keys of the ranks its
+  segments span (the "window"), with explicit scores masked by segment, causality (global
+  positions) and padding (the masks are all-gathered over the whole group, once).
 
 All branches are merged by their log-sum-exps; the backward recomputes every branch with the
 MERGED output and log-sum-exp (the fused op's backward for the local branches, the explicit
@@ -38,6 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from mmlongnet.attention.dilated import (
     _SDPA_DTYPES,
@@ -100,6 +109,50 @@ def window(rank: int, num_shards: int, local_len: int, segment_length: int) -> t
     return first // local_len, (last - 1) // local_len + 1
 
 
+def gather_ranks(rank: int, num_shards: int, local_len: int, segment_length: int) -> tuple[int, int]:
+    """The ranks [lo, hi) whose sparsified keys `rank` gathers for a remote branch of segment length W.
+
+    n divides W (W = m * n): the block [b*m, (b+1)*m) of m consecutive ranks holding rank's segment
+    (cut at P for the last block), which contains its window. Otherwise the whole group [0, P).
+    """
+    if segment_length % local_len:
+        return 0, num_shards
+    block = segment_length // local_len  # m
+    lo = rank // block * block
+    return lo, min(lo + block, num_shards)
+
+
+_BLOCK_GROUPS: dict[tuple[dist.ProcessGroup, int], dist.ProcessGroup | None] = {}
+
+
+def block_group(group: Group, block: int) -> Group:
+    """The process group of this rank's block of `block` consecutive ranks of `group`, cached.
+
+    A block of all ranks of `group` is `group` itself. Otherwise, at the first call for (group,
+    block), every rank of `group` creates the groups of all blocks in the same order, with
+    `use_local_synchronization` so that only the ranks of `group` take part (group may be one of
+    several sequence-parallel groups). Blocks of one rank get no group (None: no communication).
+    """
+    num_shards = group_size(group)
+    if block >= num_shards:
+        return group
+    parent = group if group is not None else dist.group.WORLD
+    key = (parent, block)
+    if key not in _BLOCK_GROUPS:
+        global_ranks = dist.get_process_group_ranks(parent)
+        rank = group_rank(group)
+        mine = None
+        for lo in range(0, num_shards, block):
+            members = global_ranks[lo : min(lo + block, num_shards)]
+            if len(members) == 1:
+                continue
+            created = dist.new_group(members, use_local_synchronization=True)
+            if lo <= rank < lo + block:
+                mine = created
+        _BLOCK_GROUPS[key] = mine
+    return _BLOCK_GROUPS[key]
+
+
 def _lse_safe(lse: torch.Tensor) -> torch.Tensor:
     """-inf (no key) -> +inf, so that exp(score - lse) is 0 for such rows."""
     return lse.masked_fill(lse == _NEG_INF, float("inf"))
@@ -121,7 +174,7 @@ class _Branch:
         selection: Selection,
         rank: int,
         key_ranks: tuple[int, int],
-        gathered: bool,
+        first_gathered: int,
         device: torch.device,
     ) -> None:
         lo, hi = key_ranks  # the ranks whose keys this rank's queries can reach
@@ -131,8 +184,8 @@ class _Branch:
         self.q_pos = selection.position[rank].to(device)  # (C, H)
         self.k_valid = selection.valid[lo:hi].flatten(0, 1).to(device)  # (K, H)
         self.k_pos = selection.position[lo:hi].flatten(0, 1).to(device)  # (K, H)
-        # rows of the (ranks, 2, B, C, H, D) key/value tensor to read: all ranks' when gathered
-        self.lo, self.hi = (lo, hi) if gathered else (0, 1)
+        # rows of the (ranks, 2, B, C, H, D) key/value tensor to read, which starts at rank first_gathered
+        self.lo, self.hi = lo - first_gathered, hi - first_gathered
 
     def allowed(self, is_causal: bool, padding: torch.Tensor | None) -> torch.Tensor:
         """(B or 1, H, C, K) bool: query entry c of head h may attend key entry k.
@@ -181,10 +234,11 @@ class ShardedDilatedAttentionFunction(torch.autograd.Function):
 
     forward(q, k, v (B, n, H, D), key_padding_mask (B, n) or None, padding (B, N) or None,
     options, *gathered) -> (B, n, H, D), where gathered[i] (P_i, 2, B, C_i, H, D) holds the
-    sparsified keys (index 0) and values (index 1) of remote branch i of the ranks it was gathered
-    from. The backward returns dq, dk, dv of the local branches and of the queries of the remote
-    ones, and the gradient of every gathered tensor (zero outside the branch's window); autograd
-    routes the latter through the all-gather's reduce-scatter to the owners of the keys.
+    sparsified keys (index 0) and values (index 1) of remote branch i of the P_i consecutive ranks it
+    was gathered from (its block, the whole group, or this rank alone). The backward returns dq,
+    dk, dv of the local branches and of the queries of the remote ones, and the gradient of every
+    gathered tensor (zero outside the branch's window); autograd routes the latter through the
+    all-gather's reduce-scatter, over the same ranks, to the owners of the keys.
     """
 
     @staticmethod
@@ -331,7 +385,8 @@ def sharded_dilated_attention(
         q, k, v: (B, n, H, D) this rank's slice (n = N / P, the same on every rank).
         segment_lengths, dilation_rates: the branch schedule, as in `dilated_attention`. Branches
             with n divisible by W run locally; the others exchange sparsified keys/values.
-        group: the sequence-parallel process group.
+        group: the sequence-parallel process group. Remote branches with W = m * n gather within blocks
+            of m ranks, whose groups are created at the first call with that m (see `block_group`).
         is_causal: a query attends to keys at global positions <= its own (on its own and earlier ranks).
         key_padding_mask: (B, n) bool this rank's slice of the padding mask, True = padding; given on
             every rank or on none.
@@ -372,11 +427,13 @@ def sharded_dilated_attention(
         # (n divisible by W, here only because the fused kernels refuse the dtype).
         exchange = num_shards > 1 and local_len % w != 0
         key_ranks = window(rank, num_shards, local_len, w) if exchange else (rank, rank + 1)
+        lo, hi = gather_ranks(rank, num_shards, local_len, w) if exchange else (rank, rank + 1)
         selection = branch_selection(num_shards, local_len, num_heads, w, r)
-        branch = _Branch(w, selection, rank, key_ranks, exchange, q.device)
+        branch = _Branch(w, selection, rank, key_ranks, lo, q.device)
         kv_sel = torch.stack((branch.select(k), branch.select(v)))  # (2, B, C, H, D)
-        if exchange:
-            kv = all_gather(kv_sel, group).unflatten(0, (num_shards, 2))  # (P, 2, B, C, H, D)
+        if hi - lo > 1:
+            among = group if hi - lo == num_shards else block_group(group, w // local_len)
+            kv = all_gather(kv_sel, among).unflatten(0, (hi - lo, 2))  # (hi - lo, 2, B, C, H, D)
         else:
             kv = kv_sel[None]  # (1, 2, B, C, H, D): own keys only
         branches.append(branch)

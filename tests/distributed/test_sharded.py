@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 from distributed_helpers import run_ranks
 
 from mmlongnet.attention import dilated_attention
@@ -87,8 +88,58 @@ def test_two_ranks_match_single_device():
     run_ranks(_check_cases, 2, CASES_P2)
 
 
-def test_four_ranks_match_single_device():
-    run_ranks(_check_cases, 4, CASES_P4)
+# (case, the global ranks each rank gathers K/V among, per remote branch in schedule order), P = 4,
+# n = 8: W=16 = 2n gathers within blocks of 2 ranks; W=24 = 3n within [0, 3), rank 3 alone keeps
+# its own keys; W=32 = 4n over the whole group (passed as is); W=12 not a multiple of n: whole group
+CASES_BLOCKS = [
+    (
+        (32, 4, [4, 16, 24], [1, 2, 3], True, True, False),
+        {0: [[0, 1], [0, 1, 2]], 1: [[0, 1], [0, 1, 2]], 2: [[2, 3], [0, 1, 2]], 3: [[2, 3]]},
+    ),
+    ((32, 4, [8, 32, 12], [1, 2, 3], False, True, False), {p: [[0, 1, 2, 3]] * 2 for p in range(4)}),
+]
+
+
+def _check_blocks(rank: int, world: int, cases) -> None:
+    original = sharded_module.all_gather
+    for seed, (case, expected) in enumerate(cases):
+        calls = []  # per K/V all_gather: (global ranks of its group, rows it returns)
+
+        def recording(x, group=None, calls=calls):
+            out = original(x, group)
+            calls.append((dist.get_process_group_ranks(group or dist.group.WORLD), out.shape[0]))
+            return out
+
+        sharded_module.all_gather = recording
+        try:
+            _check_case(rank, world, seed, case)
+        finally:
+            sharded_module.all_gather = original
+        assert [ranks for ranks, _ in calls] == expected[rank], f"rank {rank}, case {case}"
+        assert all(rows == 2 * len(ranks) for ranks, rows in calls)  # keys and values of each rank
+    # groups of blocks of 2 and 3 ranks (rank 3 is alone in its block of 3 and never asks for one); a
+    # block of the whole group (W=32) is the group itself and creates none
+    assert sorted(m for _, m in sharded_module._BLOCK_GROUPS) == ([2, 3] if rank < 3 else [2])
+
+
+def _check_four_ranks(rank: int, world: int) -> None:
+    _check_cases(rank, world, CASES_P4)
+    _check_blocks(rank, world, CASES_BLOCKS)
+
+
+def test_four_ranks_match_single_device_gathering_within_blocks():
+    run_ranks(_check_four_ranks, 4)  # one set of processes for both (starting 4 ranks takes seconds)
+
+
+def test_gather_ranks_are_the_block_of_a_segment():
+    # P=4, n=8: W=16 -> blocks of 2, W=24 -> [0, 3) and [3, 4), W=12 (not a multiple) -> all ranks
+    assert [sharded_module.gather_ranks(p, 4, 8, 16) for p in range(4)] == [(0, 2), (0, 2), (2, 4), (2, 4)]
+    assert [sharded_module.gather_ranks(p, 4, 8, 24) for p in range(4)] == [(0, 3)] * 3 + [(3, 4)]
+    assert sharded_module.gather_ranks(3, 4, 8, 12) == (0, 4)
+    for p in range(4):  # the window lies inside the gathered ranks
+        lo, hi = sharded_module.gather_ranks(p, 4, 8, 24)
+        w_lo, w_hi = sharded_module.window(p, 4, 8, 24)
+        assert lo <= w_lo < w_hi <= hi
 
 
 def test_impossible_split_names_what_would_work():
