@@ -32,9 +32,15 @@ __all__ = [
 
 # Vocabulary-sharded embeddings with routed, deduplicated lookups, and target attention over
 # distinct tokens ("Distributed Tokenized Attention").
-from mmlongnet.distributed.routing import RoutingStats, ShardedEmbedding, shard_offsets  # noqa: E402
+from mmlongnet.distributed.routing import (  # noqa: E402
+    RoutingStats,
+    ShardedEmbedding,
+    shard_offsets,
+    use_vocab_sharded_embeddings,
+)
 from mmlongnet.distributed.tokenized import (  # noqa: E402
     TargetAttention,
+    TokenizedAttention,
     full_target_attention,
     unique_target_attention,
 )
@@ -43,7 +49,9 @@ __all__ += [
     "RoutingStats",
     "ShardedEmbedding",
     "TargetAttention",
+    "TokenizedAttention",
     "full_target_attention",
     "shard_offsets",
     "unique_target_attention",
+    "use_vocab_sharded_embeddings",
 ]

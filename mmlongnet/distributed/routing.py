@@ -34,6 +34,8 @@ may differ between ranks.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mmlongnet.distributed.collectives import Group, group_rank, group_size
+from mmlongnet.layers.embedding_factory import set_vocab_sharded_embedding_factory
 
 
 def shard_offsets(num_embeddings: int, num_shards: int) -> list[int]:
@@ -295,3 +298,25 @@ class ShardedEmbedding(nn.Module):
         dist.all_gather_into_tensor(gathered, padded, group=self.group)
         sizes = [self.offsets[p + 1] - self.offsets[p] for p in range(self.world_size)]
         return torch.cat([gathered[p * most : p * most + n] for p, n in enumerate(sizes)])  # (V, E)
+
+
+@contextmanager
+def use_vocab_sharded_embeddings(group: Group = None, *, dedup: bool = True) -> Iterator[None]:
+    """Encoders built inside the block with `embedding="vocab_sharded"` (e.g. `TextEncoder`, hence
+    `MMLongNet`'s text encoder) get a `ShardedEmbedding(V, E, group=group, dedup=dedup)` as their
+    table. The factory is read at build time only: the built modules keep their group afterwards.
+
+        with use_vocab_sharded_embeddings(group):
+            model = MMLongNet(config)        # config.text.embedding == "vocab_sharded"
+    """
+
+    def factory(num_embeddings: int, embedding_dim: int, *, device=None, dtype=None) -> ShardedEmbedding:
+        return ShardedEmbedding(
+            num_embeddings, embedding_dim, group=group, dedup=dedup, device=device, dtype=dtype
+        )
+
+    previous = set_vocab_sharded_embedding_factory(factory)
+    try:
+        yield
+    finally:
+        set_vocab_sharded_embedding_factory(previous)

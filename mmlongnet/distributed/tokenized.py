@@ -18,7 +18,9 @@ instead of T (and, with a `ShardedEmbedding`'s `lookup` as the embedding, commun
 history of length 0 gives a zero output.
 
 `unique_target_attention` is the distinct form, `full_target_attention` the reference over all
-positions, `TargetAttention` the module (projections of embeddings of the ids).
+positions, `TargetAttention` the module (projections of embeddings of the ids), and
+`TokenizedAttention` the API of the "Distributed Tokenized Attention" RFC: fixed-shape mini-batches
+of ids on every rank, embedded through a vocabulary-sharded table, attended to by one query per sample.
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from mmlongnet.distributed.collectives import Group, group_size
+from mmlongnet.distributed.routing import ShardedEmbedding
 
 IdFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -148,3 +154,124 @@ class TargetAttention(nn.Module):
             lambda ids: self.key(embedded(ids)),
             lambda ids: self.value(embedded(ids)),
         )
+
+
+def _embedding_dim(embedding_fn: object) -> int | None:
+    """E of an `nn.Embedding`, a `ShardedEmbedding` or a bound method of one (e.g. its `lookup`)."""
+    for owner in (embedding_fn, getattr(embedding_fn, "__self__", None)):
+        dim = getattr(owner, "embedding_dim", None)
+        if isinstance(dim, int):
+            return dim
+    return None
+
+
+class TokenizedAttention(nn.Module):
+    """Target attention over token histories embedded through a vocabulary-sharded table (the RFC's API).
+
+    Every rank of `group` holds its own mini-batch of `batch_size` histories of `sequence_length` ids
+    and calls `forward` (a collective when the table is a `ShardedEmbedding`): the valid ids are
+    deduplicated, routed to the ranks owning their rows, and the rows routed back (`ShardedEmbedding`).
+
+    Args:
+        batch_size: B, histories per rank. sequence_length: L, id slots per history.
+        nranks: P, the size of `group` (checked).
+        embedding_fn: a `ShardedEmbedding` (its `lookup` is used), or any callable ids (T,) long ->
+            rows (T, E): a `ShardedEmbedding.lookup`, an `nn.Embedding` (single table, for reference).
+            A module, or the module of a bound method, is registered as the submodule `embedding`.
+        group: the process group (None: the default group; without an initialised process group,
+            P = 1).
+        embed_dim: E, needed only when `embedding_fn` does not expose an `embedding_dim`.
+        key_dim: D, width of the query and the keys (default E). value_dim: E_v (default E).
+        unique: attend over distinct ids with log-count scores (exact, cheaper) or over all positions.
+        device, dtype: of the key and value projections.
+
+    forward(tokens (B, L) long, lengths (B,) long, query (B, D) or None):
+    - with a query: target attention of query[b] over the ids of history b, keys and values linear
+      projections of the ids' rows -> (B, E_v); zero for a history of length 0. Exactly the attention
+      over all valid positions, in the output and all gradients.
+    - without: the embedded histories and their padding -> (embeddings (B, L, E), zero at padding;
+      padding_mask (B, L) bool, True at padding), the input of a self-attention stack.
+    Shapes are checked on each rank before any collective; with a `ShardedEmbedding` and
+    `validate=True` (its default) lengths and ids are then checked on every rank at once (one small
+    all_reduce), so that a bad batch raises the same ValueError on every rank.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        sequence_length: int,
+        nranks: int,
+        embedding_fn: IdFn,
+        *,
+        group: Group = None,
+        embed_dim: int | None = None,
+        key_dim: int | None = None,
+        value_dim: int | None = None,
+        unique: bool = True,
+        validate: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        sizes = {"batch_size": batch_size, "sequence_length": sequence_length, "nranks": nranks}
+        for name, value in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if getattr(embedding_fn, "__func__", None) is ShardedEmbedding.lookup:
+            embedding_fn = embedding_fn.__self__  # the table's own lookup: use (and register) the table
+        if not callable(embedding_fn):
+            kind = type(embedding_fn).__name__
+            raise ValueError(f"embedding_fn must be callable ids (T,) -> (T, E), got {kind}")
+        world = group_size(group) if dist.is_initialized() else 1
+        if nranks != world:
+            raise ValueError(f"nranks={nranks} does not match the process group, which has {world} ranks")
+        if isinstance(embedding_fn, ShardedEmbedding) and embedding_fn.world_size != nranks:
+            raise ValueError(
+                f"nranks={nranks} does not match the ShardedEmbedding's {embedding_fn.world_size} shards"
+            )
+        dim = _embedding_dim(embedding_fn) if embed_dim is None else embed_dim
+        if dim is None:
+            raise ValueError("embed_dim must be given when embedding_fn has no `embedding_dim` attribute")
+        self.batch_size, self.sequence_length, self.nranks = batch_size, sequence_length, nranks
+        self.embed_dim, self.validate = dim, validate
+        owner = getattr(embedding_fn, "__self__", embedding_fn)  # a module, or the module of a method
+        self.embedding = owner if isinstance(owner, nn.Module) else None
+        self._embedding_fn = None if isinstance(embedding_fn, nn.Module) else embedding_fn
+        self.attention = TargetAttention(
+            dim, key_dim=key_dim, value_dim=value_dim, unique=unique, device=device, dtype=dtype
+        )
+
+    def extra_repr(self) -> str:
+        return f"batch_size={self.batch_size}, sequence_length={self.sequence_length}, nranks={self.nranks}"
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (T,) long -> rows (T, E)."""
+        if self._embedding_fn is not None:
+            return self._embedding_fn(ids)
+        if isinstance(self.embedding, ShardedEmbedding):
+            return self.embedding.lookup(ids)
+        return self.embedding(ids)
+
+    def _check(self, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
+        B, L = self.batch_size, self.sequence_length
+        if tokens.shape != (B, L) or tokens.dtype != torch.long:
+            raise ValueError(
+                f"tokens must be a ({B}, {L}) long tensor (batch_size, sequence_length), got "
+                f"{tuple(tokens.shape)} {tokens.dtype}"
+            )
+        if lengths.shape != (B,) or lengths.dtype != torch.long:
+            got = f"{tuple(lengths.shape)} {lengths.dtype}"
+            raise ValueError(f"lengths must be a ({B},) long tensor, got {got}")
+        if self.validate and self._embedding_fn is None and isinstance(self.embedding, ShardedEmbedding):
+            self.embedding._check(tokens, lengths, None)  # the same ValueError on every rank
+
+    def forward(
+        self, tokens: torch.Tensor, lengths: torch.Tensor, query: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self._check(tokens, lengths)
+        if query is not None:
+            return self.attention(query, tokens, lengths, self._lookup)  # (B, E_v)
+        valid = _valid(tokens, lengths)  # (B, L)
+        rows = self._lookup(tokens[valid])  # (T, E)
+        out = rows.new_zeros(*tokens.shape, rows.shape[-1]).index_put((valid,), rows)  # (B, L, E)
+        return out, ~valid

@@ -14,10 +14,12 @@ import importlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
+from mmlongnet.layers.embedding_factory import vocab_sharded_embedding_factory
 from mmlongnet.modalities._common import (
     check_dropout,
     check_finite,
@@ -216,6 +218,11 @@ class TextEncoderConfig:
     """Id whose embedding is zero and receives no gradient (the tokenizer's `pad_id`)."""
     check_finite: bool = False
     """Raise if the output holds NaN or inf (e.g. after a diverged update); costs a device sync."""
+    embedding: Literal["local", "vocab_sharded"] = "local"
+    """"local": one `nn.Embedding` holding the whole table on every rank. "vocab_sharded": the table's
+    rows split over the ranks of a group, for large vocabularies; build the encoder inside
+    `mmlongnet.distributed.use_vocab_sharded_embeddings(group)`, and call it on every rank of the group
+    (each lookup is a collective). `save_pretrained` then writes this rank's rows only."""
 
     def __post_init__(self) -> None:
         check_positive_int("embed_dim", self.embed_dim)
@@ -229,6 +236,8 @@ class TextEncoderConfig:
             raise ValueError(
                 f"padding_id must be in [0, vocab_size={self.vocab_size}), got {self.padding_id}"
             )
+        if self.embedding not in ("local", "vocab_sharded"):
+            raise ValueError(f"embedding must be 'local' or 'vocab_sharded', got {self.embedding!r}")
 
 
 class TextEncoder(Pretrained, nn.Module):
@@ -237,6 +246,15 @@ class TextEncoder(Pretrained, nn.Module):
     Args:
         config: `TextEncoderConfig`.
         device, dtype: where and in which dtype the embedding table is created.
+
+    With `config.embedding="vocab_sharded"` the table comes from the factory registered by
+    `mmlongnet.distributed.use_vocab_sharded_embeddings(group)` and holds this rank's rows only; the
+    output and the gradients equal those of a local encoder over the assembled table. Positions
+    holding `padding_id` (padded or not) read no row, so the padding row gets no gradient, as with
+    `nn.Embedding(padding_idx=...)`. The input checks run on each rank before the lookup: a bad batch
+    on one rank raises there and leaves the other ranks waiting in the collective until the group's
+    timeout. `save_pretrained` / `from_pretrained` save and load this rank's rows: save one directory
+    per rank and load it back under a group of the same size (a different size fails on the shapes).
 
     Example::
 
@@ -254,17 +272,23 @@ class TextEncoder(Pretrained, nn.Module):
             raise ValueError(f"text: config must be a TextEncoderConfig, got {type(config).__name__}")
         self.config = config
         self.embed_dim = config.embed_dim
-        self.embedding = nn.Embedding(
-            config.vocab_size, config.embed_dim, padding_idx=config.padding_id, device=device, dtype=dtype
-        )
+        if config.embedding == "local":
+            self.embedding = nn.Embedding(
+                config.vocab_size, config.embed_dim, padding_idx=config.padding_id, device=device, dtype=dtype
+            )
+        else:
+            factory = vocab_sharded_embedding_factory()
+            self.embedding = factory(config.vocab_size, config.embed_dim, device=device, dtype=dtype)
         self.dropout = nn.Dropout(config.dropout)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Embeddings ~ N(0, 1/E), so that the tokens have unit RMS; the padding row is zero."""
+        """Embeddings ~ N(0, 1/E), so that the tokens have unit RMS; the padding row is zero (a
+        vocabulary-sharded table never reads its padding row, which keeps its random value)."""
         nn.init.normal_(self.embedding.weight, std=self.embed_dim**-0.5)
-        with torch.no_grad():
-            self.embedding.weight[self.config.padding_id].zero_()
+        if self.config.embedding == "local":
+            with torch.no_grad():
+                self.embedding.weight[self.config.padding_id].zero_()
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         """Valid tokens out per valid token in: the identity, (B,) -> (B,)."""
@@ -306,7 +330,13 @@ class TextEncoder(Pretrained, nn.Module):
                     f"text: token ids must be in [0, vocab_size={cfg.vocab_size}), got values in "
                     f"[{low}, {high}]; the tokenizer and TextEncoderConfig.vocab_size disagree"
                 )
-        out = self.dropout(self.embedding(tokens))  # (B, L, E)
+        if cfg.embedding == "local":
+            embedded = self.embedding(tokens)  # (B, L, E)
+        else:  # only positions holding another id than padding_id are routed: no row, no gradient
+            read = tokens != cfg.padding_id  # (B, L)
+            rows = self.embedding.lookup(tokens[read])  # (T, E)
+            embedded = rows.new_zeros(batch, width, rows.shape[-1]).index_put((read,), rows)  # (B, L, E)
+        out = self.dropout(embedded)  # (B, L, E)
         out = out.masked_fill(pad[..., None], 0.0)
         if cfg.check_finite:
             check_finite("text", "token embeddings", out)

@@ -3,6 +3,8 @@
 Single process: the shard layout, and unique vs full target attention (float64, forward and
 gradients). On 2 and 4 gloo ranks: `ShardedEmbedding` (dedup and naive) against one `nn.Embedding`
 over the assembled table, outputs and gradients shard by shard, and the errors raised on every rank.
+On 2 gloo ranks: `TokenizedAttention` and a vocabulary-sharded `TextEncoder` against the same modules
+over one `nn.Embedding` of the assembled table.
 """
 
 # B batch, L length, V vocabulary, E embedding dim, D key dim, P ranks
@@ -18,10 +20,13 @@ from torch import nn
 from mmlongnet.distributed import (
     ShardedEmbedding,
     TargetAttention,
+    TokenizedAttention,
     full_target_attention,
     shard_offsets,
     unique_target_attention,
+    use_vocab_sharded_embeddings,
 )
+from mmlongnet.modalities.text import TextEncoder, TextEncoderConfig
 
 E = 5
 
@@ -177,6 +182,118 @@ def _embedding_on_ranks(rank: int, world: int, V: int) -> None:
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
 
 
+def test_tokenized_attention_single_process_checks():
+    table = nn.Embedding(6, E, dtype=torch.float64)
+    module = TokenizedAttention(2, 3, 1, table, dtype=torch.float64)  # no process group: P = 1
+    tokens, lengths = torch.tensor([[1, 1, 4], [5, 0, 0]]), torch.tensor([3, 1])
+    embedded, pad = module(tokens, lengths)  # (2, 3, E), (2, 3)
+    assert pad.tolist() == [[False, False, False], [False, True, True]]
+    torch.testing.assert_close(embedded[0], table(tokens[0]), rtol=0, atol=0)
+    assert embedded[1, 1:].abs().max() == 0
+    with pytest.raises(ValueError, match="nranks=2 does not match the process group, which has 1 ranks"):
+        TokenizedAttention(2, 3, 2, table)
+    with pytest.raises(ValueError, match="embed_dim must be given"):
+        TokenizedAttention(2, 3, 1, lambda ids: table(ids))
+    with pytest.raises(ValueError, match="sequence_length must be a positive int"):
+        TokenizedAttention(2, 0, 1, table)
+
+
+def _tokenized_on_ranks(rank: int, world: int, directory: str) -> None:
+    dtype = torch.float64
+    V, B, L = 9, 3, 5
+    torch.manual_seed(200 + rank)
+    sharded = ShardedEmbedding(V, E, dtype=dtype)
+    table = sharded.gather_weight()  # (V, E)
+    g = torch.Generator().manual_seed(rank)
+    history, lengths = _history(g, B, L, V, [L, 0, 3] if rank == 0 else [2, L, L])
+    query = torch.randn(B, 4, generator=g, dtype=dtype)
+    grad_out = torch.randn(B, E, generator=g, dtype=dtype)
+
+    # with a query: distinct-id attention over the sharded table == full attention over one table
+    results = []
+    for embedding_fn, unique in ((sharded, True), (nn.Embedding.from_pretrained(table, freeze=False), False)):
+        torch.manual_seed(0)  # the same projections on both modules
+        module = TokenizedAttention(B, L, world, embedding_fn, key_dim=4, unique=unique, dtype=dtype)
+        q = query.clone().requires_grad_()
+        out = module(history, lengths, q)  # (B, E)
+        out.backward(grad_out)
+        table_grad = module.embedding.weight.grad.clone()
+        if not unique:
+            dist.all_reduce(table_grad)  # (V, E) summed over ranks
+            table_grad = table_grad[sharded.start : sharded.end]
+        attention = module.attention
+        results.append(
+            [out.detach(), q.grad, table_grad, attention.key.weight.grad, attention.value.weight.grad]
+        )
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+    if rank == 0:
+        assert results[0][0][1].abs().max() == 0  # a history of length 0
+    assert sharded.last_stats.valid_tokens == int(lengths.sum())
+
+    # without a query: the routed embeddings (zero at padding) and the padding mask
+    module = TokenizedAttention(B, L, world, sharded.lookup)
+    assert module.embedding is sharded
+    embedded, pad = module(history, lengths)  # (B, L, E), (B, L)
+    valid = torch.arange(L) < lengths[:, None]
+    assert torch.equal(pad, ~valid)
+    torch.testing.assert_close(embedded, table[history.clamp_min(0)] * valid[..., None], rtol=0, atol=0)
+
+    # errors: a wrong world size, a wrong shape (before any collective), an id outside the vocabulary
+    with pytest.raises(ValueError, match=rf"nranks=3 does not match the process group, which has {world}"):
+        TokenizedAttention(B, L, 3, sharded)
+    with pytest.raises(ValueError, match=rf"tokens must be a \({B}, {L}\) long tensor"):
+        module(history[:, :-1], lengths)
+    bad = history.clamp_min(0)
+    if rank == 1:
+        bad[0, 1] = V
+    with pytest.raises(ValueError, match=rf"token id {V} at tokens\[0, 1\] \(batch row 0\) on rank 1"):
+        module(bad, lengths, query)
+
+    # a vocabulary-sharded TextEncoder == a local one over the assembled table (pad id 2, read by no one)
+    config = TextEncoderConfig(embed_dim=E, vocab_size=V, padding_id=2)
+    local = TextEncoder(config, dtype=dtype)
+    with use_vocab_sharded_embeddings():
+        encoder = TextEncoder(
+            TextEncoderConfig(embed_dim=E, vocab_size=V, padding_id=2, embedding="vocab_sharded"), dtype=dtype
+        )
+    assert isinstance(encoder.embedding, ShardedEmbedding)
+    full = encoder.embedding.gather_weight()
+    with torch.no_grad():
+        local.embedding.weight.copy_(full)
+        local.embedding.weight[2].zero_()
+    tokens = history.clamp_min(0)
+    tokens[0, 0] = 2  # the pad id at a valid position: zero output, no gradient
+    grad_tokens = torch.randn(B, L, E, generator=g, dtype=dtype)
+    outs, grads = [], []
+    for enc in (encoder, local):
+        out, pad = enc(tokens, lengths)  # (B, L, E), (B, L)
+        out.backward(grad_tokens)
+        outs.append((out.detach(), pad))
+        grads.append(enc.embedding.weight.grad.clone())
+    dist.all_reduce(grads[1])
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
+    assert torch.equal(outs[0][1], outs[1][1])
+    torch.testing.assert_close(
+        grads[0], grads[1][encoder.embedding.start : encoder.embedding.end], rtol=1e-13, atol=1e-13
+    )
+    assert grads[1][2].abs().max() == 0
+    if encoder.embedding.start <= 2 < encoder.embedding.end:
+        assert grads[0][2 - encoder.embedding.start].abs().max() == 0
+
+    # each rank saves and loads back its own rows
+    with use_vocab_sharded_embeddings():
+        encoder.save_pretrained(f"{directory}/rank{rank}")
+        loaded = TextEncoder.from_pretrained(f"{directory}/rank{rank}")
+    torch.testing.assert_close(loaded.embedding.weight, encoder.embedding.weight.float(), rtol=0, atol=0)
+
+
+def _on_ranks(rank: int, world: int, V: int, directory: str) -> None:
+    _embedding_on_ranks(rank, world, V)
+    if world == 2:  # in the same processes: a spawn costs more than the checks
+        _tokenized_on_ranks(rank, world, directory)
+
+
 @pytest.mark.parametrize("world, V", [(2, 7), (4, 10)])
-def test_sharded_embedding_equals_one_table_on_gloo_ranks(world, V):
-    run_ranks(_embedding_on_ranks, world, V, timeout=60.0)
+def test_sharded_embedding_and_tokenized_modules_equal_one_table_on_gloo_ranks(world, V, tmp_path):
+    run_ranks(_on_ranks, world, V, str(tmp_path), timeout=60.0)

@@ -202,3 +202,49 @@ def test_max_length_and_check_finite():
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TextEncoderConfig(**kwargs)
+
+
+class _TableWithLookup(torch.nn.Module):
+    """A single-process stand-in for a vocabulary-sharded table: the whole table behind `lookup`."""
+
+    def __init__(self, num_embeddings, embedding_dim, *, device=None, dtype=None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(
+            torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype)
+        )
+        self.looked_up = []
+
+    def lookup(self, ids):  # (T,) -> (T, E)
+        self.looked_up.append(ids.clone())
+        return self.weight[ids]
+
+
+def test_text_encoder_vocab_sharded_uses_the_registered_factory():
+    from mmlongnet.layers.embedding_factory import set_vocab_sharded_embedding_factory
+
+    config = TextEncoderConfig(embed_dim=4, vocab_size=10, padding_id=1, embedding="vocab_sharded")
+    with pytest.raises(ValueError, match="use_vocab_sharded_embeddings"):
+        TextEncoder(config)
+    with pytest.raises(ValueError, match="embedding must be 'local' or 'vocab_sharded', got 'tp'"):
+        TextEncoderConfig(embedding="tp")
+    previous = set_vocab_sharded_embedding_factory(_TableWithLookup)
+    try:
+        sharded = TextEncoder(config, dtype=torch.float64)
+    finally:
+        set_vocab_sharded_embedding_factory(previous)
+    local = TextEncoder(TextEncoderConfig(embed_dim=4, vocab_size=10, padding_id=1), dtype=torch.float64)
+    with torch.no_grad():
+        local.embedding.weight.copy_(sharded.embedding.weight)
+        local.embedding.weight[1].zero_()
+    tokens, lengths = torch.tensor([[3, 1, 3, -100], [9, 9, 9, 9]]), torch.tensor([3, 4])
+    grad = torch.randn(2, 4, 4, dtype=torch.float64)
+    results = []
+    for encoder in (sharded, local):
+        out, pad = encoder(tokens, lengths)
+        out.backward(grad)
+        results.append((out.detach(), pad, encoder.embedding.weight.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    assert torch.equal(results[0][1], results[1][1])
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=0, atol=0)
+    assert results[0][2][1].abs().max() == 0  # no gradient into the padding row
+    assert sharded.embedding.looked_up[-1].tolist() == [3, 3, 9, 9, 9, 9]  # neither padding nor pad id
