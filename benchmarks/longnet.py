@@ -62,7 +62,7 @@ DEFAULT_VOCAB = 256  # byte-level tokens
 
 SEED = 0
 LEARNING_RATE = 1e-4
-WARMUP_STEPS = 2
+WARMUP_STEPS = 3  # the first compiled steps record CUDA graphs (--compile)
 LONG_STEP_S = 2.0  # when a warm-up step takes longer than this, LONG_STEP_RUNS timed steps suffice
 LONG_STEP_RUNS = 3
 ASSUMED_TFLOPS = 200.0  # model TFLOP/s assumed by --dry-run to estimate the runtime (H100, bf16)
@@ -202,16 +202,20 @@ def make_train_step(
     tokens: torch.Tensor,
     kind: str,
     device: torch.device,
+    graphs: bool = False,
 ) -> Callable[[], torch.Tensor]:
     """A callable running one training step on `tokens` (B, N + 1); it returns the loss (detached).
 
     Forward under autocast, next-token cross-entropy in fp32 over the logits, backward (outside
-    autocast, as PyTorch recommends), AdamW step, zero_grad.
+    autocast, as PyTorch recommends), AdamW step, zero_grad. `graphs`: the model replays CUDA
+    graphs (torch.compile's "reduce-overhead"), so each step is marked as a new iteration.
     """
     inputs = tokens[:, :-1].contiguous()  # (B, N)
     targets = tokens[:, 1:].contiguous()  # (B, N)
 
     def step() -> torch.Tensor:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with attention_kernels(kind, device):
             with mixed_precision(device):
                 logits = model(inputs)  # (B, N, V)
@@ -279,8 +283,12 @@ def measure_config(
     checkpointing: bool,
     steps: int,
     device: torch.device,
+    compiled: bool = False,
 ) -> Measurement:
     """Build the model, AdamW and tokens for one configuration and time its training steps.
+
+    `compiled`: the model runs under `torch.compile`, mode "reduce-overhead" on CUDA (the whole
+    forward and backward replayed as CUDA graphs), the default mode on the CPU.
 
     Everything it allocates is local: it is freed when this returns or raises. Peak memory is
     `torch.cuda.max_memory_allocated` (the caller resets the statistics first): parameters,
@@ -289,7 +297,10 @@ def measure_config(
     model = build_model(config, vocab, kind, checkpointing, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, fused=device.type == "cuda")
     tokens = make_tokens(n, batch, vocab, device)  # (B, N + 1)
-    times_ms, loss = time_steps(make_train_step(model, optimizer, tokens, kind, device), device, steps)
+    graphs = compiled and device.type == "cuda"
+    runnable = torch.compile(model, mode="reduce-overhead" if graphs else None) if compiled else model
+    step = make_train_step(runnable, optimizer, tokens, kind, device, graphs=graphs)
+    times_ms, loss = time_steps(step, device, steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return Measurement(times_ms, loss, peak)
 
@@ -387,8 +398,9 @@ class Sweep:
         """Time one configuration's training steps (raises on out-of-memory)."""
         args = self.args
         return measure_config(
-            self.config, args.vocab, kind, n, args.batch, checkpointing, args.steps, self.device
-        )
+            self.config, args.vocab, kind, n, args.batch, checkpointing, args.steps, self.device,
+            compiled=args.compile,
+        )  # fmt: skip
 
     def describe(self, row: Row) -> str:
         """The line printed for a row."""
@@ -660,6 +672,7 @@ def run_metadata(args: argparse.Namespace) -> dict:
         "optimizer": {"name": "AdamW", "lr": LEARNING_RATE, "fused": device.type == "cuda"},
         "dense_kernels": "cuDNN, then flash (sdpa_kernel, set_priority=True)" if cuda else "default",
         "warmup_steps": WARMUP_STEPS,
+        "compiled": 'torch.compile(mode="reduce-overhead")' if args.compile else "eager",
         "timing": "host time between device synchronisations, median of the timed steps",
         "seed": SEED,
         "args": {key: value for key, value in vars(args).items() if key not in ("out", "plot_only")}
@@ -715,6 +728,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=480.0,
         help="seconds; a kind whose next size would end past this is skipped (default: 480)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help='both kinds under torch.compile, mode "reduce-overhead" on CUDA (CUDA graphs)',
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and an estimated runtime")
     parser.add_argument("--plot-only", type=Path, metavar="JSON", help="redraw PNG and table from a JSON")
     args = parser.parse_args(argv)
@@ -751,7 +769,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     meta = run_metadata(args)
-    json_path = args.out / f"longnet_{args.tag or default_tag(args)}.json"
+    tag = args.tag or default_tag(args) + ("_compiled" if args.compile else "")
+    json_path = args.out / f"longnet_{tag}.json"
     sweep = Sweep(args, meta, json_path, dry_run=args.dry_run)
     print(f"# {caption(meta)}; torch {meta['torch']}, cuDNN {meta['cudnn']}", flush=True)
     try:

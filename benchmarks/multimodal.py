@@ -388,7 +388,7 @@ def forget_refused_kernels() -> None:
     """
     from mmlongnet.attention import kernels
 
-    getattr(kernels, "_refused", set()).clear()
+    kernels.SELECTOR.clear()
 
 
 def measure_config(

@@ -84,7 +84,7 @@ def test_step_flops_count_matmuls_and_causal_pairs():
 def test_out_of_memory_retries_with_checkpointing_then_records_oom(tmp_path, monkeypatch):
     calls = []
 
-    def fake_measure(config, vocab, kind, n, batch, checkpointing, steps, device):
+    def fake_measure(config, vocab, kind, n, batch, checkpointing, steps, device, compiled=False):
         calls.append((kind, n, checkpointing))
         if kind == "dense" and (not checkpointing or n >= 128):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")

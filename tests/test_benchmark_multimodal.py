@@ -228,13 +228,14 @@ def test_kernel_fallbacks_are_recorded_and_forgotten_between_configurations(tmp_
     message = "dilated_attention: the cudnn kernel refused a forward call of shape (1, 2); using the next"
 
     def fake_time_steps(step, device, steps):
-        assert not kernels._refused  # what an earlier configuration's kernels refused is forgotten
-        kernels._refused.add(("cudnn", "forward", (1, 2)))
+        assert not kernels.SELECTOR.refusals  # what an earlier configuration's kernels refused is forgotten
+        kernels.SELECTOR.refusals[("cudnn", "forward", (1, 2))] = 1
         warnings.warn(message, stacklevel=1)
         return [3.0, 1.0, 2.0], 2.7
 
     monkeypatch.setattr(bench.longnet_bench, "time_steps", fake_time_steps)
-    monkeypatch.setattr(kernels, "_refused", {("cudnn", "forward", (3, 4))})
+    monkeypatch.setattr(kernels, "SELECTOR", kernels.KernelSelector())
+    kernels.SELECTOR.refusals[("cudnn", "forward", (3, 4))] = 1
     args = bench.parse_args(["--device", "cpu", "--tiny", "--sizes", "256"])
     sweep = bench.Sweep(args, {}, tmp_path / "multimodal_t.json", dry_run=False)
     bench.longnet_bench.run_sweep(sweep, args.sizes, args.kinds)

@@ -8,10 +8,15 @@ Four layers, as in flash-attn: the raw ops `mmlongnet::dilated_attention_forward
 -> `mmlongnet.attention.DilatedAttention` (the module).
 
 Forward: every branch call (one block of segments, one head offset) is one dense kernel call on
-a strided view of q, k, v. The calls' log-sum-exps are merged into one (the log of the mixture's
-softmax denominator, eq. 10) and each call's output is added with weight exp(lse_call - lse).
+a strided view of q, k, v. The calls' log-sum-exps are merged first into one (the log of the
+mixture's softmax denominator, eq. 10); then each call's output is merged into the output with
+weight exp(lse_call - lse), in one elementwise pass per call (written by the calls of a branch of
+dilation 1, which cover every row and head once, added by the others).
 Backward: each call's kernel backward runs with the MERGED output and log-sum-exp, so its
 probabilities are those of the one softmax over all branches, and dq, dk, dv are exact.
+
+Neither direction reads a device value on the host: for fixed shapes the op can be captured in a
+CUDA graph. `KernelSelector` picks each call's kernel so that no plan is built for a new shape.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from mmlongnet.attention.geometry import BranchCall, PackedBlock, branch_calls
-from mmlongnet.attention.kernels import kernel_chain, run_chain
+from mmlongnet.attention.kernels import SELECTOR, kernel_chain
 from mmlongnet.attention.reference import dilated_attention_reference
 
 BACKENDS = ("auto", "reference", "sdpa")
@@ -42,29 +47,52 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 PACK_MAX_ELEMENTS = 1 << 24
 
 
-def _calls(q: torch.Tensor, segment_length: int, dilation_rate: int) -> list[BranchCall | PackedBlock]:
+def _calls(
+    q: torch.Tensor, segment_lengths: list[int], dilation_rates: list[int]
+) -> tuple[list[BranchCall | PackedBlock], int]:
+    """The op's kernel calls, those of a branch of dilation 1 first, and how many of them that is
+    (0 without such a branch): its calls cover every row and head of q exactly once."""
     _, seq_len, num_heads, _ = q.shape
     pack = q.numel() <= PACK_MAX_ELEMENTS
-    return branch_calls(seq_len, num_heads, segment_length, dilation_rate, pack=pack)
+    branches = sorted(zip(segment_lengths, dilation_rates, strict=True), key=lambda branch: branch[1] != 1)
+    calls = [branch_calls(seq_len, num_heads, w, r, pack=pack) for w, r in branches]
+    covering = len(calls[0]) if branches[0][1] == 1 else 0
+    return [call for branch in calls for call in branch], covering
 
 
-def _key_bias(
-    padding: torch.Tensor | None, is_causal: bool, dtype: torch.dtype
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Key bias (b, c) (0 or -inf) and row validity (b, c) of one call's (b, c) padding mask.
-
-    A row is valid when it can see at least one non-padding key (causal: one at or before it).
-    """
+def _key_bias(padding: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Key bias (b, c) of one call's (b, c) padding mask: 0 for a key, -inf for padding."""
     if padding is None:
-        return None, None
+        return None
+    return torch.zeros(padding.shape, dtype=dtype, device=padding.device).masked_fill(padding, float("-inf"))
+
+
+def _valid_rows(padding: torch.Tensor, is_causal: bool) -> torch.Tensor:
+    """(b, c) bool of one call's (b, c) padding mask: the rows that see at least one non-padding key
+    (causal: one at or before them)."""
     keep = ~padding
-    valid = keep.cumsum(-1) > 0 if is_causal else keep.any(-1, keepdim=True).expand_as(keep)
-    bias = torch.zeros(padding.shape, dtype=dtype, device=padding.device).masked_fill(padding, float("-inf"))
-    return bias, valid
+    return keep.cumsum(-1) > 0 if is_causal else keep.any(-1, keepdim=True).expand_as(keep)
 
 
 def _shape_key(q_rows: torch.Tensor, has_bias: bool, is_causal: bool) -> tuple:
     return (q_rows.dtype, tuple(q_rows.shape), has_bias, is_causal)
+
+
+def _merge(target: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, write: bool) -> None:
+    """target = y * weight (`write`) or target += y * weight, in one pass; target, y (..., D),
+    weight (...) or None for 1."""
+    if weight is None:
+        target.copy_(y) if write else target.add_(y)
+    elif write:
+        torch.mul(y, weight[..., None], out=target)
+    else:
+        target.addcmul_(y, weight[..., None])
+
+
+def _silence_keyless_rows(lse: torch.Tensor) -> torch.Tensor:
+    """Merged log-sum-exp with -inf (a row with no key) turned into +inf, which gives such a row
+    weight exp(lse_call - inf) = 0 in the forward and probability 0 in the backward."""
+    return lse.masked_fill(lse == float("-inf"), float("inf"))
 
 
 @torch.library.custom_op("mmlongnet::dilated_attention_forward", mutates_args=())
@@ -83,29 +111,36 @@ def dilated_attention_forward_op(
     (-inf for rows with no key)."""
     batch, seq_len, num_heads, head_dim = q.shape
     acc_dtype = _accumulation_dtype(q.dtype)
-    lse = torch.full((batch, seq_len, num_heads), float("-inf"), dtype=acc_dtype, device=q.device)
+    calls, covering = _calls(q, segment_lengths, dilation_rates)
+    lse = torch.empty((batch, seq_len, num_heads), dtype=acc_dtype, device=q.device)
+    if not covering:  # rows and heads no call selects keep lse = -inf
+        lse.fill_(float("-inf"))
     parts = []
-    for segment_length, dilation_rate in zip(segment_lengths, dilation_rates, strict=True):
-        for call in _calls(q, segment_length, dilation_rate):
-            rows = [call.kernel_rows(t) for t in (q, k, v)]  # 3 x (b, c, h, D)
-            bias, valid = _key_bias(call.key_padding(key_padding_mask, q), is_causal, q.dtype)
-            chain = kernel_chain(q.device, q.dtype, bias is not None)
-            key = _shape_key(rows[0], bias is not None, is_causal)
-            out_call, lse_call = run_chain(chain, "forward", key, *rows, bias, is_causal, scale)
-            lse_call = lse_call.to(acc_dtype)  # (b, c, h)
-            if valid is not None:
-                lse_call = lse_call.masked_fill(~valid[..., None], float("-inf"))
-                out_call = out_call.masked_fill(~valid[..., None, None], 0.0)
-            out_call, lse_call = call.place(out_call, 0.0), call.place(lse_call, float("-inf"))
-            lse_view = call.target(lse)
-            lse_view.copy_(torch.logaddexp(lse_view, lse_call))
-            parts.append((call, out_call, lse_call))
-    # Rows without any key have lse = -inf; +inf there makes their weights exp(-inf - inf) = 0.
-    lse_safe = lse.masked_fill(lse == float("-inf"), float("inf"))
-    out = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
-    for call, out_call, lse_call in parts:
-        weight = torch.exp(lse_call - call.target(lse_safe))  # shaped like the call's target
-        call.target(out).addcmul_(out_call, weight[..., None])
+    for index, call in enumerate(calls):
+        rows = [call.kernel_rows(t) for t in (q, k, v)]  # 3 x (b, c, h, D)
+        padding = call.key_padding(key_padding_mask, q)  # (b, c) or None
+        bias = _key_bias(padding, q.dtype)
+        chain = kernel_chain(q.device, q.dtype, bias is not None)
+        key = _shape_key(rows[0], bias is not None, is_causal)
+        out_call, lse_call = SELECTOR.run(chain, "forward", key, *rows, bias, is_causal, scale)
+        lse_call = lse_call.to(acc_dtype)  # (b, c, h)
+        if padding is not None:  # a row without a key: lse -inf (its output is finite, weighted 0)
+            lse_call = lse_call.masked_fill(~_valid_rows(padding, is_causal)[..., None], float("-inf"))
+        lse_call = call.place(lse_call, float("-inf"))  # laid out like call.target(lse)
+        lse_view = call.target(lse)
+        if index < covering:
+            lse_view.copy_(lse_call)
+        else:
+            torch.logaddexp(lse_view, lse_call, out=lse_view)
+        parts.append((call, out_call, lse_call))
+    # A placed lse_call holds -inf for a row without a key (mask) and for the entries a padded
+    # packed call does not select; where the merged lse is -inf too, +inf makes the weight 0. With
+    # no mask and a covering branch, every merged lse is finite.
+    lse_safe = lse if key_padding_mask is None and covering else _silence_keyless_rows(lse)
+    out = (torch.empty if covering else torch.zeros)(q.shape, dtype=acc_dtype, device=q.device)
+    for index, (call, out_call, lse_call) in enumerate(parts):
+        weight = torch.exp(lse_call - call.target(lse_safe))  # laid out like the call's target
+        _merge(call.target(out), call.place(out_call, 0.0), weight, write=index < covering)
     return out.to(q.dtype), lse
 
 
@@ -125,20 +160,21 @@ def dilated_attention_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw backward op: dq, dk, dv (B, N, H, D) from the merged output and log-sum-exp of the forward."""
-    # Rows without any key (and padding rows of packed calls): lse = +inf gives them probability
-    # 0, hence no gradient.
-    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
-    grads = [torch.zeros(q.shape, dtype=lse.dtype, device=q.device) for _ in range(3)]
-    for segment_length, dilation_rate in zip(segment_lengths, dilation_rates, strict=True):
-        for call in _calls(q, segment_length, dilation_rate):
-            rows = [call.kernel_rows(t) for t in (grad_out, q, k, v, out)]  # 5 x (b, c, h, D)
-            lse_rows = call.kernel_rows(lse, float("inf"))  # (b, c, h)
-            bias, _ = _key_bias(call.key_padding(key_padding_mask, q), is_causal, q.dtype)
-            chain = kernel_chain(q.device, q.dtype, bias is not None)
-            key = _shape_key(rows[1], bias is not None, is_causal)
-            call_grads = run_chain(chain, "backward", key, *rows, lse_rows, bias, is_causal, scale)
-            for grad, call_grad in zip(grads, call_grads, strict=True):
-                call.target(grad).add_(call.place(call_grad, 0.0))
+    # Without a mask every row a call reads has a key; padding rows of packed calls get lse = +inf.
+    if key_padding_mask is not None:
+        lse = _silence_keyless_rows(lse)
+    calls, covering = _calls(q, segment_lengths, dilation_rates)
+    allocate = torch.empty if covering else torch.zeros
+    grads = [allocate(q.shape, dtype=lse.dtype, device=q.device) for _ in range(3)]
+    for index, call in enumerate(calls):
+        rows = [call.kernel_rows(t) for t in (grad_out, q, k, v, out)]  # 5 x (b, c, h, D)
+        lse_rows = call.kernel_rows(lse, float("inf"))  # (b, c, h)
+        bias = _key_bias(call.key_padding(key_padding_mask, q), q.dtype)
+        chain = kernel_chain(q.device, q.dtype, bias is not None)
+        key = _shape_key(rows[1], bias is not None, is_causal)
+        call_grads = SELECTOR.run(chain, "backward", key, *rows, lse_rows, bias, is_causal, scale)
+        for grad, call_grad in zip(grads, call_grads, strict=True):
+            _merge(call.target(grad), call.place(call_grad, 0.0), None, write=index < covering)
     return tuple(grad.to(q.dtype) for grad in grads)
 
 

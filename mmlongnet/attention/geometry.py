@@ -17,7 +17,9 @@ and padded rows and heads are discarded.
 
 Both kinds of call offer the op the same four methods: `kernel_rows` (the kernel's input, batch
 first), `key_padding` (its key mask), `target` (the view of a (B, N, H, ...) tensor its results
-merge into) and `place` (a kernel output laid out like `target`).
+merge into) and `place` (a kernel output laid out like `target`). Where the layout allows (every
+`BranchCall`, a `PackedBlock` without padding), `target` is exactly the call's rows and heads and
+`place` a view, so that a result merges into its target in one elementwise pass, with no copy.
 """
 
 from __future__ import annotations
@@ -132,17 +134,29 @@ class PackedBlock:
         view = self._offsets_view(self._padded(mask, True, False), False)  # (B, S, O, C)
         return view.flatten(0, 2)
 
+    @property
+    def is_padded(self) -> bool:
+        """Whether the block's rows or heads are not a multiple of R (its kernel rows are padded)."""
+        return self.padded_shape != (self.length, self.num_heads)
+
     def target(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, H, *rest) -> (B, S, L, H, *rest), a view sharing x's storage."""
-        return self._block(x)
+        """(B, N, H, *rest) -> a view sharing x's storage, laid out like `place`'s result:
+        (B, S, O, C, G, *rest), the rows and heads of each offset, when the block is not padded;
+        else (B, S, L, H, *rest), the whole block."""
+        block = self._block(x)  # (B, S, L, H, *rest)
+        return block if self.is_padded else self._offsets_view(block, True)
 
     def place(self, y: torch.Tensor, fill: float) -> torch.Tensor:
-        """A kernel output (B*S*O, C, G, *rest) -> (B, S, L, H, *rest); entries of the block that
-        no offset selected hold `fill`."""
+        """A kernel output (B*S*O, C, G, *rest) laid out like `target`: (B, S, O, C, G, *rest), a
+        view, when the block is not padded; else (B, S, L, H, *rest), a copy whose entries that no
+        offset selected hold `fill`."""
         batch = y.shape[0] // (self.num_segments * self.offsets)
+        offsets = y.unflatten(0, (batch, self.num_segments, self.offsets))  # (B, S, O, C, G, *rest)
+        if not self.is_padded:
+            return offsets
         rows, heads = self.padded_shape
         padded = y.new_full((batch, self.num_segments, rows, heads, *y.shape[3:]), fill)
-        self._offsets_view(padded, True).copy_(y.unflatten(0, (batch, self.num_segments, self.offsets)))
+        self._offsets_view(padded, True).copy_(offsets)
         return padded[:, :, : self.length, : self.num_heads]
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from mmlongnet.attention.cache import DilatedKVCache
 from mmlongnet.attention.dilated import BACKENDS, check_schedule, dilated_attention
 from mmlongnet.attention.sharding import current_shard, unsupported_under_shard
-from mmlongnet.layers.multiway import experts_of, maybe_multiway, route
+from mmlongnet.layers.multiway import MultiwayRouting, experts_of, maybe_multiway, route
 from mmlongnet.layers.relative_bias import RelativePositionBias
 from mmlongnet.layers.rope import RotaryEmbedding
 from mmlongnet.layers.xpos import XPos
@@ -106,8 +106,8 @@ class MultiheadDilatedAttention(nn.Module):
         attention: "dilated" (keys of the query length, paired by position) or "dense" (full
             attention over keys of any length M, e.g. cross-attention to an encoder's output).
         num_ways: > 1 makes the projections and the sub-LayerNorm multiway experts (one per
-            modality, `MultiwayNetwork`), routed by `modality_ids` (B, N) in forward; the
-            attention itself is shared (self-attention only).
+            modality, `MultiwayNetwork`), routed by `modality_ids` (B, N) (or a `MultiwayRouting`) in
+            forward; the attention itself is shared (self-attention only).
         backend: the `dilated_attention` backend.
 
     forward(query (B, N, E), key (B, M, kdim), value (B, M, vdim), key_padding_mask (B, M) bool
@@ -292,7 +292,7 @@ class MultiheadDilatedAttention(nn.Module):
         *,
         position_offset: int = 0,
         kv_cache: DilatedKVCache | None = None,
-        modality_ids: torch.Tensor | None = None,
+        modality_ids: torch.Tensor | MultiwayRouting | None = None,
     ) -> tuple[torch.Tensor, None]:
         self._check_call(query, key, need_weights, attn_mask, is_causal, kv_cache)
         batch, seq_len, _ = query.shape

@@ -6,7 +6,16 @@ bundled AV digits question-answering task (see data/README.md).
 """
 
 from mmlongnet.data.avdigits import AVDigitsConfig, AVDigitsDataset
-from mmlongnet.data.collate import MODALITIES, Batch, collate_samples
+from mmlongnet.data.collate import MODALITIES, Batch, LengthBuckets, bucket_length, collate_samples
 from mmlongnet.data.manifest import ManifestDataset
 
-__all__ = ["MODALITIES", "AVDigitsConfig", "AVDigitsDataset", "Batch", "ManifestDataset", "collate_samples"]
+__all__ = [
+    "MODALITIES",
+    "AVDigitsConfig",
+    "AVDigitsDataset",
+    "Batch",
+    "LengthBuckets",
+    "ManifestDataset",
+    "bucket_length",
+    "collate_samples",
+]

@@ -5,7 +5,7 @@ from mmlongnet.layers.embedding_factory import (
     vocab_sharded_embedding_factory,
 )
 from mmlongnet.layers.feedforward import FeedForward, make_activation
-from mmlongnet.layers.multiway import MultiwayNetwork
+from mmlongnet.layers.multiway import MultiwayNetwork, MultiwayRouting
 from mmlongnet.layers.relative_bias import RelativePositionBias, relative_position_bucket
 from mmlongnet.layers.rope import RotaryEmbedding, apply_rotary, rotary_cos_sin
 from mmlongnet.layers.xpos import XPos
@@ -13,6 +13,7 @@ from mmlongnet.layers.xpos import XPos
 __all__ = [
     "FeedForward",
     "MultiwayNetwork",
+    "MultiwayRouting",
     "RelativePositionBias",
     "RotaryEmbedding",
     "XPos",

@@ -8,17 +8,112 @@ feed-forward network (and BEiT-3 its own layer norms) while the attention is sha
 a batch at one position (image tokens first, then text). Here every token carries its own id, so
 any number of experts and any interleaving of modalities, within and across samples, is allowed.
 
-Routing costs one host sync (the per-expert token counts, read once), one stable sort of the ids,
-and per expert that has tokens: one gather of its n_e rows, one expert call on (n_e, *F_in) and
-one scatter of its (n_e, *F_out) output into place. An expert without tokens is not called.
+Two ways to route:
+- from the ids on the device: one host sync (the per-expert token counts, read once), one stable
+  sort of the ids, and per expert that has tokens one gather of its n_e rows, one expert call on
+  (n_e, *F_in) and one scatter of its (n_e, *F_out) output into place;
+- from a `MultiwayRouting` built on the host (from lengths the CPU already holds): the same
+  gathers, expert calls and scatters, with no host sync and no sort. Its per-expert sizes are
+  capacities C_e >= n_e fixed by the padded shapes, so the shapes repeat from batch to batch
+  (CUDA graphs, `torch.compile`); the C_e - n_e spare rows read token 0 and are written to a
+  discarded row.
+An expert without tokens is not called.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class MultiwayRouting:
+    """Which token goes to which expert, derived on the host once per batch.
+
+    Attributes:
+        shape: (B, L), the token grid the routing is for.
+        gather: K (C_e,) long tensors: the flat positions in [0, B*L) expert e reads; spare
+            entries (beyond the expert's n_e tokens) read position 0.
+        scatter: K (C_e,) long tensors: where expert e's rows are written in a (B*L + 1)-row
+            output; spare entries go to the discarded row B*L.
+        modality_ids: (B, L) long, the id of every token; positions no expert reads (padding)
+            hold `fill`.
+
+    Positions that no expert reads come out as zeros.
+    """
+
+    shape: tuple[int, int]
+    gather: tuple[torch.Tensor, ...]
+    scatter: tuple[torch.Tensor, ...]
+    modality_ids: torch.Tensor
+
+    @classmethod
+    def from_ids(
+        cls,
+        modality_ids: torch.Tensor,
+        num_ways: int,
+        *,
+        routed: torch.Tensor | None = None,
+        capacities: Sequence[int] | None = None,
+        fill: int = 0,
+    ) -> MultiwayRouting:
+        """Build the routing on the CPU (in NumPy: it reads no tensor through the dispatcher).
+
+        Args:
+            modality_ids: (B, L) integer CPU tensor, values in [0, num_ways) where `routed`.
+            num_ways: K.
+            routed: (B, L) bool CPU tensor, the tokens to route (None: all); the others (padding)
+                are read by no expert.
+            capacities: K ints C_e >= the expert's token count (None: exactly the counts); an
+                expert of capacity 0 is not called.
+            fill: the id `modality_ids` of the result holds at unrouted positions.
+
+        Returns the routing with CPU tensors; `to(device)` moves it.
+        """
+        if modality_ids.device.type != "cpu" or modality_ids.dim() != 2:
+            raise ValueError(f"modality_ids must be a (B, L) CPU tensor, got {tuple(modality_ids.shape)}")
+        ids = modality_ids.long().numpy()  # (B, L)
+        routed = np.ones(ids.shape, dtype=bool) if routed is None else routed.numpy()
+        flat_ids, flat_routed = ids.reshape(-1), routed.reshape(-1)  # (T,)
+        outside = flat_routed & ((flat_ids < 0) | (flat_ids >= num_ways))
+        if outside.any():
+            raise ValueError(
+                f"modality_ids must lie in [0, num_ways={num_ways}) at routed positions, got "
+                f"{flat_ids[outside][0]} at flat position {np.flatnonzero(outside)[0]}"
+            )
+        num_tokens = flat_ids.size
+        gather, scatter = [], []
+        for expert in range(num_ways):
+            positions = np.flatnonzero((flat_ids == expert) & flat_routed)  # (n_e,)
+            capacity = positions.size if capacities is None else capacities[expert]
+            if capacity < positions.size:
+                raise ValueError(
+                    f"capacity {capacity} of expert {expert} is below its {positions.size} tokens"
+                )
+            spare = capacity - positions.size
+            gather.append(torch.from_numpy(np.concatenate([positions, np.zeros(spare, np.int64)])))  # (C_e,)
+            scatter.append(
+                torch.from_numpy(np.concatenate([positions, np.full(spare, num_tokens)]))
+            )  # (C_e,)
+        shown = torch.from_numpy(np.where(routed, ids, fill))  # (B, L)
+        return cls(tuple(ids.shape), tuple(gather), tuple(scatter), shown)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the routing, in a fixed order (for one batched copy to a device)."""
+        return [*self.gather, *self.scatter, self.modality_ids]
+
+    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> MultiwayRouting:
+        """The same routing over `tensors` (as `tensors()` lists them, e.g. moved to a device)."""
+        k = len(self.gather)
+        return MultiwayRouting(self.shape, tuple(tensors[:k]), tuple(tensors[k : 2 * k]), tensors[2 * k])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MultiwayRouting:
+        return self.with_tensors([t.to(device, non_blocking=non_blocking) for t in self.tensors()])
 
 
 class MultiwayNetwork(nn.Module):
@@ -64,8 +159,10 @@ class MultiwayNetwork(nn.Module):
             _reset_all(expert)
         self.experts = nn.ModuleList(experts)
 
-    def forward(self, x: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, *F_in), modality_ids: (B, L) integer -> (B, L, *F_out)."""
+    def forward(self, x: torch.Tensor, modality_ids: torch.Tensor | MultiwayRouting) -> torch.Tensor:
+        """x: (B, L, *F_in), modality_ids: (B, L) integer or a `MultiwayRouting` -> (B, L, *F_out)."""
+        if isinstance(modality_ids, MultiwayRouting):
+            return self._forward_routed(x, modality_ids)
         if modality_ids.dtype == torch.bool or modality_ids.is_floating_point() or modality_ids.is_complex():
             raise TypeError(f"modality_ids must have an integer dtype, got {modality_ids.dtype}")
         if x.dim() < 2 or modality_ids.shape != x.shape[:2]:
@@ -103,6 +200,29 @@ class MultiwayNetwork(nn.Module):
             out.index_copy_(0, index, y.to(out.dtype))
         return out.view(batch, seq_len, *out.shape[1:])  # (B, L, *F_out)
 
+    def _forward_routed(self, x: torch.Tensor, routing: MultiwayRouting) -> torch.Tensor:
+        """x: (B, L, *F_in) routed by a host-built `MultiwayRouting`: no host sync."""
+        if len(routing.gather) != self.num_ways or tuple(x.shape[:2]) != routing.shape:
+            raise ValueError(
+                f"the routing is for {len(routing.gather)} experts over {routing.shape} tokens; this "
+                f"layer has {self.num_ways} experts and x has shape {tuple(x.shape)}"
+            )
+        batch, seq_len = routing.shape
+        num_tokens = batch * seq_len
+        flat_x = x.reshape(num_tokens, *x.shape[2:])  # (T, *F_in)
+        out = None
+        for expert, gather, scatter in zip(self.experts, routing.gather, routing.scatter, strict=True):
+            if gather.numel() == 0:
+                continue
+            y = expert(flat_x.index_select(0, gather))  # (C_e, *F_out)
+            if out is None:  # row T takes the spare rows and is dropped
+                out = y.new_zeros((num_tokens + 1, *y.shape[1:]))  # (T + 1, *F_out)
+            out.index_copy_(0, scatter, y.to(out.dtype))
+        if out is None:  # no expert has a token: expert 0 on the empty input only for F_out and dtype
+            empty = self.experts[0](flat_x[:0])  # (0, *F_out)
+            out = empty.new_zeros((num_tokens + 1, *empty.shape[1:]))
+        return out[:num_tokens].view(batch, seq_len, *out.shape[1:])  # (B, L, *F_out)
+
     def _raise_out_of_range(self, modality_ids: torch.Tensor) -> None:
         """Error path only: name the first offending id, its batch row and position."""
         bad = (modality_ids < 0) | (modality_ids >= self.num_ways)  # (B, L)
@@ -133,8 +253,11 @@ def maybe_multiway(module: nn.Module, num_ways: int) -> nn.Module:
     return module if num_ways == 1 else MultiwayNetwork(module, num_ways)
 
 
-def route(module: nn.Module, x: torch.Tensor, modality_ids: torch.Tensor | None) -> torch.Tensor:
-    """Apply a plain module, or a `MultiwayNetwork` with the tokens' modality ids (B, L)."""
+def route(
+    module: nn.Module, x: torch.Tensor, modality_ids: torch.Tensor | MultiwayRouting | None
+) -> torch.Tensor:
+    """Apply a plain module, or a `MultiwayNetwork` with the tokens' modality ids (B, L) or their
+    host-built `MultiwayRouting`."""
     if isinstance(module, MultiwayNetwork):
         if modality_ids is None:
             raise ValueError(f"this layer has {module.num_ways} multiway experts: pass modality_ids (B, L)")

@@ -46,6 +46,9 @@ def check_lengths(
 
     Returns:
         (B,) long tensor on `device`.
+
+    Lengths given on the CPU are checked there and copied to `device` without waiting for it;
+    lengths given on an accelerator are read back for the check (one host sync).
     """
     if lengths is None:
         return torch.full((batch,), size, dtype=torch.long, device=device)
@@ -65,15 +68,14 @@ def check_lengths(
             f"{modality}: lengths must have shape (B,) = ({batch},) to match the batch, "
             f"got {tuple(lengths.shape)}"
         )
-    lengths = lengths.to(device=device, dtype=torch.long)
-    if batch:
+    if batch:  # checked where the lengths live: on the CPU (the usual case) this reads no device
         low, high = torch.stack([lengths.min(), lengths.max()]).tolist()
         if low < 0 or high > size:
             raise ValueError(
                 f"{modality}: lengths must be in [0, {size}] (valid {unit}, at most the padded size), "
                 f"got values in [{low}, {high}]"
             )
-    return lengths
+    return lengths.to(device=device, dtype=torch.long, non_blocking=True)
 
 
 def padding_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:

@@ -301,7 +301,7 @@ class AudioEncoder(Pretrained, nn.Module):
         tokens = self.frame_lengths(lengths)
         for _ in self.convs:
             tokens = ceil_div(tokens, 2)
-        return int(tokens) if as_int else tokens
+        return tokens.tolist() if as_int else tokens  # an int input gives a Python int
 
     def _resampled_lengths(self, lengths: torch.Tensor, sample_rate: int) -> torch.Tensor:
         gcd = math.gcd(sample_rate, self.config.sample_rate)

@@ -324,12 +324,7 @@ class TextEncoder(Pretrained, nn.Module):
         pad = padding_mask(lengths, width)  # (B, L)
         tokens = tokens.long().masked_fill(pad, cfg.padding_id)  # (B, L), padding slots hold the pad id
         if tokens.numel():
-            low, high = torch.stack([tokens.min(), tokens.max()]).tolist()
-            if low < 0 or high >= cfg.vocab_size:
-                raise ValueError(
-                    f"text: token ids must be in [0, vocab_size={cfg.vocab_size}), got values in "
-                    f"[{low}, {high}]; the tokenizer and TextEncoderConfig.vocab_size disagree"
-                )
+            _check_id_range(tokens, cfg.vocab_size)
         if cfg.embedding == "local":
             embedded = self.embedding(tokens)  # (B, L, E)
         else:  # only positions holding another id than padding_id are routed: no row, no gradient
@@ -341,3 +336,22 @@ class TextEncoder(Pretrained, nn.Module):
         if cfg.check_finite:
             check_finite("text", "token embeddings", out)
         return out, pad
+
+
+def _check_id_range(tokens: torch.Tensor, vocab_size: int) -> None:
+    """ValueError unless every id of `tokens` (B, L) lies in [0, vocab_size).
+
+    On the CPU the message names the range found. On an accelerator the check runs on the device
+    without reading back (an asynchronous assert, reported at the next synchronisation), so that
+    a training step never waits for it.
+    """
+    if tokens.device.type != "cpu" or torch.compiler.is_compiling():
+        inside = ((tokens >= 0) & (tokens < vocab_size)).all()
+        torch._assert_async(inside, f"text: token ids must be in [0, vocab_size={vocab_size})")
+        return
+    low, high = torch.stack([tokens.min(), tokens.max()]).tolist()
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"text: token ids must be in [0, vocab_size={vocab_size}), got values in "
+            f"[{low}, {high}]; the tokenizer and TextEncoderConfig.vocab_size disagree"
+        )

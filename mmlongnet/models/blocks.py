@@ -23,7 +23,7 @@ from mmlongnet.attention.dilated import check_schedule
 from mmlongnet.attention.multihead import MultiheadDilatedAttention, PositionsArg
 from mmlongnet.attention.sharding import current_shard, use_shard
 from mmlongnet.layers.feedforward import Activation, FeedForward
-from mmlongnet.layers.multiway import maybe_multiway, route
+from mmlongnet.layers.multiway import MultiwayRouting, maybe_multiway, route
 from mmlongnet.layers.relative_bias import RelativePositionBias
 
 LONGNET_SEGMENT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
@@ -118,7 +118,7 @@ class _LongNetBlock(nn.Module):
         memory_key_padding_mask: torch.Tensor | None,
         position_offset: int,
         kv_cache: DilatedKVCache | None,
-        modality_ids: torch.Tensor | None,
+        modality_ids: torch.Tensor | MultiwayRouting | None,
     ) -> torch.Tensor:
         h = route(self.self_attn_norm, x, modality_ids)
         h, _ = self.self_attn(
@@ -204,7 +204,7 @@ class LongNetEncoderLayer(_LongNetBlock):
         is_causal: bool = False,
         *,
         position_offset: int = 0,
-        modality_ids: torch.Tensor | None = None,
+        modality_ids: torch.Tensor | MultiwayRouting | None = None,
     ) -> torch.Tensor:
         return self._run(
             src, src_key_padding_mask, is_causal, None, None, position_offset, None, modality_ids

@@ -19,6 +19,7 @@ from torch import nn
 from mmlongnet.attention.cache import DilatedKVCache
 from mmlongnet.attention.multihead import PositionsArg
 from mmlongnet.layers.feedforward import Activation
+from mmlongnet.layers.multiway import MultiwayRouting
 from mmlongnet.models.blocks import (
     LONGNET_DILATION_RATES,
     LONGNET_SEGMENT_LENGTHS,
@@ -57,8 +58,8 @@ class LongNetEncoder(_LayerStack):
     MAGNETO's sqrt(log(2 * num_layers))).
 
     forward(x (B, N, E), key_padding_mask (B, N) bool True = padding, is_causal=False, *,
-    position_offset=0, modality_ids=None) -> (B, N, E); `modality_ids` (B, N) long routes the
-    tokens of multiway layers (num_ways > 1; the final LayerNorm is shared).
+    position_offset=0, modality_ids=None) -> (B, N, E); `modality_ids` (B, N) long (or a
+    `MultiwayRouting`) routes the tokens of multiway layers (num_ways > 1; the final LayerNorm is shared).
     """
 
     layer_class = LongNetEncoderLayer
@@ -70,7 +71,7 @@ class LongNetEncoder(_LayerStack):
         is_causal: bool = False,
         *,
         position_offset: int = 0,
-        modality_ids: torch.Tensor | None = None,
+        modality_ids: torch.Tensor | MultiwayRouting | None = None,
     ) -> torch.Tensor:
         for layer in self.layers:
             x = layer(

@@ -39,6 +39,7 @@ from mmlongnet.modalities.audio import AudioEncoder, AudioEncoderConfig
 from mmlongnet.modalities.text import TextEncoder, TextEncoderConfig
 from mmlongnet.modalities.vision import VisionEncoder, VisionEncoderConfig
 from mmlongnet.models.longnet import LongNetEncoder
+from mmlongnet.models.packing import FusedLayout
 from mmlongnet.pretrained import Pretrained
 
 MODALITIES = ("text", "audio", "video")
@@ -177,11 +178,15 @@ class MMLongNetOutput:
     """Per present modality, (B, E) mean of its stack's tokens (zeros where a sample lacks it)."""
     modality_present: dict[str, torch.Tensor]
     """Per present modality, (B,) bool: which samples carry it."""
+    valid_tokens: int = 0
+    """Valid fused tokens of the batch (a host int: reading it costs no device sync)."""
 
 
-def _mask_if_padded(padding: torch.Tensor) -> torch.Tensor | None:
-    """The (B, N) padding mask, or None when nothing is padded (the attention then runs maskless)."""
-    return padding if bool(padding.any()) else None
+def _host_lengths(lengths: torch.Tensor | None, batch: int, size: int) -> torch.Tensor:
+    """Raw valid lengths on the CPU, (B,) long: as given (read back once if on a device), or all `size`."""
+    if lengths is None:
+        return torch.full((batch,), size, dtype=torch.long)
+    return lengths.cpu()
 
 
 def _masked_mean(tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
@@ -243,9 +248,13 @@ class MMLongNet(Pretrained, nn.Module):
     # --- single modalities -------------------------------------------------------------------
 
     def _encode(self, name: str, x: torch.Tensor, lengths: torch.Tensor | None, **kwargs):
+        """Encoder and stack of one modality -> tokens (B, N_m, E), padding (B, N_m), and the
+        valid token lengths (B,) long on the CPU."""
         if name not in self.encoders:
             raise ValueError(f"this model has no {name} modality (configured: {self.config.modalities})")
         encoder = self.encoders[name]
+        if isinstance(x, torch.Tensor) and x.dim() >= 2:  # shapes the encoder checks
+            lengths = _host_lengths(lengths, x.shape[0], x.shape[1])
         try:
             if self.config.checkpoint_activations and self.training and torch.is_grad_enabled():
                 tokens, padding = checkpoint(encoder, x, lengths, use_reentrant=False, **kwargs)
@@ -253,22 +262,24 @@ class MMLongNet(Pretrained, nn.Module):
                 tokens, padding = encoder(x, lengths, **kwargs)  # (B, N_m, E), (B, N_m)
         except (TypeError, ValueError) as error:  # name the modality as the caller named it
             raise type(error)(f"inputs[{name!r}]: {error}") from error
+        token_lengths = encoder.output_lengths(lengths, **kwargs)  # (B,) on the CPU, as the lengths
         if name in self.stacks:
-            tokens = self.stacks[name](tokens, _mask_if_padded(padding))
-        return tokens, padding
+            padded = bool((token_lengths.numpy() < tokens.shape[1]).any())  # on the host
+            tokens = self.stacks[name](tokens, padding if padded else None)
+        return tokens, padding, token_lengths
 
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None):
         """Text ids (B, L) -> (tokens (B, L, E), padding_mask (B, L)) after the text stack."""
-        return self._encode("text", tokens, lengths)
+        return self._encode("text", tokens, lengths)[:2]
 
     def encode_audio(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None, sample_rate=None):
         """Waveform (B, S) -> (tokens (B, N_a, E), padding_mask (B, N_a)) after the audio stack."""
-        return self._encode("audio", waveform, lengths, sample_rate=sample_rate)
+        return self._encode("audio", waveform, lengths, sample_rate=sample_rate)[:2]
 
     def encode_video(self, frames: torch.Tensor, lengths: torch.Tensor | None = None):
         """Video (B, T, C, H, W) or images (B, C, H, W) -> (tokens (B, N_v, E), padding_mask) after
         the video stack."""
-        return self._encode("video", frames, lengths)
+        return self._encode("video", frames, lengths)[:2]
 
     # --- the multimodal forward --------------------------------------------------------------
 
@@ -311,36 +322,49 @@ class MMLongNet(Pretrained, nn.Module):
         present, lengths, batch = self._check_inputs(inputs, lengths)
         order = [name for name in self.config.modalities if name in present]
         shard = current_shard()
-        streams = {}  # name -> (tokens (B, N_m, E), padding (B, N_m))
+        streams = {}  # name -> (tokens (B, N_m, E), padding (B, N_m), token lengths (B,) on the CPU)
         with use_shard(None):  # encoders and modality stacks see whole sequences, also when sharded
             for name in order:
                 kwargs = {"sample_rate": audio_sample_rate} if name == "audio" else {}
                 streams[name] = self._encode(name, present[name], lengths.get(name), **kwargs)
-        counts = torch.stack([(~streams[name][1]).sum(1) for name in order])  # (M_present, B)
-        empty = (counts.sum(0) == 0).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(
-                f"sample {empty[0]} has no modality at all (every length is 0); drop it from the batch"
-            )
-        modality_pooled = {name: _masked_mean(*streams[name]) for name in order}
-        modality_present = {name: counts[i] > 0 for i, name in enumerate(order)}
-        if self.config.fusion == "sequence":
-            tokens, padding, ids = self._pack(streams, order, counts)
+        sequence = self.config.fusion == "sequence"
+        layout = FusedLayout.build(
+            [streams[name][2] for name in order], [streams[name][0].shape[1] for name in order],
+            [self.config.modalities.index(name) for name in order],
+            num_ways=len(self.config.modalities) if sequence and self.fusion is not None else 1,
+            device=self.type_embedding.weight.device,
+        )  # fmt: skip
+        modality_pooled = {name: _masked_mean(*streams[name][:2]) for name in order}
+        modality_present = {name: layout.present[i] for i, name in enumerate(order)}
+        if sequence:
+            tokens = layout.pack(
+                [
+                    streams[name][0] + self.type_embedding.weight[self.config.modalities.index(name)]
+                    for name in order
+                ]
+            )  # (B, L, E)
+            padding, ids, has_padding = layout.padding_mask, layout.modality_ids, layout.has_padding
         else:
             tokens, padding, ids = self._concat_features(streams, order)
+            first_lengths = streams[order[0]][2]  # (B,) on the CPU; every stream has these lengths
+            has_padding = bool((first_lengths.numpy() < tokens.shape[1]).any())
         if self.fusion is not None:
-            ids_or_none = ids if self.config.fusion == "sequence" else None
-            if shard is None:
-                tokens = self.fusion(tokens, _mask_if_padded(padding), modality_ids=ids_or_none)
+            if shard is not None:
+                tokens = self._fuse_sharded(shard, tokens, padding, layout if sequence else None, has_padding)
             else:
-                tokens = self._fuse_sharded(shard, tokens, padding, ids_or_none)
+                routing = layout.routing if sequence else None
+                tokens = self.fusion(tokens, padding if has_padding else None, modality_ids=routing)
         return MMLongNetOutput(
             tokens=tokens, padding_mask=padding, modality_ids=ids, pooled=_masked_mean(tokens, padding),
             modality_pooled=modality_pooled, modality_present=modality_present,
+            valid_tokens=layout.valid_tokens if sequence else int(first_lengths.numpy().sum()),
         )  # fmt: skip
 
-    def _fuse_sharded(self, shard: SequenceShard, tokens, padding, ids):
-        """The fusion stack on this shard's slice of the fused sequence, gathered back: (B, L, E)."""
+    def _fuse_sharded(
+        self, shard: SequenceShard, tokens, padding, layout: FusedLayout | None, has_padding: bool
+    ):
+        """The fusion stack on this shard's slice of the fused sequence, gathered back: (B, L, E).
+        `layout`: the sequence fusion's layout (its routing is cut to the shard's slice), or None."""
         if shard.gather is None:
             raise ValueError("a sharded MMLongNet needs the shard's gather (sequence_parallel sets one)")
         length = tokens.shape[1]
@@ -348,35 +372,13 @@ class MMLongNet(Pretrained, nn.Module):
         if extra:
             tokens = nn.functional.pad(tokens, (0, 0, 0, extra))  # (B, L', E)
             padding = nn.functional.pad(padding, (0, extra), value=True)  # (B, L')
-            if ids is not None:
-                ids = torch.cat([ids, ids[:, :1].expand(-1, extra)], 1)  # (B, L')
-        mask = shard.split(padding) if bool(padding.any()) else None  # the same choice on every shard
-        local_ids = None if ids is None else shard.split(ids)  # (B, L'/P)
-        local = self.fusion(shard.split(tokens), mask, modality_ids=local_ids)  # (B, L'/P, E)
+        mask = shard.split(padding) if has_padding or extra else None  # the same choice on every shard
+        routing = None
+        if layout is not None:
+            num_ways = len(self.config.modalities)
+            routing = layout.shard_routing(shard.index, shard.num_shards, num_ways, tokens.device)
+        local = self.fusion(shard.split(tokens), mask, modality_ids=routing)  # (B, L'/P, E)
         return shard.gather(local, 1)[:, :length]  # (B, L, E)
-
-    def _pack(self, streams: dict, order: list[str], counts: torch.Tensor):
-        """Each sample's valid tokens, modality after modality, at the start of (B, L, E)."""
-        batch = counts.shape[1]
-        totals = counts.sum(0)  # (B,)
-        length = int(totals.max())
-        first = self.config.modalities.index(order[0])
-        tokens = None
-        ids = torch.full((batch, length), first, dtype=torch.long, device=counts.device)
-        offset = torch.zeros_like(totals)  # (B,) where the next modality starts in each sample
-        for i, name in enumerate(order):
-            stream, padding = streams[name]  # (B, N_m, E), (B, N_m)
-            modality = self.config.modalities.index(name)
-            stream = stream + self.type_embedding.weight[modality]
-            if tokens is None:
-                tokens = stream.new_zeros(batch, length, stream.shape[-1])  # (B, L, E)
-            rows, cols = (~padding).nonzero(as_tuple=True)  # valid tokens are a prefix of each row
-            where = offset[rows] + cols
-            tokens = tokens.index_put((rows, where), stream[rows, cols])
-            ids[rows, where] = modality
-            offset = offset + counts[i]
-        padding = torch.arange(length, device=counts.device)[None, :] >= totals[:, None]  # (B, L)
-        return tokens, padding, ids
 
     def _concat_features(self, streams: dict, order: list[str]):
         """Time-aligned streams of equal length, concatenated along E and projected: (B, N, E)."""

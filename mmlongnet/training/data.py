@@ -1,7 +1,8 @@
 """Lightning data modules: the bundled AV digits task, users' JSONL manifests, byte-level text.
 
 Each wraps a dataset of `mmlongnet.data` (which knows nothing of Lightning) and batches it with
-`collate_samples` (multimodal) or by stacking (text windows).
+`collate_samples` (multimodal, padded to length buckets by default, so that batch shapes repeat)
+or by stacking (text windows, all of one length).
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmlongnet.data.avdigits import AVDigitsConfig, AVDigitsDataset
-from mmlongnet.data.collate import collate_samples
+from mmlongnet.data.collate import LengthBuckets, collate_samples
 from mmlongnet.data.text_files import ByteWindows, split_text_files, stdlib_directory
 
 __all__ = ["AVDigitsDataModule", "ManifestDataModule", "TextFilesDataModule"]
+
+DEFAULT_BUCKETS = LengthBuckets()
+"""The multimodal data modules' default length buckets (frozen, so one instance serves all)."""
 
 
 class _Loaders(pl.LightningDataModule):
@@ -37,6 +42,7 @@ class _Loaders(pl.LightningDataModule):
         return DataLoader(
             self.datasets[stage], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
             collate_fn=self.collate_fn, persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),  # non-blocking copies to the GPU
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
@@ -61,6 +67,9 @@ class AVDigitsDataModule(_Loaders):
         predict_examples: examples of the test split that `predict` answers.
         batch_size, num_workers: of the data loaders.
         max_text_length: truncate the questions to this many byte ids (None = keep all).
+        buckets: pad each modality of a batch to a length bucket (`LengthBuckets`: geometric,
+            4 per doubling; audio in multiples of 640 samples, one token of the default audio
+            encoder), so that batch shapes repeat; None = pad to the batch's longest.
         data_dir: the built artifacts; None = the repository's data/avdigits.
     """
 
@@ -74,6 +83,7 @@ class AVDigitsDataModule(_Loaders):
         batch_size: int = 32,
         num_workers: int = 0,
         max_text_length: int | None = None,
+        buckets: LengthBuckets | None = DEFAULT_BUCKETS,
         data_dir: str | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers)
@@ -81,7 +91,7 @@ class AVDigitsDataModule(_Loaders):
         self.sizes = {"train": train_examples, "val": val_examples, "test": test_examples}
         self.predict_examples = predict_examples
         self.data_dir = data_dir
-        self.collate_fn = partial(collate_samples, max_text_length=max_text_length)
+        self.collate_fn = partial(collate_samples, max_text_length=max_text_length, buckets=buckets)
 
     @property
     def num_classes(self) -> int:
@@ -106,6 +116,11 @@ class ManifestDataModule(_Loaders):
         on_error: "raise" on a missing or unreadable file, or "skip" such samples (and report them).
         batch_size, num_workers: of the data loaders.
         max_text_length: truncate text to this many byte ids (None = keep all).
+        buckets: pad each modality of a batch to a length bucket (`LengthBuckets`: geometric,
+            4 per doubling; audio in multiples of 640 samples, one token of the default audio
+            encoder: set `audio_multiple` to hop_length * subsampling of yours, `video_multiple`
+            to a multiple of the tubelet size), so that batch shapes repeat; None = pad to the
+            batch's longest.
     """
 
     def __init__(
@@ -124,6 +139,7 @@ class ManifestDataModule(_Loaders):
         batch_size: int = 8,
         num_workers: int = 0,
         max_text_length: int | None = None,
+        buckets: LengthBuckets | None = DEFAULT_BUCKETS,
     ) -> None:
         super().__init__(batch_size, num_workers)
         self.manifests = {"train": train, "val": val, "test": test, "predict": predict}
@@ -133,7 +149,7 @@ class ManifestDataModule(_Loaders):
             classes=classes, sample_rate=sample_rate, frame_size=frame_size, channels=channels,
             frame_rate=frame_rate, max_frames=max_frames, on_error=on_error,
         )  # fmt: skip
-        self.collate_fn = partial(collate_samples, max_text_length=max_text_length)
+        self.collate_fn = partial(collate_samples, max_text_length=max_text_length, buckets=buckets)
 
     def setup(self, stage: str | None = None) -> None:
         from mmlongnet.data.manifest import ManifestDataset  # needs the `media` extra

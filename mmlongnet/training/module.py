@@ -16,7 +16,6 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from mmlongnet.attention.sharding import current_shard
 from mmlongnet.data.collate import Batch
@@ -134,17 +133,11 @@ class MultimodalClassifier(pl.LightningModule):
         self.model = MMLongNet(model)
         self.last_batch_tokens = 0  # valid fused tokens of the last batch (for throughput)
         self.head = nn.Sequential(nn.LayerNorm(model.d_model), nn.Linear(model.d_model, num_classes))
-        self.metrics = nn.ModuleDict(
-            {
-                f"{stage}_acc": MulticlassAccuracy(num_classes, average="micro")
-                for stage in ("train", "val", "test")
-            }
-        )
 
     def features(self, batch: Batch) -> torch.Tensor:
         """The pooled representation the head reads, (B, E)."""
         out = self.model(batch.inputs, batch.lengths)
-        self.last_batch_tokens = int((~out.padding_mask).sum())
+        self.last_batch_tokens = out.valid_tokens
         if self.pooling == "mean":
             return out.pooled
         text = self.model.config.modalities.index("text")
@@ -156,19 +149,33 @@ class MultimodalClassifier(pl.LightningModule):
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.head(self.features(batch))  # (B, K)
 
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """Inputs to the device in non-blocking copies; lengths and labels stay on the CPU, where
+        the model derives the batch's layout and the step counts labelled samples without
+        reading the device."""
+        if not isinstance(batch, Batch):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        inputs = {name: x.to(device, non_blocking=True) for name, x in batch.inputs.items()}
+        return Batch(batch.ids, inputs, batch.lengths, batch.labels)
+
     def _step(self, batch: Batch, stage: str) -> torch.Tensor:
-        logits = self(batch)
-        labelled = batch.labels >= 0  # (B,); samples with label -1 take no part
-        if not labelled.any():
-            return logits.sum() * 0.0
-        loss = F.cross_entropy(
-            logits[labelled].float(), batch.labels[labelled], label_smoothing=self.label_smoothing
-        )
-        metric = self.metrics[f"{stage}_acc"]
-        metric(logits[labelled], batch.labels[labelled])
-        size = int(labelled.sum())
+        logits = self(batch)  # (B, K)
+        labels = batch.labels.to(logits.device, non_blocking=True)  # (B,)
+        size = int((batch.labels.cpu().numpy() >= 0).sum())  # labelled samples, counted on the host
+        labelled = (labels >= 0).to(logits.dtype)  # (B,); samples with label -1 take no part
+        losses = F.cross_entropy(
+            logits.float(), labels.clamp_min(0), reduction="none", label_smoothing=self.label_smoothing
+        )  # (B,)
+        loss = (losses * labelled).sum() / max(size, 1)  # the mean over labelled samples (0 without any)
+        if size == 0:
+            return loss
+        correct = ((logits.argmax(-1) == labels) & (labels >= 0)).sum()  # (), on the device
         self.log(f"{stage}_loss", loss, batch_size=size, prog_bar=True, sync_dist=stage != "train")
-        self.log(f"{stage}_acc", metric, batch_size=size, prog_bar=True, on_epoch=True, on_step=False)
+        # The epoch value is the mean weighted by batch_size: correct / labelled over the epoch.
+        self.log(
+            f"{stage}_acc", correct / size, batch_size=size, prog_bar=True, on_epoch=True, on_step=False,
+            sync_dist=stage != "train",
+        )  # fmt: skip
         return loss
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from mmlongnet.attention import DilatedAttention, dilated_attention
 from mmlongnet.attention import dilated as dilated_module
 from mmlongnet.attention.geometry import BranchCall, PackedBlock, branch_calls
+from mmlongnet.attention.kernels import KernelSelector
 
 # (N, segment_lengths, dilation_rates, H): N not a multiple of any segment, N shorter than every
 # segment, H < r, H not a multiple of r, non-power-of-two segments and rates, w % r != 0,
@@ -87,9 +88,11 @@ def test_packed_rows_are_the_per_offset_rows_and_place_inverts_them(length, head
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
         assert rows[:, :, call.offset, call.rows :].isnan().all()  # padding rows
         assert rows[:, :, call.offset, :, call.heads :].isnan().all()  # padding heads
-    placed = packed.place(rows.flatten(0, 2), fill=0.0)  # (B, S, L, H, D)
+    placed = torch.zeros_like(x)
+    packed.target(placed).copy_(packed.place(rows.flatten(0, 2), fill=0.0))  # laid out alike
+    assert packed.is_padded == (length % rate != 0 or heads % rate != 0)
     selected = torch.arange(length)[:, None] % rate == torch.arange(heads)[None, :] % rate  # (L, H)
-    torch.testing.assert_close(placed, packed.target(x) * selected[..., None], rtol=0, atol=0)
+    torch.testing.assert_close(placed, x * selected.repeat(2, 1)[..., None], rtol=0, atol=0)
 
 
 def test_rows_without_keys_output_zero_and_pass_no_gradient():
@@ -247,13 +250,22 @@ def test_sdpa_rejects_dtypes_its_kernels_lack():
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture(params=["plan-free", "promoted"])
+def kernel_choice(request, monkeypatch):
+    """Run every shape on the plan-free kernels (as a new shape), or promoted from its first call
+    (on cuDNN where the chain has it, as a shape that recurs)."""
+    promote_after = 1 if request.param == "promoted" else 10**9
+    monkeypatch.setattr(dilated_module, "SELECTOR", KernelSelector(promote_after=promote_after))
+    return request.param
+
+
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize(("seq_len", "segs", "rates", "num_heads"), GRID)
 def test_cuda_bf16_error_within_twice_reference_bf16_error(
-    seq_len, segs, rates, num_heads, is_causal, masked, packing
+    seq_len, segs, rates, num_heads, is_causal, masked, packing, kernel_choice
 ):
     """Kernel error vs the float64 reference <= 2x the bf16 reference's own error (+ rounding).
 

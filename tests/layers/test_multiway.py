@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmlongnet.layers.multiway import MultiwayNetwork
+from mmlongnet.layers.multiway import MultiwayNetwork, MultiwayRouting
 
 DIM, HIDDEN, OUT = 6, 10, 4  # token features in, FFN hidden width, Linear features out (!= DIM)
 
@@ -212,3 +212,57 @@ def test_reinitialisation_keeps_a_module_s_own_initialisation():
     for expert in net.experts:
         assert abs(expert.fc1.weight.std().item() / (gamma * xavier) - 1) < 0.03
     assert not torch.equal(net.experts[1].fc1.weight, net.experts[2].fc1.weight)
+
+
+# --- routing built on the host -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["linear", "ffn", "layernorm"])
+def test_host_routing_equals_the_per_token_twin_with_spare_capacity(kind):
+    net = MultiwayNetwork(make_expert(kind), 3)
+    perturb_norms(net)
+    torch.manual_seed(1)
+    x = torch.randn(2, 7, DIM, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0, 2, 2, 1, 0, 0, 2], [1, 1, 0, 2, 2, 0, 1]])
+    routed = torch.ones_like(ids, dtype=torch.bool)
+    routed[1, 5:] = False  # two padding tokens: no expert reads them, they come out as zeros
+    capacities = [6, 9, 5]  # above the counts (4, 4, 4): spare rows read token 0, are discarded
+    routing = MultiwayRouting.from_ids(ids, 3, routed=routed, capacities=capacities, fill=0)
+    assert [len(g) for g in routing.gather] == capacities
+    out = net(x, routing)
+    expected = per_token_twin(net, x, ids)
+    torch.testing.assert_close(out[routed], expected[routed], rtol=0, atol=1e-12)
+    assert torch.equal(out[~routed], torch.zeros_like(out[~routed]))
+    assert routing.modality_ids[1, 5:].tolist() == [0, 0]
+    grad = torch.randn_like(out)
+    (out * grad).sum().backward()
+    x_grad, expert_grads = x.grad.clone(), [p.grad.clone() for p in net.parameters()]
+    x.grad = None
+    net.zero_grad()
+    (expected * grad * routed[..., None]).sum().backward()
+    torch.testing.assert_close(x.grad, x_grad, rtol=0, atol=1e-12)
+    for got, want in zip(expert_grads, [p.grad for p in net.parameters()], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_host_routing_equals_device_routing_and_skips_experts_without_capacity():
+    net = MultiwayNetwork(make_expert("linear"), 3)
+    x = torch.randn(2, 5, DIM, dtype=torch.float64)
+    ids = torch.tensor([[0, 0, 2, 2, 0], [2, 0, 0, 2, 2]])  # no token of expert 1
+    calls = []
+    net.experts[1].register_forward_hook(lambda *args: calls.append(1))
+    routing = MultiwayRouting.from_ids(ids, 3, capacities=[5, 0, 6])
+    torch.testing.assert_close(net(x, routing), net(x, ids), rtol=0, atol=1e-12)
+    assert calls == []
+
+
+def test_host_routing_errors_name_the_problem():
+    ids = torch.tensor([[0, 3]])
+    with pytest.raises(ValueError, match=r"\[0, num_ways=2\).*got 3"):
+        MultiwayRouting.from_ids(ids, 2)
+    with pytest.raises(ValueError, match="capacity 0 of expert 0 is below its 1 tokens"):
+        MultiwayRouting.from_ids(torch.tensor([[0, 1]]), 2, capacities=[0, 1])
+    net = MultiwayNetwork(make_expert("linear"), 2)
+    routing = MultiwayRouting.from_ids(torch.tensor([[0, 1]]), 2)
+    with pytest.raises(ValueError, match="routing is for 2 experts over"):
+        net(torch.randn(1, 3, DIM, dtype=torch.float64), routing)

@@ -1,0 +1,831 @@
+"""End-to-end training benchmark on one GPU: real steps of the Lightning modules on their data.
+
+Each row trains a module built from a repository config for a few steps on batches from its data
+module, once with dilated attention and once with dense attention, in the same run:
+
+- AV digits (`MultimodalClassifier` on `AVDigitsDataModule`, configs/avdigits_long.yaml) at
+  16, 256 and 1024 digits per example (batch 16, 8, 4); the fused sequence grows to ~17K tokens
+  per sample at 1024 digits. Dense = every stack (text, audio, video and fusion) given one branch
+  whose segment (2^24 tokens) covers any sequence at dilation 1: each token attends to all valid
+  tokens of its stack, through the same fused op (`StackConfig` takes any segment length; a
+  sequence shorter than its segment is one segment).
+- Byte LM (`LanguageModel` with `LongNetLM` on `TextFilesDataModule`, configs/lm_bytes.yaml) at
+  windows of 8K, 32K and 128K bytes (batch 16, 4, 1: 128K tokens a step). Dense =
+  `LongNetLM(attention="dense")`, full causal attention.
+
+Modules and data modules come from `mmlongnet.training.CLI` (LightningCLI) with `run=False`
+on the YAML plus command-line overrides (digits, window, batch, loader workers, the dense
+schedule); they are the objects `train.py fit` would train. The Trainer the CLI builds is not
+used for the steps: its logger and callbacks are switched off and only its `gradient_clip_val`
+is read. One step, driven here as Lightning's loop would drive it:
+
+    batch = module.transfer_batch_to_device(batch, device, 0)   # the module's hook
+    with torch.autocast("cuda", torch.bfloat16):                 # bf16-mixed; fp32 on the CPU
+        loss = module.training_step(batch, i)
+    loss.backward()
+    clip_grad_norm_(module.parameters(), gradient_clip_val)      # when the config clips
+    optimizer.step(); scheduler.step(); optimizer.zero_grad()    # from configure_optimizers()
+
+`self.log` in `training_step` runs Lightning's path for a module without a Trainer: it checks
+the value and returns without logging (Lightning supports this for calling steps directly, and
+warns once; the benchmark filters that one warning). So logging costs nothing here, as with
+`Trainer(barebones=True)`; everything else in `training_step` (the metric update, the token
+count) runs as in a fit.
+
+Per row and kind: `--warmup` untimed steps, then `--steps` timed steps, each timed on the host
+between two `torch.cuda.synchronize()` (fetching the next batch from the loader is outside the
+timed step and reported apart as `data_ms`); then `--profile-steps` steps under
+`torch.profiler` (CPU and CUDA activities), each marked by `record_function`, from which come
+the GPU-busy share, the kernel and launch counts and the host syncs of a step.
+
+Columns of the table (JSON fields in brackets):
+- tokens/step [tokens_per_step]: mean over the timed steps of `module.last_batch_tokens`, the
+  fused valid tokens of the batch (AV digits) or its B * N inputs (LM);
+- steps/s [steps_per_s]: 1000 / the median timed step in ms [step_ms];
+- tokens/s [tokens_per_s]: tokens/step * steps/s;
+- peak GiB [peak_gib]: `torch.cuda.max_memory_allocated` over the timed steps;
+- GPU busy [gpu_busy_share]: the union of the CUDA kernel intervals of a profiled step over its
+  span (from the step's start to the end of the synchronisation after it); median over steps;
+- kernels/step, launches/step: kernels run on the GPU, and kernel launch calls on the host
+  (`cudaLaunchKernel`, `cuLaunchKernel*`, graph launches), per profiled step;
+- syncs/step [syncs_per_step, by name in syncs]: host syncs inside a profiled step's own code:
+  `cudaStreamSynchronize`, `cudaDeviceSynchronize`, `cudaEventSynchronize` and synchronous
+  `cudaMemcpy` (`.item()`, `int(tensor)`, a blocking copy...), the benchmark's own
+  synchronisation after the step left out;
+- shapes [distinct_shapes, shapes]: distinct input shapes over every step run (warm-up, timed,
+  profiled); each new shape may cost kernel plans or compilation;
+- data ms [data_ms]: median host time to take the next batch from the loader.
+On the CPU (`--smoke`) the profiler records CPU activity only and the GPU fields are null.
+
+Writes `<out>/train_<tag>.json` (rows also to `.json.tmp` as they come) and `<out>/train_<tag>.png`
+(dilated against dense: tokens/s and GPU-busy share per row), and prints a markdown table last.
+
+    python benchmarks/train.py --tag h200                      # all rows, both kinds
+    python benchmarks/train.py --rows av1024 lm128k --steps 10
+    python benchmarks/train.py --rows av:512:8 lm:65536:2      # task:digits-or-window:batch
+    python benchmarks/train.py --smoke                         # tiny rows, 2 steps; runs on the CPU
+"""
+
+# B batch, N tokens of a window (LM), L fused tokens of a sample (AV digits), W segment length,
+# R dilation rate.
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import logging
+import re
+import shlex
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+KINDS = ("dilated", "dense")
+DENSE_SEGMENT = 1 << 24  # one segment longer than any sequence: dense attention through the dilated op
+AV_STACKS = ("text_stack", "audio_stack", "video_stack", "fusion_stack")
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+LAUNCH_PREFIXES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchCooperativeKernel", "cudaGraphLaunch")
+STEP_MARK, SYNC_MARK = "benchmark_train_step_", "benchmark_device_sync_"
+CLI_ARGS_WARNING = r"LightningCLI's args parameter is intended to run from within Python"
+NO_TRAINER_LOG = r"You are trying to `self.log\(\)` but the `self.trainer` reference is not registered"
+
+
+# --------------------------------------------------------------------------------------------
+# Rows
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+    """One row: a task at one size. `size` is digits per example (av) or the window N (lm)."""
+
+    name: str
+    task: str  # "av" | "lm"
+    size: int
+    batch: int
+    config: str  # YAML under the repository root
+    extra: tuple[str, ...] = ()  # more CLI overrides (smoke rows shrink the data)
+
+
+ROWS = {
+    "av16": RowSpec("av16", "av", 16, 16, "configs/avdigits_long.yaml"),
+    "av256": RowSpec("av256", "av", 256, 8, "configs/avdigits_long.yaml"),
+    "av1024": RowSpec("av1024", "av", 1024, 4, "configs/avdigits_long.yaml"),
+    "lm8k": RowSpec("lm8k", "lm", 8192, 16, "configs/lm_bytes.yaml"),
+    "lm32k": RowSpec("lm32k", "lm", 32768, 4, "configs/lm_bytes.yaml"),
+    "lm128k": RowSpec("lm128k", "lm", 131072, 1, "configs/lm_bytes.yaml"),
+}
+SMOKE_ROWS = {
+    "av4": RowSpec("av4", "av", 4, 2, "configs/demo.yaml", ("--data.init_args.train_examples", "16")),
+    "lm64": RowSpec(
+        "lm64", "lm", 64, 2, "configs/lm_bytes.yaml",
+        ("--data.init_args.max_bytes", "200000", "--data.init_args.train_windows", "16"),
+    ),
+}  # fmt: skip
+CONFIGS = {"av": "configs/avdigits_long.yaml", "lm": "configs/lm_bytes.yaml"}
+
+
+def parse_row(text: str, batch: int | None = None) -> RowSpec:
+    """A row by name (`av1024`, `lm8k`, smoke rows too) or as `task:size:batch` (`av:512:8`).
+
+    `batch` replaces the row's batch when given.
+    """
+    known = ROWS | SMOKE_ROWS
+    if text in known:
+        spec = known[text]
+    else:
+        match = re.fullmatch(r"(av|lm):(\d+):(\d+)", text)
+        if match is None:
+            raise ValueError(f"row must be one of {sorted(known)} or task:size:batch (av|lm), got {text!r}")
+        task, size, rows = match[1], int(match[2]), int(match[3])
+        spec = RowSpec(text, task, size, rows, CONFIGS[task])
+    if spec.size < 1 or spec.batch < 1:
+        raise ValueError(f"row {text!r}: size and batch must be >= 1")
+    return spec if batch is None else dataclasses.replace(spec, batch=batch)
+
+
+def row_overrides(spec: RowSpec, kind: str, workers: int | None) -> list[str]:
+    """LightningCLI arguments after `--config`: size, batch, workers, the dense schedule, extras."""
+    data = "--data.init_args"
+    size = (
+        [f"{data}.dataset.num_digits", str(spec.size)]
+        if spec.task == "av"
+        else [f"{data}.window", str(spec.size)]
+    )
+    args = [*size, f"{data}.batch_size", str(spec.batch)]
+    args += [] if workers is None else [f"{data}.num_workers", str(workers)]
+    if kind == "dense":
+        args += dense_overrides(spec.task)
+    return args + list(spec.extra)
+
+
+def dense_overrides(task: str) -> list[str]:
+    """The dense baseline's overrides: full causal attention (lm); one segment of DENSE_SEGMENT
+    tokens at rate 1 in every stack (av)."""
+    if task == "lm":
+        return ["--model.init_args.model.init_args.attention", "dense"]
+    args = []
+    for stack in AV_STACKS:
+        key = f"--model.init_args.model.{stack}"
+        args += [f"{key}.segment_lengths", f"[{DENSE_SEGMENT}]", f"{key}.dilation_rates", "[1]"]
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Building the module and data from the configs
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's info lines (devices found, seed set) off while the CLI builds the objects, and
+    its warning that `args` are given while this script has command-line arguments of its own."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=CLI_ARGS_WARNING)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def build(spec: RowSpec, kind: str, device: torch.device, workers: int | None):
+    """(module on `device`, in train mode; set-up data module; gradient clip value or None).
+
+    The YAML's seed is set by the CLI before the module is built, so both kinds start alike.
+    """
+    from mmlongnet.training import CLI
+
+    args = ["--config", str(REPO_ROOT / spec.config), *row_overrides(spec, kind, workers)]
+    args += ["--trainer.accelerator", "gpu" if device.type == "cuda" else "cpu"]
+    args += ["--trainer.precision", "32-true", "--trainer.logger", "false", "--trainer.callbacks", "[]"]
+    with quiet_lightning():
+        cli = CLI(args=args, run=False)
+    cli.datamodule.setup("fit")
+    return cli.model.to(device).train(), cli.datamodule, cli.trainer.gradient_clip_val
+
+
+def optimizers(module) -> tuple[torch.optim.Optimizer, object | None]:
+    """The optimizer and per-step scheduler of `module.configure_optimizers()` (dict or optimizer)."""
+    config = module.configure_optimizers()
+    if isinstance(config, torch.optim.Optimizer):
+        return config, None
+    scheduler = config.get("lr_scheduler")
+    return config["optimizer"], scheduler["scheduler"] if isinstance(scheduler, dict) else scheduler
+
+
+def endless(datamodule) -> Iterator:
+    """Batches of the train loader, epoch after epoch (on the host, as the loader yields them)."""
+    while True:
+        yield from datamodule.train_dataloader()
+
+
+def tensor_shapes(obj) -> tuple:
+    """The shapes of every tensor in a batch (tensor, dataclass, mapping or sequence), in order."""
+    if isinstance(obj, torch.Tensor):
+        return (tuple(obj.shape),)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = [getattr(obj, field.name) for field in dataclasses.fields(obj)]
+    elif isinstance(obj, dict):
+        obj = [obj[key] for key in sorted(obj)]
+    if isinstance(obj, (list, tuple)):
+        return tuple(shape for item in obj for shape in tensor_shapes(item))
+    return ()
+
+
+def shape_key(batch) -> str:
+    """A batch's input shapes as text, e.g. "16x8193" or "2x40 2x16000 2x4x1x8x8 ..."."""
+    return " ".join("x".join(map(str, shape)) for shape in tensor_shapes(batch))
+
+
+def host_lengths(batch) -> dict[str, list[int]] | None:
+    """Per-sample lengths per modality of a multimodal batch (held on the host), else None."""
+    lengths = getattr(batch, "lengths", None)
+    if not isinstance(lengths, dict):
+        return None
+    return {name: [int(n) for n in value] for name, value in sorted(lengths.items())}
+
+
+# --------------------------------------------------------------------------------------------
+# One step, and the measurements
+# --------------------------------------------------------------------------------------------
+
+
+def mixed_precision(device: torch.device) -> AbstractContextManager:
+    """bf16 autocast on CUDA (fp32 master weights); plain fp32 on the CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclasses.dataclass
+class Trainee:
+    """What a step needs: the module, its optimizer and scheduler, the clip value, the device."""
+
+    module: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None
+    clip: float | None
+    device: torch.device
+
+    def step(self, batch, index: int) -> torch.Tensor:
+        """One training step on a host batch; returns the loss, detached (not read on the host)."""
+        module = self.module
+        batch = module.transfer_batch_to_device(batch, self.device, 0)
+        with mixed_precision(self.device):
+            loss = module.training_step(batch, index)
+        loss.backward()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), self.clip)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def tokens(self) -> int:
+        """Tokens of the last step's batch, as the module counted them (`last_batch_tokens`); read
+        after the step, so that a count held on the device is not a sync of the step."""
+        return int(self.module.last_batch_tokens)
+
+
+@dataclasses.dataclass
+class Timed:
+    """The timed steps: host ms per step, tokens per step, ms to fetch each batch, lengths, shapes."""
+
+    times_ms: list[float]
+    tokens: list[int]
+    data_ms: list[float]
+    lengths: list[dict] | None
+    shapes: list[str]
+    loss: float | None
+
+
+def run_steps(trainee: Trainee, batches: Iterator, count: int, first: int) -> Timed:
+    """Run `count` steps (indices from `first`), each timed between two device synchronisations."""
+    timed = Timed([], [], [], [], [], None)
+    for index in range(first, first + count):
+        started = time.perf_counter()
+        batch = next(batches)
+        timed.data_ms.append((time.perf_counter() - started) * 1e3)
+        timed.shapes.append(shape_key(batch))
+        lengths = host_lengths(batch)
+        if lengths is not None:
+            timed.lengths.append(lengths)
+        synchronize(trainee.device)
+        started = time.perf_counter()
+        loss = trainee.step(batch, index)
+        synchronize(trainee.device)
+        timed.times_ms.append((time.perf_counter() - started) * 1e3)
+        timed.tokens.append(trainee.tokens())
+        timed.loss = float(loss)
+    timed.lengths = timed.lengths or None
+    return timed
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """`torch.cuda.max_memory_allocated` since the last reset, in GiB (None on the CPU)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """A profiler event reduced to what is counted: name, where it ran, [start, end) in us."""
+
+    name: str
+    device: bool  # ran on the GPU (a kernel, memcpy, memset, or a GPU-side annotation)
+    annotation: bool  # a `record_function` range
+    start: float
+    end: float
+
+
+def profile_steps(
+    trainee: Trainee, batches: Iterator, count: int, first: int
+) -> tuple[list[Event], list[str]]:
+    """Run `count` steps under `torch.profiler` (CPU, and CUDA on a GPU); return its events and
+    the shapes of the batches. Step i is marked `STEP_MARK + i`, its closing synchronisation
+    `SYNC_MARK + i`; batches are fetched before the profiler starts."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    host_batches = [next(batches) for _ in range(count)]
+    activities = [ProfilerActivity.CPU]
+    activities += [ProfilerActivity.CUDA] if trainee.device.type == "cuda" else []
+    synchronize(trainee.device)
+    with profile(activities=activities, acc_events=True) as prof:
+        for i, batch in enumerate(host_batches):
+            with record_function(f"{STEP_MARK}{i}"):
+                trainee.step(batch, first + i)
+            with record_function(f"{SYNC_MARK}{i}"):
+                synchronize(trainee.device)
+    return to_events(prof.events()), [shape_key(batch) for batch in host_batches]
+
+
+def to_events(function_events) -> list[Event]:
+    """`Event`s from torch.profiler's `FunctionEvent`s."""
+    from torch.autograd import DeviceType
+
+    return [
+        Event(
+            event.name,
+            event.device_type != DeviceType.CPU,
+            bool(event.is_user_annotation),
+            event.time_range.start,
+            event.time_range.end,
+        )  # fmt: skip
+        for event in function_events
+    ]
+
+
+def step_windows(events: Sequence[Event]) -> list[tuple[float, float, float]]:
+    """Per profiled step (in order): (start, end of the step's host code, end of its closing sync)."""
+    host = {e.name: e for e in events if e.annotation and not e.device}
+    windows, i = [], 0
+    while f"{STEP_MARK}{i}" in host and f"{SYNC_MARK}{i}" in host:
+        step, sync = host[f"{STEP_MARK}{i}"], host[f"{SYNC_MARK}{i}"]
+        windows.append((step.start, step.end, sync.end))
+        i += 1
+    return windows
+
+
+def interval_union(intervals: Sequence[tuple[float, float]], window: tuple[float, float]) -> float:
+    """Length of the union of `intervals` clipped to `window` (overlaps counted once)."""
+    low, high = window
+    clipped = sorted((max(a, low), min(b, high)) for a, b in intervals if min(b, high) > max(a, low))
+    total, cursor = 0.0, low
+    for a, b in clipped:
+        if b > cursor:
+            total += b - max(a, cursor)
+            cursor = b
+    return total
+
+
+def is_kernel(event: Event) -> bool:
+    """A CUDA kernel run on the GPU (not a copy, a fill, or an annotation: the GPU-side copies of
+    the benchmark's own step marks are left out by name too)."""
+    skipped = ("Memcpy", "Memset", STEP_MARK, SYNC_MARK)
+    return event.device and not event.annotation and not event.name.startswith(skipped)
+
+
+def is_runtime(event: Event, names: Sequence[str], prefix: bool = False) -> bool:
+    """A host-side CUDA runtime / driver call named one of `names` (or starting with one, `prefix`)."""
+    if event.device or event.annotation:
+        return False
+    return event.name.startswith(tuple(names)) if prefix else event.name in names
+
+
+def within(event: Event, low: float, high: float) -> bool:
+    """The event starts inside [low, high)."""
+    return low <= event.start < high
+
+
+def count_syncs(events: Sequence[Event], low: float, high: float) -> dict[str, int]:
+    """Host syncs started in [low, high), by name: stream/device/event synchronisations and
+    synchronous `cudaMemcpy` (`cudaMemcpyAsync` does not block the host and is not counted)."""
+    counts = dict.fromkeys(SYNC_CALLS, 0)
+    for event in events:
+        if is_runtime(event, SYNC_CALLS) and within(event, low, high):
+            counts[event.name] += 1
+    return counts
+
+
+def count_launches(events: Sequence[Event], low: float, high: float) -> int:
+    """Kernel launch calls (`cudaLaunchKernel`, `cuLaunchKernel*`, graph launches) in [low, high)."""
+    return sum(is_runtime(e, LAUNCH_PREFIXES, prefix=True) and within(e, low, high) for e in events)
+
+
+@dataclasses.dataclass
+class Profile:
+    """Per profiled step, from its events; GPU fields are None without CUDA activity."""
+
+    step_ms: float | None
+    gpu_busy_share: float | None
+    kernels_per_step: float | None
+    launches_per_step: float | None
+    syncs_per_step: float | None
+    syncs: dict[str, float] | None
+
+
+def summarize_profile(events: Sequence[Event], cuda: bool) -> Profile:
+    """GPU-busy share (median over steps of the union of kernel intervals in [step start, sync end]
+    over that span), and per-step means of kernels, launches and host syncs (syncs counted in the
+    step's own code, not the closing synchronisation the benchmark adds)."""
+    windows = step_windows(events)
+    if not windows:
+        return Profile(None, None, None, None, None, None)
+    step_ms = statistics.median((done - start) / 1e3 for start, _, done in windows)
+    if not cuda:
+        return Profile(step_ms, None, None, None, None, None)
+    kernels = [e for e in events if is_kernel(e)]
+    shares, kernel_counts, launches = [], [], []
+    syncs = dict.fromkeys(SYNC_CALLS, 0)
+    for start, end, done in windows:
+        shares.append(interval_union([(e.start, e.end) for e in kernels], (start, done)) / (done - start))
+        kernel_counts.append(sum(within(e, start, done) for e in kernels))
+        launches.append(count_launches(events, start, end))
+        for name, count in count_syncs(events, start, end).items():
+            syncs[name] += count
+    steps = len(windows)
+    per_step = {name: count / steps for name, count in syncs.items()}
+    return Profile(
+        step_ms, statistics.median(shares), sum(kernel_counts) / steps, sum(launches) / steps,
+        sum(per_step.values()), per_step,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# A row
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    """One (row, kind)'s results; status "ok", "oom", "error" or "skipped" (time budget)."""
+
+    row: str
+    task: str
+    size: int  # digits per example (av) or window N (lm)
+    batch: int
+    kind: str  # "dilated" | "dense"
+    status: str
+    overrides: list[str]
+    error: str | None = None
+    step_ms: float | None = None  # median host time of a timed step
+    steps_per_s: float | None = None  # 1000 / step_ms
+    tokens_per_step: float | None = None  # mean over the timed steps (fused valid tokens / B * N)
+    tokens_per_s: float | None = None  # tokens_per_step * steps_per_s
+    data_ms: float | None = None  # median host time to fetch a batch (not in step_ms)
+    peak_gib: float | None = None
+    gpu_busy_share: float | None = None
+    kernels_per_step: float | None = None
+    launches_per_step: float | None = None
+    syncs_per_step: float | None = None
+    syncs: dict[str, float] | None = None
+    profiled_step_ms: float | None = None
+    distinct_shapes: int | None = None  # over every step run (warm-up, timed, profiled)
+    shapes: list[str] | None = None
+    loss: float | None = None  # of the last timed step
+    times_ms: list[float] | None = None
+    tokens: list[int] | None = None
+    lengths: list[dict] | None = None  # av: per timed step, the batch's lengths per modality
+
+
+def measure(spec: RowSpec, kind: str, args: argparse.Namespace, device: torch.device) -> Row:
+    """Build one (row, kind), run its warm-up, timed and profiled steps, and fill its row."""
+    row = Row(
+        spec.name, spec.task, spec.size, spec.batch, kind, "ok", row_overrides(spec, kind, args.workers)
+    )
+    module, datamodule, clip = build(spec, kind, device, args.workers)
+    trainee = Trainee(module, *optimizers(module), clip, device)
+    batches = endless(datamodule)
+    try:
+        warm = run_steps(trainee, batches, args.warmup, 0)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        timed = run_steps(trainee, batches, args.steps, args.warmup)
+        row.peak_gib = peak_memory_gib(device)
+        events, profiled_shapes = profile_steps(
+            trainee, batches, args.profile_steps, args.warmup + args.steps
+        )
+    finally:
+        batches.close()  # ends the loader's workers
+    fill_timing(row, timed)
+    fill_profile(row, summarize_profile(events, device.type == "cuda"))
+    shapes = warm.shapes + timed.shapes + profiled_shapes
+    row.distinct_shapes, row.shapes = len(set(shapes)), sorted(set(shapes))
+    return row
+
+
+def fill_timing(row: Row, timed: Timed) -> None:
+    """Step time, rates, tokens, data time and the last loss from the timed steps."""
+    row.times_ms, row.tokens, row.lengths, row.loss = timed.times_ms, timed.tokens, timed.lengths, timed.loss
+    row.step_ms = statistics.median(timed.times_ms)
+    row.steps_per_s = 1e3 / row.step_ms
+    row.tokens_per_step = statistics.fmean(timed.tokens)
+    row.tokens_per_s = row.tokens_per_step * row.steps_per_s
+    row.data_ms = statistics.median(timed.data_ms)
+
+
+def fill_profile(row: Row, profile: Profile) -> None:
+    """The profiled steps' counts (GPU fields stay None without CUDA)."""
+    row.profiled_step_ms, row.gpu_busy_share = profile.step_ms, profile.gpu_busy_share
+    row.kernels_per_step, row.launches_per_step = profile.kernels_per_step, profile.launches_per_step
+    row.syncs_per_step, row.syncs = profile.syncs_per_step, profile.syncs
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect the last row's objects and return cached blocks to the device."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def is_oom(exc: BaseException) -> bool:
+    """A device out-of-memory error."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def error_line(exc: BaseException) -> str:
+    """The exception's type and first line, short enough for a table cell."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
+@contextmanager
+def no_trainer_log_warning() -> Iterator[None]:
+    """Filter Lightning's warning that `self.log` has no Trainer (the call is a no-op then)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=NO_TRAINER_LOG)
+        yield
+
+
+def run_row(spec: RowSpec, kind: str, args: argparse.Namespace, device: torch.device) -> Row:
+    """`measure`, recording an out-of-memory or another error as the row's status."""
+    free_memory(device)
+    try:
+        with no_trainer_log_warning():
+            return measure(spec, kind, args, device)
+    except Exception as exc:  # noqa: BLE001 - a failure ends this row, not the run
+        status = "oom" if is_oom(exc) else "error"
+        if status == "error":
+            traceback.print_exc()
+        overrides = row_overrides(spec, kind, args.workers)
+        return Row(spec.name, spec.task, spec.size, spec.batch, kind, status, overrides, error_line(exc))
+    finally:
+        free_memory(device)
+
+
+def run_all(
+    specs: Sequence[RowSpec], args: argparse.Namespace, device: torch.device, partial: Path | None
+) -> list[Row]:
+    """Every row, both kinds (in `args.kinds` order); once `--time-budget` seconds have passed, the
+    remaining rows are recorded as skipped. Rows are saved to `partial` as they come."""
+    rows, started = [], time.monotonic()
+    for spec in specs:
+        for kind in args.kinds:
+            elapsed = time.monotonic() - started
+            if elapsed > args.time_budget:
+                why = f"time budget of {args.time_budget:g} s spent ({elapsed:.0f} s)"
+                row = Row(spec.name, spec.task, spec.size, spec.batch, kind, "skipped", [], why)
+            else:
+                row = run_row(spec, kind, args, device)
+            rows.append(row)
+            print(f"[{time.monotonic() - started:6.1f}s] {describe(row)}", flush=True)
+            if partial is not None:
+                save_json(partial, {"partial": True}, rows)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Output: JSON, markdown, plot
+# --------------------------------------------------------------------------------------------
+
+
+def _number(value: float | None, fmt: str) -> str:
+    """A table cell: the formatted value, or "-" when missing."""
+    return "-" if value is None else format(value, fmt)
+
+
+def describe(row: Row) -> str:
+    """One printed line for a row."""
+    what = f"{row.row:<8} {row.kind:<7} B={row.batch}"
+    if row.status != "ok":
+        return f"{what}  {row.status}" + (f" ({row.error})" if row.error else "")
+    return (
+        f"{what}  {row.step_ms:9.1f} ms  {row.tokens_per_s:10.0f} tokens/s  "
+        f"busy {_number(row.gpu_busy_share, '.2f')}  syncs/step {_number(row.syncs_per_step, '.1f')}  "
+        f"shapes {row.distinct_shapes}  loss {row.loss:.3f}"
+    )
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    """The results, one line per (row, kind)."""
+    lines = [
+        "| row | attention | B | tokens/step | steps/s | tokens/s | peak GiB | GPU busy "
+        "| kernels/step | launches/step | syncs/step | shapes | data ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rate = _number(r.steps_per_s, ".2f") if r.status == "ok" else r.status
+        lines.append(
+            f"| {r.row} | {r.kind} | {r.batch} | {_number(r.tokens_per_step, ',.0f')} | {rate} | "
+            f"{_number(r.tokens_per_s, ',.0f')} | {_number(r.peak_gib, '.1f')} | "
+            f"{_number(r.gpu_busy_share, '.2f')} | {_number(r.kernels_per_step, ',.0f')} | "
+            f"{_number(r.launches_per_step, ',.0f')} | {_number(r.syncs_per_step, '.1f')} | "
+            f"{_number(r.distinct_shapes, 'd')} | {_number(r.data_ms, '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def save_json(path: Path, meta: dict, rows: Sequence[Row]) -> None:
+    """Write the metadata and rows to `path` (through a temporary file, atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    partial.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    partial.replace(path)
+
+
+def plot_results(meta: dict, rows: Sequence[Row], path: Path) -> None:
+    """Two panels of grouped bars per row, dilated beside dense: tokens/s (log) and GPU-busy share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r.row for r in rows))
+    fig, (ax_rate, ax_busy) = plt.subplots(1, 2, figsize=(12, 4.8))
+    width = 0.8 / len(KINDS)
+    for k, (kind, color) in enumerate(zip(KINDS, ("tab:blue", "0.3"), strict=True)):
+        by_name = {r.row: r for r in rows if r.kind == kind and r.status == "ok"}
+        xs = [i + (k - (len(KINDS) - 1) / 2) * width for i in range(len(names))]
+        rates = [by_name[n].tokens_per_s if n in by_name else 0.0 for n in names]
+        busy = [(by_name[n].gpu_busy_share or 0.0) if n in by_name else 0.0 for n in names]
+        ax_rate.bar(xs, rates, width, color=color, label=kind)
+        ax_busy.bar(xs, busy, width, color=color, label=kind)
+    for ax in (ax_rate, ax_busy):
+        ax.set_xticks(range(len(names)), names)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    if any(r.tokens_per_s for r in rows if r.status == "ok"):
+        ax_rate.set_yscale("log")
+    ax_rate.set_ylabel("training tokens/s (median step)")
+    ax_rate.set_title("throughput")
+    ax_busy.set_ylim(0, 1)
+    ax_busy.set_ylabel("GPU-busy share of a step (kernels)")
+    ax_busy.set_title("GPU-busy share" + ("" if meta.get("cuda") else " (no GPU: not measured)"))
+    fig.suptitle(
+        f"real training steps, dilated vs dense; {meta.get('device')}; torch {meta.get('torch')}", fontsize=10
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def run_metadata(args: argparse.Namespace, device: torch.device) -> dict:
+    """Device, library versions, command line, date and settings of this run."""
+    cuda = device.type == "cuda"
+    return {
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "cuda": cuda,
+        "torch": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "precision": "bf16 autocast over training_step, fp32 master weights" if cuda else "fp32",
+        "step": "transfer_batch_to_device, training_step, backward, clip, optimizer, scheduler, zero_grad",
+        "timing": "host time between device synchronisations, median of the timed steps; batch fetch apart",
+        "dense": {
+            "lm": "LongNetLM(attention='dense')",
+            "av": f"every stack: segment_lengths [{DENSE_SEGMENT}], dilation_rates [1]",
+        },
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "profiled_steps": args.profile_steps,
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--rows", nargs="+", default=None, metavar="ROW",
+        help=f"rows by name ({' '.join(ROWS)}) or task:size:batch, e.g. av:512:8 (default: all)",
+    )  # fmt: skip
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="attention kinds")
+    parser.add_argument("--batch", type=int, default=None, help="batch of every row (default: the row's)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="data loader workers (default: the config's)"
+    )
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps (default 3)")
+    parser.add_argument(
+        "--time-budget", type=float, default=480.0, help="seconds; later rows are skipped (480)"
+    )
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny rows (av4, lm64), 1 warm-up, 2 timed, 1 profiled step"
+    )
+    parser.add_argument(
+        "--tag", default=None, help="file names are train_<tag>.{json,png} (default: the device's name)"
+    )
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="directory")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rows = args.rows or list(SMOKE_ROWS)
+        args.warmup, args.steps, args.profile_steps = 1, 2, 1
+    args.rows = args.rows or list(ROWS)
+    try:
+        args.specs = [parse_row(text, args.batch) for text in args.rows]
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.warmup < 0 or args.steps < 1 or args.profile_steps < 1:
+        parser.error("need --warmup >= 0, --steps >= 1 and --profile-steps >= 1")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return args
+
+
+def default_tag(device: torch.device, smoke: bool) -> str:
+    """The device's name in lower case (plus "smoke")."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + ("_smoke" if smoke else "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the rows; write JSON and PNG; print the table last. Returns the exit status."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: --smoke (or --device cpu) runs the tiny rows on the CPU", file=sys.stderr)
+        return 1
+    if device.type == "cpu" and not args.smoke:
+        print("note: full rows on the CPU are slow; --smoke runs the tiny ones", file=sys.stderr)
+    meta = run_metadata(args, device)
+    json_path = args.out / f"train_{args.tag or default_tag(device, args.smoke)}.json"
+    partial = json_path.with_name(json_path.name + ".tmp")
+    started = time.monotonic()
+    rows = run_all(args.specs, args, device, partial)
+    meta["wall_seconds"] = round(time.monotonic() - started, 1)
+    skipped = [f"{r.row}/{r.kind}" for r in rows if r.status == "skipped"]
+    save_json(json_path, meta, rows)
+    partial.unlink(missing_ok=True)
+    png = json_path.with_suffix(".png")
+    plot_results(meta, rows, png)
+    print(f"\nresults: {json_path}\nplot: {png}")
+    if skipped:
+        print(f"skipped after the time budget of {args.time_budget:g} s: {' '.join(skipped)}")
+    print(f"\n{meta['device']}; torch {meta['torch']}; cuDNN {meta['cudnn']}; {meta['precision']}\n")
+    print(markdown_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Which dense kernel runs each call (no plan for a new shape, bounded memory, refusals that expire),
+and the op's promise not to read device values on the host."""
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mmlongnet.attention import dilated as dilated_module
+from mmlongnet.attention import dilated_attention, kernels
+from mmlongnet.attention.kernels import Kernel, KernelSelector
+
+
+class FakeKernel:
+    """A kernel's forward and backward as plain callables: records each call, raises the errors
+    queued in `failures` first (one per call), then returns its name."""
+
+    def __init__(self, name: str, plans_per_shape: bool = False, takes_bias: bool = True):
+        self.calls: list[tuple] = []
+        self.failures: list[Exception] = []
+        self.kernel = Kernel(name, self._call, self._call, takes_bias, plans_per_shape)
+
+    def _call(self, *args):
+        self.calls.append(args)
+        if self.failures:
+            raise self.failures.pop(0)
+        return self.kernel.name
+
+
+def fakes():
+    """A planning kernel first (as cuDNN in the CUDA chain), then two plan-free ones."""
+    planner, flash, efficient = FakeKernel("planner", True), FakeKernel("flash"), FakeKernel("efficient")
+    return planner, flash, efficient, [planner.kernel, flash.kernel, efficient.kernel]
+
+
+def test_a_new_shape_never_plans_and_a_recurring_one_is_promoted():
+    planner, flash, _, chain = fakes()
+    selector = KernelSelector(promote_after=3)
+    used = [selector.run(chain, "forward", ("shape", 1)) for _ in range(4)]
+    assert used == ["flash", "flash", "planner", "planner"]
+    assert selector.run(chain, "forward", ("shape", 2)) == "flash"  # counted per shape
+    assert selector.run(chain, "backward", ("shape", 1)) == "flash"  # and per method
+    assert len(planner.calls) == 2 and len(flash.calls) == 4
+
+
+def test_the_cuda_chain_runs_a_new_shape_on_flash_or_memory_efficient_then_cudnn():
+    selector = KernelSelector(promote_after=2)
+    cuda = torch.device("cuda")  # kernel_chain only reads the device type: no GPU needed
+    bf16 = kernels.kernel_chain(cuda, torch.bfloat16, has_bias=False)
+    bf16_bias = kernels.kernel_chain(cuda, torch.bfloat16, has_bias=True)
+    fp32 = kernels.kernel_chain(cuda, torch.float32, has_bias=False)
+    names = lambda chain, key: [k.name for k in selector.order(chain, "forward", key)]  # noqa: E731
+    assert names(bf16, ("a",)) == ["cuda_flash", "efficient", "cudnn"]
+    assert names(bf16_bias, ("b",)) == ["efficient", "cudnn"]
+    assert names(fp32, ("c",)) == ["efficient"]
+    assert names(bf16, ("a",)) == ["cudnn", "cuda_flash", "efficient"]  # its second call
+    assert [k.name for k in kernels.KERNELS.values() if k.plans_per_shape] == ["cudnn"]
+    assert kernels.kernel_chain(torch.device("cpu"), torch.bfloat16, True) == [kernels.CPU]
+
+
+def test_a_planning_kernel_runs_a_new_shape_that_every_plan_free_kernel_refuses():
+    planner, flash, efficient, chain = fakes()
+    flash.failures.append(RuntimeError("head dim too large"))
+    efficient.failures.append(RuntimeError("head dim too large"))
+    with pytest.warns(UserWarning, match="refused"):
+        assert KernelSelector().run(chain, "forward", ("shape",)) == "planner"
+    assert len(planner.calls) == 1
+
+
+def test_a_shape_the_planning_kernel_refuses_falls_to_the_next_kernel():
+    planner, flash, _, chain = fakes()
+    selector = KernelSelector(promote_after=1, retry_after=5)
+    planner.failures.append(RuntimeError("cuDNN: no plan for this shape"))
+    with pytest.warns(UserWarning, match="planner kernel refused a forward call"):
+        assert selector.run(chain, "forward", ("shape",)) == "flash"
+    assert selector.refusals[("planner", "forward", ("shape",))] == 5
+    assert selector.run(chain, "forward", ("other",)) == "planner"  # only that shape is refused
+
+
+def test_a_refusal_expires_after_retry_after_calls_and_warns_once(recwarn):
+    planner, flash, _, chain = fakes()
+    selector = KernelSelector(promote_after=1, retry_after=3)
+    key = ("shape",)
+    planner.failures += [RuntimeError("transient"), RuntimeError("transient again")]
+    used = [selector.run(chain, "forward", key) for _ in range(10)]
+    # refused on call 1, skipped on 2-4, refused again on its retry at 5, skipped 6-8, used from 9
+    assert used == ["flash"] * 8 + ["planner"] * 2
+    assert len(planner.calls) == 4 and len(flash.calls) == 8
+    assert [str(w.message).split(";")[0] for w in recwarn] == [
+        "dilated_attention: the planner kernel refused a forward call of shape ('shape',)"
+    ]
+    assert not selector.refusals  # accepted on its retry: forgotten
+
+
+def test_out_of_memory_propagates_and_is_no_refusal():
+    planner, flash, _, chain = fakes()
+    selector = KernelSelector(promote_after=1)
+    planner.failures.append(torch.OutOfMemoryError("CUDA out of memory"))
+    with pytest.raises(torch.OutOfMemoryError):
+        selector.run(chain, "forward", ("shape",))
+    assert not flash.calls and not selector.refusals
+    assert selector.run(chain, "forward", ("shape",)) == "planner"
+
+
+def test_a_single_kernel_chain_raises_its_own_error():
+    cpu = FakeKernel("cpu")
+    cpu.failures.append(RuntimeError("bad input"))
+    selector = KernelSelector()
+    with pytest.raises(RuntimeError, match="^bad input$"):
+        selector.run([cpu.kernel], "backward", ("shape",))
+    assert not selector.refusals
+    assert selector.run([cpu.kernel], "backward", ("shape",)) == "cpu"
+
+
+def test_a_call_no_kernel_accepts_names_every_refusal():
+    planner, flash, efficient, chain = fakes()
+    for fake in (planner, flash, efficient):
+        fake.failures.append(RuntimeError(f"{fake.kernel.name} says no"))
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="planner says no") as error:
+        KernelSelector().run(chain, "forward", ("shape",))
+    assert "flash: flash says no" in str(error.value) and "efficient says no" in str(error.value)
+
+
+def test_call_counts_and_refusals_are_lru_bounded():
+    planner, flash, _, chain = fakes()
+    selector = KernelSelector(promote_after=1, max_entries=4)
+    planner.failures += [RuntimeError("no")] * 10
+    with pytest.warns(UserWarning):
+        for shape in range(10):
+            assert selector.run(chain, "forward", (shape,)) == "flash"
+    assert list(selector.calls) == [("forward", (s,)) for s in (6, 7, 8, 9)]
+    assert list(selector.refusals) == [("planner", "forward", (s,)) for s in (6, 7, 8, 9)]
+    selector.run(chain, "forward", (6,))  # a use makes an entry the most recent
+    selector.run(chain, "forward", (10,))
+    assert list(selector.calls) == [("forward", (s,)) for s in (8, 9, 6, 10)]
+    selector.clear()
+    assert not selector.calls and not selector.refusals
+
+
+@pytest.mark.parametrize("field", ["promote_after", "retry_after", "max_entries"])
+def test_selector_settings_must_be_positive(field):
+    with pytest.raises(ValueError, match=field):
+        KernelSelector(**{field: 0})
+
+
+def test_the_op_counts_its_calls_in_the_selector(monkeypatch):
+    selector = KernelSelector()
+    monkeypatch.setattr(dilated_module, "SELECTOR", selector)
+    q, k, v = (torch.randn(1, 16, 2, 4, requires_grad=True) for _ in range(3))
+    dilated_attention(q, k, v, [8], [1], backend="sdpa").sum().backward()
+    key = (torch.float32, (2, 8, 2, 4), False, False)  # (B*S, C, H, D): two segments of 8 rows
+    assert selector.calls == {("forward", key): 1, ("backward", key): 1}
+
+
+# --- kernel contract: a row whose keys are all padding gets a finite output -------------------
+
+
+def check_rows_without_keys_are_finite(kernel: Kernel, device: str, dtype: torch.dtype):
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 16, 2, 64, generator=generator).to(device, dtype) for _ in range(3))
+    bias = torch.zeros(2, 16, dtype=dtype, device=device)
+    bias[0] = float("-inf")  # no key at all for any row of sample 0
+    bias[1, :5] = float("-inf")  # causal rows 0..4 of sample 1 see only padding
+    for is_causal in (False, True):
+        out, _ = kernel.forward(q, k, v, bias, is_causal, 0.125)
+        assert torch.isfinite(out).all(), (kernel.name, is_causal)
+
+
+def test_cpu_kernel_gives_rows_without_keys_a_finite_output():
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        check_rows_without_keys_are_finite(kernels.CPU, "cpu", dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [("cudnn", torch.bfloat16), ("efficient", torch.bfloat16), ("efficient", torch.float32)],
+)
+def test_cuda_kernels_give_rows_without_keys_a_finite_output(name, dtype):
+    check_rows_without_keys_are_finite(kernels.KERNELS[name], "cuda", dtype)
+
+
+# --- no device value is read on the host -------------------------------------------------------
+
+# `bool(tensor)` and `.item()` reach the mode as is_nonzero / item inside the op's bodies, as
+# _local_scalar_dense outside them
+HOST_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.item", "aten.is_nonzero")
+
+
+class CountHostReads(TorchDispatchMode):
+    """Counts every aten op, including those inside the op's raw forward and backward (the mode
+    runs their Python bodies under itself; it would otherwise see each custom op as one call)."""
+
+    bodies = {
+        torch.ops.mmlongnet.dilated_attention_forward.default: dilated_module.dilated_attention_forward_op,
+        torch.ops.mmlongnet.dilated_attention_backward.default: dilated_module.dilated_attention_backward_op,
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.name().split(".")[0].replace("::", ".")] += 1
+        if func in self.bodies:
+            with self:
+                return self.bodies[func]._init_fn(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "per-offset"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(("segs", "rates"), [([8, 16, 32], [1, 2, 4]), ([12, 24], [3, 6])])
+def test_forward_and_backward_read_no_device_value_on_the_host(
+    segs, rates, is_causal, masked, pack, monkeypatch
+):
+    if not pack:
+        monkeypatch.setattr(dilated_module, "PACK_MAX_ELEMENTS", 0)
+    q, k, v = (torch.randn(2, 45, 6, 8, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(2, 45, dtype=torch.bool)
+    mask[0, 30:] = True
+    mask[1, :10] = True
+    kwargs = dict(is_causal=is_causal, key_padding_mask=mask if masked else None, backend="sdpa")
+    with CountHostReads() as mode:
+        out = dilated_attention(q, k, v, segs, rates, **kwargs)
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    kernel_ops = [op for op in mode.ops if "scaled_dot_product" in op]
+    assert mode.ops["aten._scaled_dot_product_flash_attention_for_cpu"] > 0, kernel_ops  # the bodies ran
+    assert mode.ops["aten._scaled_dot_product_flash_attention_for_cpu_backward"] > 0, kernel_ops
+    assert {op: mode.ops[op] for op in HOST_READS} == dict.fromkeys(HOST_READS, 0)
+    # and under the mode the op computed what it computes without it
+    expected = dilated_attention(q, k, v, segs, rates, **kwargs)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
