@@ -159,8 +159,9 @@ def parse_row(text: str, batch: int | None = None) -> RowSpec:
     return spec if batch is None else dataclasses.replace(spec, batch=batch)
 
 
-def row_overrides(spec: RowSpec, kind: str, workers: int | None) -> list[str]:
-    """LightningCLI arguments after `--config`: size, batch, workers, the dense schedule, extras."""
+def row_overrides(spec: RowSpec, kind: str, workers: int | None, compiled: bool = False) -> list[str]:
+    """LightningCLI arguments after `--config`: size, batch, workers, the dense schedule, compile,
+    extras."""
     data = "--data.init_args"
     size = (
         [f"{data}.dataset.num_digits", str(spec.size)]
@@ -171,6 +172,8 @@ def row_overrides(spec: RowSpec, kind: str, workers: int | None) -> list[str]:
     args += [] if workers is None else [f"{data}.num_workers", str(workers)]
     if kind == "dense":
         args += dense_overrides(spec.task)
+    if compiled:
+        args += ["--model.init_args.compile", "true"]
     return args + list(spec.extra)
 
 
@@ -208,14 +211,14 @@ def quiet_lightning() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def build(spec: RowSpec, kind: str, device: torch.device, workers: int | None):
+def build(spec: RowSpec, kind: str, device: torch.device, workers: int | None, compiled: bool = False):
     """(module on `device`, in train mode; set-up data module; gradient clip value or None).
 
     The YAML's seed is set by the CLI before the module is built, so both kinds start alike.
     """
     from mmlongnet.training import CLI
 
-    args = ["--config", str(REPO_ROOT / spec.config), *row_overrides(spec, kind, workers)]
+    args = ["--config", str(REPO_ROOT / spec.config), *row_overrides(spec, kind, workers, compiled)]
     args += ["--trainer.accelerator", "gpu" if device.type == "cuda" else "cpu"]
     args += ["--trainer.precision", "32-true", "--trainer.logger", "false", "--trainer.callbacks", "[]"]
     with quiet_lightning():
@@ -535,9 +538,15 @@ class Row:
 def measure(spec: RowSpec, kind: str, args: argparse.Namespace, device: torch.device) -> Row:
     """Build one (row, kind), run its warm-up, timed and profiled steps, and fill its row."""
     row = Row(
-        spec.name, spec.task, spec.size, spec.batch, kind, "ok", row_overrides(spec, kind, args.workers)
+        spec.name,
+        spec.task,
+        spec.size,
+        spec.batch,
+        kind,
+        "ok",
+        row_overrides(spec, kind, args.workers, args.compile),
     )
-    module, datamodule, clip = build(spec, kind, device, args.workers)
+    module, datamodule, clip = build(spec, kind, device, args.workers, args.compile)
     trainee = Trainee(module, *optimizers(module), clip, device)
     batches = endless(datamodule)
     try:
@@ -610,7 +619,7 @@ def run_row(spec: RowSpec, kind: str, args: argparse.Namespace, device: torch.de
         status = "oom" if is_oom(exc) else "error"
         if status == "error":
             traceback.print_exc()
-        overrides = row_overrides(spec, kind, args.workers)
+        overrides = row_overrides(spec, kind, args.workers, args.compile)
         return Row(spec.name, spec.task, spec.size, spec.batch, kind, status, overrides, error_line(exc))
     finally:
         free_memory(device)
@@ -738,6 +747,7 @@ def run_metadata(args: argparse.Namespace, device: torch.device) -> dict:
         "cuda_version": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "precision": "bf16 autocast over training_step, fp32 master weights" if cuda else "fp32",
+        "model": "torch.compile(fullgraph=True), CUDA graphs" if args.compile else "eager",
         "step": "transfer_batch_to_device, training_step, backward, clip, optimizer, scheduler, zero_grad",
         "timing": "host time between device synchronisations, median of the timed steps; batch fetch apart",
         "dense": {
@@ -763,6 +773,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=None, help="batch of every row (default: the row's)")
     parser.add_argument(
         "--workers", type=int, default=None, help="data loader workers (default: the config's)"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="the modules' compile option: the model under torch.compile(fullgraph=True), CUDA graphs "
+        "on a GPU",
     )
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
@@ -809,7 +825,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cpu" and not args.smoke:
         print("note: full rows on the CPU are slow; --smoke runs the tiny ones", file=sys.stderr)
     meta = run_metadata(args, device)
-    json_path = args.out / f"train_{args.tag or default_tag(device, args.smoke)}.json"
+    tag = args.tag or default_tag(device, args.smoke) + ("_compiled" if args.compile else "")
+    json_path = args.out / f"train_{tag}.json"
     partial = json_path.with_name(json_path.name + ".tmp")
     started = time.monotonic()
     rows = run_all(args.specs, args, device, partial)

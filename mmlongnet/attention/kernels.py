@@ -234,7 +234,9 @@ class KernelSelector:
     A (method, shape) call takes the chain's plan-free kernels first (on CUDA: flash without a key
     bias in 16-bit, memory-efficient otherwise) until it has been seen `promote_after` times; from
     then on it takes the chain in its own order, so cuDNN builds its plan once, for a shape that
-    recurs. A planning kernel still runs a new shape that every plan-free kernel refuses.
+    recurs. A planning kernel still runs a new shape that every plan-free kernel refuses. Inside
+    CUDA-graph capture a shape is not promoted (its plan would be built during the capture); one
+    promoted in an eager call before runs on its plan.
 
     A kernel that raises a RuntimeError (out of memory excepted, which propagates) is skipped for
     that (method, shape) during its next `retry_after` calls, then tried again; it warns once per
@@ -266,7 +268,9 @@ class KernelSelector:
         key = (method, shape_key)
         calls = self.calls.get(key, 0) + 1
         _put(self.calls, key, calls, self.max_entries)
-        if calls >= self.promote_after:
+        # While a CUDA graph is being captured no plan may be built: a shape promoted only now waits.
+        capturing = torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+        if calls >= self.promote_after and not (capturing and calls - 1 < self.promote_after):
             return chain
         return [k for k in chain if not k.plans_per_shape] + [k for k in chain if k.plans_per_shape]
 

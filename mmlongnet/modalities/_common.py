@@ -48,7 +48,8 @@ def check_lengths(
         (B,) long tensor on `device`.
 
     Lengths given on the CPU are checked there and copied to `device` without waiting for it;
-    lengths given on an accelerator are read back for the check (one host sync).
+    lengths given on an accelerator are read back for the check (one host sync). Under
+    `torch.compile` the values are not checked (the caller checks them before).
     """
     if lengths is None:
         return torch.full((batch,), size, dtype=torch.long, device=device)
@@ -68,7 +69,9 @@ def check_lengths(
             f"{modality}: lengths must have shape (B,) = ({batch},) to match the batch, "
             f"got {tuple(lengths.shape)}"
         )
-    if batch:  # checked where the lengths live: on the CPU (the usual case) this reads no device
+    # Checked where the lengths live: on the CPU (the usual case) this reads no device. Under
+    # torch.compile the caller has checked them (MMLongNet.plan_batch does, on the host).
+    if batch and not torch.compiler.is_compiling():
         low, high = torch.stack([lengths.min(), lengths.max()]).tolist()
         if low < 0 or high > size:
             raise ValueError(

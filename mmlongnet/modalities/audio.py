@@ -272,13 +272,12 @@ class AudioEncoder(Pretrained, nn.Module):
         cfg = self.config
         return cfg.sample_rate / (cfg.hop_length * cfg.subsampling)
 
-    def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        """Valid STFT frames, (B,) -> (B,): F(l) = 1 + (l + 2 * (n_fft // 2) - n_fft) // hop, F(0) = 0."""
+    def frame_lengths(self, lengths: torch.Tensor | int) -> torch.Tensor | int:
+        """Valid STFT frames, (B,) -> (B,) (or int -> int): F(l) = 1 + (l + 2 * (n_fft // 2) - n_fft) // hop,
+        F(0) = 0. Integer arithmetic that tensors and Python ints share (no host read for either)."""
         cfg = self.config
-        frames = 1 + torch.div(
-            lengths + 2 * (cfg.n_fft // 2) - cfg.n_fft, cfg.hop_length, rounding_mode="floor"
-        )
-        return torch.where(lengths > 0, frames, torch.zeros_like(frames))
+        frames = 1 + (lengths + 2 * (cfg.n_fft // 2) - cfg.n_fft) // cfg.hop_length
+        return frames * (lengths > 0)
 
     def output_lengths(
         self, lengths: torch.Tensor | int, sample_rate: int | None = None
@@ -294,19 +293,39 @@ class AudioEncoder(Pretrained, nn.Module):
         Returns:
             (B,) long tensor (or an int for an int input).
         """
-        as_int = isinstance(lengths, int)
-        lengths = torch.as_tensor(lengths, dtype=torch.long)
+        if isinstance(lengths, torch.Tensor):
+            lengths = lengths.long()
         if sample_rate is not None and sample_rate != self.config.sample_rate:
             lengths = self._resampled_lengths(lengths, sample_rate)
         tokens = self.frame_lengths(lengths)
         for _ in self.convs:
-            tokens = ceil_div(tokens, 2)
-        return tokens.tolist() if as_int else tokens  # an int input gives a Python int
+            tokens = (tokens + 1) // 2  # ceil(tokens / 2)
+        return tokens
 
-    def _resampled_lengths(self, lengths: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    def _resampled_lengths(self, lengths: torch.Tensor | int, sample_rate: int) -> torch.Tensor | int:
         gcd = math.gcd(sample_rate, self.config.sample_rate)
         orig, new = sample_rate // gcd, self.config.sample_rate // gcd
-        return ceil_div(lengths * new, orig)
+        return (lengths * new + orig - 1) // orig  # ceil(l * new / orig)
+
+    def mel_spectrogram(self, wave: torch.Tensor) -> torch.Tensor:
+        """(B, S) -> (B, M, F) power mel spectrogram: `self.melspec`'s computation (torchaudio's
+        MelSpectrogram, whose window and filterbank it uses), written with `torch.stft` so that
+        `torch.compile` traces it whole (torchaudio's version calls `torch.jit.isinstance`)."""
+        spectrogram = self.melspec.spectrogram
+        spec = torch.stft(
+            wave,
+            n_fft=spectrogram.n_fft,
+            hop_length=spectrogram.hop_length,
+            win_length=spectrogram.win_length,
+            window=spectrogram.window,
+            center=True,
+            pad_mode="constant",
+            normalized=False,
+            onesided=True,
+            return_complex=True,
+        )  # (B, n_fft // 2 + 1, F) complex
+        power = spec.abs().pow(2.0)  # (B, n_fft // 2 + 1, F)
+        return torch.matmul(power.transpose(-1, -2), self.melspec.mel_scale.fb).transpose(-1, -2)
 
     def _check_input(self, waveform: torch.Tensor, sample_rate: int) -> None:
         if not isinstance(waveform, torch.Tensor):
@@ -368,7 +387,7 @@ class AudioEncoder(Pretrained, nn.Module):
 
         frame_lengths = self.frame_lengths(lengths)  # (B,)
         with torch.autocast(wave.device.type, enabled=False):  # features in float32 under autocast too
-            mel = self.melspec(wave)  # (B, M, F)
+            mel = self.mel_spectrogram(wave)  # (B, M, F)
             x = mel.clamp_min(cfg.log_floor).log().transpose(1, 2)  # (B, F, M)
         x = x.masked_fill(padding_mask(frame_lengths, x.shape[1])[..., None], 0.0)
         x = self.dropout(self._subsample(x.to(param_dtype), frame_lengths, num_tokens))  # (B, N, E)

@@ -35,11 +35,13 @@ from torch.utils.checkpoint import checkpoint
 
 from mmlongnet.attention.dilated import check_schedule
 from mmlongnet.attention.sharding import SequenceShard, current_shard, use_shard
+from mmlongnet.layers.multiway import MultiwayRouting
+from mmlongnet.modalities._common import check_lengths
 from mmlongnet.modalities.audio import AudioEncoder, AudioEncoderConfig
 from mmlongnet.modalities.text import TextEncoder, TextEncoderConfig
 from mmlongnet.modalities.vision import VisionEncoder, VisionEncoderConfig
 from mmlongnet.models.longnet import LongNetEncoder
-from mmlongnet.models.packing import FusedLayout
+from mmlongnet.models.packing import FusedLayout, to_device_at_once
 from mmlongnet.pretrained import Pretrained
 
 MODALITIES = ("text", "audio", "video")
@@ -178,15 +180,42 @@ class MMLongNetOutput:
     """Per present modality, (B, E) mean of its stack's tokens (zeros where a sample lacks it)."""
     modality_present: dict[str, torch.Tensor]
     """Per present modality, (B,) bool: which samples carry it."""
-    valid_tokens: int = 0
-    """Valid fused tokens of the batch (a host int: reading it costs no device sync)."""
 
 
-def _host_lengths(lengths: torch.Tensor | None, batch: int, size: int) -> torch.Tensor:
-    """Raw valid lengths on the CPU, (B,) long: as given (read back once if on a device), or all `size`."""
-    if lengths is None:
-        return torch.full((batch,), size, dtype=torch.long)
-    return lengths.cpu()
+@dataclass(frozen=True)
+class BatchPlan:
+    """What `MMLongNet` derives from a batch's lengths on the host, once (`MMLongNet.plan_batch`).
+
+    The forward reads no value of a tensor back on the host when it is given a plan: every
+    length-dependent decision (masks or none, the fused layout, the multiway routing) is made here,
+    from lengths on the CPU, and the plan's tensors reach the device in one non-blocking copy.
+    """
+
+    order: tuple[str, ...]
+    """The present modalities, in the model's order."""
+    sizes: dict[str, int]
+    """Per present modality, the padded raw size S_m of its input (ids, samples or frames)."""
+    widths: dict[str, int]
+    """Per present modality, N_m, the tokens its encoder makes of S_m."""
+    lengths: dict[str, torch.Tensor]
+    """Per present modality, (B,) long valid raw lengths, checked, on the CPU."""
+    device_lengths: dict[str, torch.Tensor]
+    """The same lengths on the model's device (what a compiled forward reads)."""
+    stack_padding: dict[str, bool]
+    """Per present modality, whether its tokens hold padding (its stack then runs masked)."""
+    layout: FusedLayout | None
+    """The fused sequence: packing, padding mask, modality ids, multiway routing (on the device);
+    None in a plan for encoding modalities alone."""
+    fused_padding: bool
+    """Whether the fused sequence holds padding (the fusion stack then runs masked)."""
+    valid_tokens: int
+    """Valid fused tokens of the batch."""
+    audio_sample_rate: int | None = None
+    """The waveforms' rate (None: the audio encoder's)."""
+
+
+# Per modality, the names the encoder's own checks use: (modality in messages, unit of a length).
+_LENGTH_UNITS = {"text": ("text", "tokens"), "audio": ("audio", "samples"), "video": ("vision", "frames")}
 
 
 def _masked_mean(tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
@@ -247,14 +276,13 @@ class MMLongNet(Pretrained, nn.Module):
 
     # --- single modalities -------------------------------------------------------------------
 
-    def _encode(self, name: str, x: torch.Tensor, lengths: torch.Tensor | None, **kwargs):
-        """Encoder and stack of one modality -> tokens (B, N_m, E), padding (B, N_m), and the
-        valid token lengths (B,) long on the CPU."""
-        if name not in self.encoders:
-            raise ValueError(f"this model has no {name} modality (configured: {self.config.modalities})")
+    def _encode(self, name: str, x: torch.Tensor, plan: BatchPlan):
+        """Encoder and stack of one modality -> tokens (B, N_m, E), padding (B, N_m)."""
         encoder = self.encoders[name]
-        if isinstance(x, torch.Tensor) and x.dim() >= 2:  # shapes the encoder checks
-            lengths = _host_lengths(lengths, x.shape[0], x.shape[1])
+        # Compiled, the encoder reads the lengths on the device (the plan has checked them);
+        # eager, it checks them on the CPU and copies them without waiting.
+        lengths = plan.device_lengths[name] if torch.compiler.is_compiling() else plan.lengths[name]
+        kwargs = {"sample_rate": plan.audio_sample_rate} if name == "audio" else {}
         try:
             if self.config.checkpoint_activations and self.training and torch.is_grad_enabled():
                 tokens, padding = checkpoint(encoder, x, lengths, use_reentrant=False, **kwargs)
@@ -262,24 +290,37 @@ class MMLongNet(Pretrained, nn.Module):
                 tokens, padding = encoder(x, lengths, **kwargs)  # (B, N_m, E), (B, N_m)
         except (TypeError, ValueError) as error:  # name the modality as the caller named it
             raise type(error)(f"inputs[{name!r}]: {error}") from error
-        token_lengths = encoder.output_lengths(lengths, **kwargs)  # (B,) on the CPU, as the lengths
+        if tokens.shape[1] != plan.widths[name]:
+            raise ValueError(
+                f"inputs[{name!r}]: the encoder made {tokens.shape[1]} tokens, the plan expects "
+                f"{plan.widths[name]}; plan the batch with the inputs it is run on"
+            )
         if name in self.stacks:
-            padded = bool((token_lengths.numpy() < tokens.shape[1]).any())  # on the host
-            tokens = self.stacks[name](tokens, padding if padded else None)
-        return tokens, padding, token_lengths
+            tokens = self.stacks[name](tokens, padding if plan.stack_padding[name] else None)
+        return tokens, padding
+
+    def _encode_alone(
+        self, name: str, x: torch.Tensor, lengths: torch.Tensor | None, audio_sample_rate: int | None = None
+    ):
+        if name not in self.encoders:
+            raise ValueError(f"this model has no {name} modality (configured: {self.config.modalities})")
+        plan = self._plan(
+            {name: x}, None if lengths is None else {name: lengths}, audio_sample_rate, fuse=False
+        )
+        return self._encode(name, x, plan)
 
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None):
         """Text ids (B, L) -> (tokens (B, L, E), padding_mask (B, L)) after the text stack."""
-        return self._encode("text", tokens, lengths)[:2]
+        return self._encode_alone("text", tokens, lengths)
 
     def encode_audio(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None, sample_rate=None):
         """Waveform (B, S) -> (tokens (B, N_a, E), padding_mask (B, N_a)) after the audio stack."""
-        return self._encode("audio", waveform, lengths, sample_rate=sample_rate)[:2]
+        return self._encode_alone("audio", waveform, lengths, audio_sample_rate=sample_rate)
 
     def encode_video(self, frames: torch.Tensor, lengths: torch.Tensor | None = None):
         """Video (B, T, C, H, W) or images (B, C, H, W) -> (tokens (B, N_v, E), padding_mask) after
         the video stack."""
-        return self._encode("video", frames, lengths)[:2]
+        return self._encode_alone("video", frames, lengths)
 
     # --- the multimodal forward --------------------------------------------------------------
 
@@ -312,59 +353,126 @@ class MMLongNet(Pretrained, nn.Module):
                 raise ValueError(f"{name}: lengths must be a (B,) = ({size},) long tensor, got {shape}")
         return present, lengths, size
 
+    def plan_batch(
+        self,
+        inputs: dict[str, torch.Tensor | None],
+        lengths: dict[str, torch.Tensor] | None = None,
+        *,
+        audio_sample_rate: int | None = None,
+    ) -> BatchPlan:
+        """Check a batch and derive, on the host, everything its lengths decide (see `BatchPlan`).
+
+        Takes what `forward` takes. Lengths on the CPU (as `collate_samples` leaves them) are read
+        without a device sync; lengths on a device are copied back once. Under sequence sharding
+        (`sequence_parallel`), the multiway routing is of this rank's slice.
+        """
+        return self._plan(inputs, lengths, audio_sample_rate, fuse=True)
+
+    def _plan(self, inputs, lengths, audio_sample_rate: int | None, fuse: bool) -> BatchPlan:
+        """`plan_batch`; without `fuse`, only the modalities' part (for encoding them alone)."""
+        present, lengths, batch = self._check_inputs(inputs, lengths)
+        order = tuple(name for name in self.config.modalities if name in present)
+        sizes, widths, host, token_lengths = {}, {}, {}, []
+        for name in order:
+            x, encoder = present[name], self.encoders[name]
+            if not isinstance(x, torch.Tensor) or x.dim() < 2:
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"inputs[{name!r}]: expected a batch (B, ...) with a length axis, got {got}")
+            sizes[name] = 1 if name == "video" and x.dim() == 4 else x.shape[1]  # images are 1 frame
+            given = lengths.get(name)
+            modality, unit = _LENGTH_UNITS[name]
+            try:
+                given = None if given is None else given.cpu()
+                host[name] = check_lengths(modality, given, batch, sizes[name], unit, torch.device("cpu"))
+            except ValueError as error:
+                raise ValueError(f"inputs[{name!r}]: {error}") from error
+            kwargs = {"sample_rate": audio_sample_rate} if name == "audio" else {}
+            widths[name] = encoder.output_lengths(sizes[name], **kwargs)
+            token_lengths.append(encoder.output_lengths(host[name], **kwargs))  # (B,)
+        stack_padding = {
+            name: bool((n.numpy() < widths[name]).any()) for name, n in zip(order, token_lengths, strict=True)
+        }
+        device = self.type_embedding.weight.device
+        if not fuse:
+            moved = to_device_at_once([host[name] for name in order], device)
+            return BatchPlan(
+                order=order, sizes=sizes, widths=widths, lengths=host,
+                device_lengths=dict(zip(order, moved, strict=True)), stack_padding=stack_padding, layout=None,
+                fused_padding=False, valid_tokens=0, audio_sample_rate=audio_sample_rate,
+            )  # fmt: skip
+        sequence = self.config.fusion == "sequence"
+        shard = current_shard()
+        layout = FusedLayout.build(
+            token_lengths, [widths[name] for name in order], [self.config.modalities.index(m) for m in order],
+            num_ways=len(self.config.modalities) if sequence and self.fusion is not None else 1,
+            shard=None if shard is None else (shard.index, shard.num_shards),
+        )  # fmt: skip
+        if sequence:
+            fused_padding, valid_tokens = layout.has_padding, layout.valid_tokens
+        else:
+            self._check_aligned(order, widths, token_lengths)
+            fused_padding, valid_tokens = stack_padding[order[0]], int(token_lengths[0].numpy().sum())
+        moved = to_device_at_once([*layout.tensors(), *(host[name] for name in order)], device)
+        count = len(layout.tensors())
+        return BatchPlan(
+            order=order, sizes=sizes, widths=widths, lengths=host,
+            device_lengths=dict(zip(order, moved[count:], strict=True)), stack_padding=stack_padding,
+            layout=layout.with_tensors(moved[:count]), fused_padding=fused_padding, valid_tokens=valid_tokens,
+            audio_sample_rate=audio_sample_rate,
+        )  # fmt: skip
+
     def forward(
         self,
         inputs: dict[str, torch.Tensor | None],
         lengths: dict[str, torch.Tensor] | None = None,
         *,
         audio_sample_rate: int | None = None,
+        plan: BatchPlan | None = None,
     ) -> MMLongNetOutput:
-        present, lengths, batch = self._check_inputs(inputs, lengths)
-        order = [name for name in self.config.modalities if name in present]
+        """See the class docstring. `plan`: `plan_batch(inputs, lengths, ...)` made beforehand (then
+        leave `lengths` and `audio_sample_rate` out): the forward reads no tensor on the host, and
+        `torch.compile(model, fullgraph=True)` traces it whole."""
+        if plan is None:
+            plan = self.plan_batch(inputs, lengths, audio_sample_rate=audio_sample_rate)
+        elif lengths is not None or audio_sample_rate is not None:
+            raise ValueError("pass either lengths (and audio_sample_rate) or a plan made from them, not both")
+        present = {name: inputs.get(name) for name in plan.order}
+        for name, x in present.items():
+            size = 1 if name == "video" and x.dim() == 4 else x.shape[1]
+            if size != plan.sizes[name]:
+                raise ValueError(
+                    f"inputs[{name!r}] has size {size}, the plan {plan.sizes[name]}: plan this batch"
+                )
         shard = current_shard()
-        streams = {}  # name -> (tokens (B, N_m, E), padding (B, N_m), token lengths (B,) on the CPU)
         with use_shard(None):  # encoders and modality stacks see whole sequences, also when sharded
-            for name in order:
-                kwargs = {"sample_rate": audio_sample_rate} if name == "audio" else {}
-                streams[name] = self._encode(name, present[name], lengths.get(name), **kwargs)
-        sequence = self.config.fusion == "sequence"
-        layout = FusedLayout.build(
-            [streams[name][2] for name in order], [streams[name][0].shape[1] for name in order],
-            [self.config.modalities.index(name) for name in order],
-            num_ways=len(self.config.modalities) if sequence and self.fusion is not None else 1,
-            device=self.type_embedding.weight.device,
-        )  # fmt: skip
-        modality_pooled = {name: _masked_mean(*streams[name][:2]) for name in order}
-        modality_present = {name: layout.present[i] for i, name in enumerate(order)}
-        if sequence:
-            tokens = layout.pack(
-                [
-                    streams[name][0] + self.type_embedding.weight[self.config.modalities.index(name)]
-                    for name in order
-                ]
-            )  # (B, L, E)
-            padding, ids, has_padding = layout.padding_mask, layout.modality_ids, layout.has_padding
+            streams = {name: self._encode(name, present[name], plan) for name in plan.order}
+        layout = plan.layout
+        modality_pooled = {name: _masked_mean(*streams[name]) for name in plan.order}
+        modality_present = {name: layout.present[i] for i, name in enumerate(plan.order)}
+        if self.config.fusion == "sequence":
+            typed = [
+                streams[name][0] + self.type_embedding.weight[self.config.modalities.index(name)]
+                for name in plan.order
+            ]  # M x (B, N_m, E)
+            tokens, padding, ids = layout.pack(typed), layout.padding_mask, layout.modality_ids  # (B, L, ...)
         else:
-            tokens, padding, ids = self._concat_features(streams, order)
-            first_lengths = streams[order[0]][2]  # (B,) on the CPU; every stream has these lengths
-            has_padding = bool((first_lengths.numpy() < tokens.shape[1]).any())
+            tokens, padding, ids = self._concat_features(streams, plan.order)
         if self.fusion is not None:
+            routing = layout.routing if self.config.fusion == "sequence" else None
             if shard is not None:
-                tokens = self._fuse_sharded(shard, tokens, padding, layout if sequence else None, has_padding)
+                tokens = self._fuse_sharded(shard, tokens, padding, routing, plan.fused_padding)
             else:
-                routing = layout.routing if sequence else None
-                tokens = self.fusion(tokens, padding if has_padding else None, modality_ids=routing)
+                tokens = self.fusion(tokens, padding if plan.fused_padding else None, modality_ids=routing)
         return MMLongNetOutput(
             tokens=tokens, padding_mask=padding, modality_ids=ids, pooled=_masked_mean(tokens, padding),
             modality_pooled=modality_pooled, modality_present=modality_present,
-            valid_tokens=layout.valid_tokens if sequence else int(first_lengths.numpy().sum()),
         )  # fmt: skip
 
     def _fuse_sharded(
-        self, shard: SequenceShard, tokens, padding, layout: FusedLayout | None, has_padding: bool
+        self, shard: SequenceShard, tokens, padding, routing: MultiwayRouting | None, has_padding: bool
     ):
         """The fusion stack on this shard's slice of the fused sequence, gathered back: (B, L, E).
-        `layout`: the sequence fusion's layout (its routing is cut to the shard's slice), or None."""
+        `routing`: the multiway routing of this shard's slice (the plan makes it), or None."""
         if shard.gather is None:
             raise ValueError("a sharded MMLongNet needs the shard's gather (sequence_parallel sets one)")
         length = tokens.shape[1]
@@ -373,29 +481,29 @@ class MMLongNet(Pretrained, nn.Module):
             tokens = nn.functional.pad(tokens, (0, 0, 0, extra))  # (B, L', E)
             padding = nn.functional.pad(padding, (0, extra), value=True)  # (B, L')
         mask = shard.split(padding) if has_padding or extra else None  # the same choice on every shard
-        routing = None
-        if layout is not None:
-            num_ways = len(self.config.modalities)
-            routing = layout.shard_routing(shard.index, shard.num_shards, num_ways, tokens.device)
         local = self.fusion(shard.split(tokens), mask, modality_ids=routing)  # (B, L'/P, E)
         return shard.gather(local, 1)[:, :length]  # (B, L, E)
 
-    def _concat_features(self, streams: dict, order: list[str]):
-        """Time-aligned streams of equal length, concatenated along E and projected: (B, N, E)."""
-        if order != self.config.modalities:
+    def _check_aligned(self, order: tuple[str, ...], widths: dict[str, int], token_lengths: list) -> None:
+        """fusion="feature" needs every modality, with equal token widths and lengths (on the host)."""
+        if list(order) != self.config.modalities:
             missing = sorted(set(self.config.modalities) - set(order))
             raise ValueError(f"fusion='feature' needs every modality in the batch; missing {missing}")
-        shapes = {name: tuple(streams[name][1].shape) for name in order}
-        masks = [streams[name][1] for name in order]
-        if len(set(shapes.values())) != 1 or any(not torch.equal(masks[0], m) for m in masks[1:]):
+        lengths = [n.tolist() for n in token_lengths]
+        if len(set(widths.values())) != 1 or any(n != lengths[0] for n in lengths[1:]):
             raise ValueError(
-                f"fusion='feature' needs time-aligned streams with equal token lengths per sample; got token "
-                f"shapes {shapes} (or differing valid lengths); use fusion='sequence' otherwise"
+                "fusion='feature' needs time-aligned streams with equal token lengths per sample; got "
+                f"token widths {widths} and lengths {dict(zip(order, lengths, strict=True))}; use "
+                "fusion='sequence' otherwise"
             )
+
+    def _concat_features(self, streams: dict, order: tuple[str, ...]):
+        """Time-aligned streams of equal length (checked by the plan), concatenated along E and
+        projected: (B, N, E), padding (B, N), ids (B, N)."""
         features = torch.cat(
             [streams[name][0] + self.type_embedding.weight[i] for i, name in enumerate(order)], dim=-1
         )  # (B, N, M*E)
-        padding = masks[0]
+        padding = streams[order[0]][1]
         ids = torch.zeros(padding.shape, dtype=torch.long, device=padding.device)
         return self.feature_proj(features), padding, ids
 

@@ -12,12 +12,13 @@ the device.
 
 `FusedLayout.build` computes everything the packing and the multiway routing need from the
 lengths on the CPU (in NumPy, so that it reads no tensor): the gather index of the packing, the
-padding mask, the modality ids, each expert's tokens; and moves them to the device in one
-non-blocking copy.
+padding mask, the modality ids, each expert's tokens; `to_device_at_once` moves them, with the
+batch's other host-made tensors, to the device in one non-blocking copy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,32 +49,33 @@ def to_device_at_once(tensors: Sequence[torch.Tensor], device: torch.device) -> 
 
 @dataclass(frozen=True)
 class FusedLayout:
-    """Where every token of the fused sequence comes from, on the device, plus host facts.
+    """Where every token of the fused sequence comes from, plus what the host knows of it.
 
     Attributes:
         length: L, fused tokens per row.
         source: (B * L,) long: the row of the stacked stream rows `[stream_0 (B * N_0 rows) |
             stream_1 | ... | one zero row]` that fused position (b, l) takes (padding: the zero row).
         padding_mask: (B, L) bool, True at padding (positions >= the sample's valid total).
-        has_padding: whether any position is padding (host bool: the attention then runs maskless).
-        routing: the multiway routing of the fused tokens by modality (K experts), or None.
         modality_ids: (B, L) long, the config index of each token's modality (padding: the first
             present modality's).
         present: (M, B) bool, which samples carry each present modality.
+        routing: the multiway routing of the fused tokens by modality (K experts), or None; under
+            sequence sharding, of this shard's slice.
+        has_padding: whether any position is padding (host bool: the attention then runs maskless).
         valid_tokens: valid fused tokens of the batch (host int).
-        host_ids, host_padding: (B, L) NumPy copies of `modality_ids` and `padding_mask`.
+
+    `build` makes it on the CPU; `tensors` / `with_tensors` let its tensors travel to the device
+    together with others in one copy (`to_device_at_once`).
     """
 
     length: int
     source: torch.Tensor
     padding_mask: torch.Tensor
-    has_padding: bool
-    routing: MultiwayRouting | None
     modality_ids: torch.Tensor
     present: torch.Tensor
+    routing: MultiwayRouting | None
+    has_padding: bool
     valid_tokens: int
-    host_ids: np.ndarray
-    host_padding: np.ndarray
 
     @classmethod
     def build(
@@ -82,9 +84,9 @@ class FusedLayout:
         widths: Sequence[int],
         modality_index: Sequence[int],
         num_ways: int,
-        device: torch.device,
+        shard: tuple[int, int] | None = None,
     ) -> FusedLayout:
-        """The layout of M present modalities, computed on the CPU and moved in one copy.
+        """The layout of M present modalities, computed on the CPU.
 
         Args:
             token_lengths: M (B,) long CPU tensors, n_m, each in [0, N_m].
@@ -92,7 +94,8 @@ class FusedLayout:
             modality_index: M ints, each modality's index among the configured ones (its id and
                 its multiway expert).
             num_ways: K, the experts of the fusion stack (1: no routing is built).
-            device: where the model runs.
+            shard: (index, P) when the fusion stack runs sequence-sharded: the routing is then of
+                shard `index`'s slice of the fused sequence padded to a multiple of P.
 
         Raises:
             ValueError: a sample has no valid token in any modality.
@@ -121,24 +124,34 @@ class FusedLayout:
         padding = np.arange(length)[None, :] >= totals[:, None]  # (B, L)
         routing = None
         if num_ways > 1:
-            capacity = [0] * num_ways
+            capacities = [0] * num_ways
             for width, index in zip(widths, modality_index, strict=True):
-                capacity[index] = batch * width
+                capacities[index] = batch * width
+            routing_ids, routed = ids, ~padding
+            if shard is not None:
+                routing_ids, routed, capacities = _shard_slice(ids, padding, capacities, *shard)
             routing = MultiwayRouting.from_ids(
-                torch.from_numpy(ids), num_ways, routed=torch.from_numpy(~padding), capacities=capacity,
-                fill=modality_index[0],
+                torch.from_numpy(routing_ids), num_ways, routed=torch.from_numpy(routed),
+                capacities=capacities, fill=modality_index[0],
             )  # fmt: skip
-        source, padding_t, ids_t = (torch.from_numpy(a) for a in (source, padding, ids))
-        host = [source.flatten(), padding_t, ids_t, torch.from_numpy(counts > 0)]
-        if routing is not None:
-            host += routing.tensors()
-        moved = to_device_at_once(host, device)
-        if routing is not None:
-            routing = routing.with_tensors(moved[4:])
         return cls(
-            length=length, source=moved[0], padding_mask=moved[1], has_padding=bool(padding.any()),
-            routing=routing, modality_ids=moved[2], present=moved[3], valid_tokens=int(totals.sum()),
-            host_ids=ids, host_padding=padding,
+            length=length, source=torch.from_numpy(source.reshape(-1)),
+            padding_mask=torch.from_numpy(padding), modality_ids=torch.from_numpy(ids),
+            present=torch.from_numpy(counts > 0), routing=routing,
+            has_padding=bool(padding.any()), valid_tokens=int(totals.sum()),
+        )  # fmt: skip
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the layout, in a fixed order."""
+        routing = self.routing.tensors() if self.routing is not None else []
+        return [self.source, self.padding_mask, self.modality_ids, self.present, *routing]
+
+    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> FusedLayout:
+        """The same layout over `tensors` (as `tensors()` lists them, e.g. moved to a device)."""
+        routing = self.routing.with_tensors(tensors[4:]) if self.routing is not None else None
+        return dataclasses.replace(
+            self, source=tensors[0], padding_mask=tensors[1], modality_ids=tensors[2], present=tensors[3],
+            routing=routing,
         )  # fmt: skip
 
     def pack(self, streams: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -147,27 +160,25 @@ class FusedLayout:
         stacked = torch.cat([s.reshape(-1, dim) for s in streams] + [streams[0].new_zeros(1, dim)])
         return stacked.index_select(0, self.source).view(batch, self.length, dim)  # (B, L, E)
 
-    def shard_routing(
-        self, index: int, num_shards: int, num_ways: int, device: torch.device
-    ) -> MultiwayRouting:
-        """The routing of shard `index`'s slice of the fused sequence, padded with padding tokens to
-        a multiple of `num_shards`: tokens [index * n, (index + 1) * n) with n = ceil(L / P)."""
-        n = -(-self.length // num_shards)
-        extra = n * num_shards - self.length
-        ids = np.pad(self.host_ids, ((0, 0), (0, extra)), constant_values=self.host_ids[0, 0])
-        padding = np.pad(self.host_padding, ((0, 0), (0, extra)), constant_values=True)
-        rows = slice(index * n, (index + 1) * n)
-        local_ids, local_routed = ids[:, rows], ~padding[:, rows]  # (B, n)
-        # Every shard calls the experts of the batch's modalities, on one spare row if its slice has
-        # none of their tokens, so that each rank's parameters take part in the gradient alike.
-        batch_experts = set(np.unique(self.host_ids[~self.host_padding]).tolist())
-        capacities = [
-            max(int(((local_ids == e) & local_routed).sum()), 1) if e in batch_experts else 0
-            for e in range(num_ways)
-        ]
-        routing = MultiwayRouting.from_ids(
-            torch.from_numpy(np.ascontiguousarray(local_ids)), num_ways,
-            routed=torch.from_numpy(np.ascontiguousarray(local_routed)), capacities=capacities,
-            fill=int(self.host_ids[0, 0]),
-        )  # fmt: skip
-        return routing.with_tensors(to_device_at_once(routing.tensors(), device))
+
+def _shard_slice(
+    ids: np.ndarray, padding: np.ndarray, capacities: list[int], index: int, num_shards: int
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Shard `index`'s slice [index * n, (index + 1) * n) of the (B, L) ids and routed mask, the
+    sequence padded to P * n = P * ceil(L / P) with padding; and its experts' capacities.
+
+    Every shard calls the experts of the batch's modalities (capacity > 0), on one spare row if
+    its slice has none of their tokens, so that each rank's parameters take part in the gradient
+    alike (DDP expects every rank to use the same parameters)."""
+    length = ids.shape[1]
+    n = -(-length // num_shards)
+    extra = n * num_shards - length
+    ids = np.pad(ids, ((0, 0), (0, extra)), mode="edge")
+    routed = np.pad(~padding, ((0, 0), (0, extra)), constant_values=False)
+    cols = slice(index * n, (index + 1) * n)
+    local_ids, local_routed = np.ascontiguousarray(ids[:, cols]), np.ascontiguousarray(routed[:, cols])
+    local = [
+        max(int(((local_ids == e) & local_routed).sum()), 1) if capacity else 0
+        for e, capacity in enumerate(capacities)
+    ]
+    return local_ids, local_routed, local

@@ -84,6 +84,31 @@ class OptimizerConfig:
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+class CompiledModel:
+    """A model's forward under `torch.compile(fullgraph=True)`, built on first use.
+
+    On CUDA the mode is "reduce-overhead": the forward and backward replay as CUDA graphs (one
+    recorded per input shape, so bucketed lengths matter), each call marked as a new iteration;
+    elsewhere the default mode. Not under sequence sharding, whose collectives run eagerly.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.forward = None
+        self.graphs = False
+
+    def __call__(self, *args, **kwargs):
+        if current_shard() is not None:
+            raise ValueError("compile=True does not run under sequence sharding; leave compile off there")
+        if self.forward is None:
+            self.graphs = next(self.model.parameters()).device.type == "cuda"
+            mode = "reduce-overhead" if self.graphs else None
+            self.forward = torch.compile(self.model.forward, fullgraph=True, mode=mode)
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.forward(*args, **kwargs)
+
+
 def _total_steps(module: pl.LightningModule) -> int:
     """Optimizer steps of the run (for the decay), or 1 outside a fit."""
     trainer = module._trainer
@@ -104,6 +129,8 @@ class MultimodalClassifier(pl.LightningModule):
             modalities), falling back to "mean" for samples without text.
         optimizer: `OptimizerConfig`.
         label_smoothing: of the cross-entropy.
+        compile: run `MMLongNet` compiled whole (`torch.compile(fullgraph=True)`; CUDA graphs on
+            a GPU). Pair it with length buckets: every new input shape compiles (and records) anew.
 
     Samples labelled -1 (unknown) are left out of the loss and the accuracy.
 
@@ -118,6 +145,7 @@ class MultimodalClassifier(pl.LightningModule):
         pooling: Literal["mean", "text"] = "mean",
         optimizer: OptimizerConfig | None = None,
         label_smoothing: float = 0.0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -131,13 +159,15 @@ class MultimodalClassifier(pl.LightningModule):
         self.pooling = pooling
         self.label_smoothing = label_smoothing
         self.model = MMLongNet(model)
+        self.compiled = CompiledModel(self.model) if compile else None
         self.last_batch_tokens = 0  # valid fused tokens of the last batch (for throughput)
         self.head = nn.Sequential(nn.LayerNorm(model.d_model), nn.Linear(model.d_model, num_classes))
 
     def features(self, batch: Batch) -> torch.Tensor:
         """The pooled representation the head reads, (B, E)."""
-        out = self.model(batch.inputs, batch.lengths)
-        self.last_batch_tokens = out.valid_tokens
+        plan = self.model.plan_batch(batch.inputs, batch.lengths)  # on the host, from CPU lengths
+        out = (self.compiled or self.model)(batch.inputs, plan=plan)
+        self.last_batch_tokens = plan.valid_tokens
         if self.pooling == "mean":
             return out.pooled
         text = self.model.config.modalities.index("text")
@@ -212,6 +242,8 @@ class LanguageModel(pl.LightningModule):
     Args:
         model: the `LongNetLM` (given in a config as class_path / init_args).
         optimizer: `OptimizerConfig`.
+        compile: run the model compiled whole (`torch.compile(fullgraph=True)`; CUDA graphs on a
+            GPU); not under sequence sharding.
 
     Batches are (B, N + 1) long token windows: the model reads tokens [:-1] and predicts [1:].
     Logs loss (nats per token) and bits per token.
@@ -222,16 +254,19 @@ class LanguageModel(pl.LightningModule):
     of the loss over the group's equal slices is the full-sequence loss (see the strategy).
     """
 
-    def __init__(self, model: LongNetLM, optimizer: OptimizerConfig | None = None) -> None:
+    def __init__(
+        self, model: LongNetLM, optimizer: OptimizerConfig | None = None, compile: bool = False
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.model = model
+        self.compiled = CompiledModel(model) if compile else None
         self.optimizer_config = optimizer or OptimizerConfig()
         self.last_batch_tokens = 0  # input tokens of the last batch (for throughput)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         self.last_batch_tokens = tokens.numel()
-        return self.model(tokens)  # (B, N, V)
+        return (self.compiled or self.model)(tokens)  # (B, N, V)
 
     def _step(self, windows: torch.Tensor, stage: str) -> torch.Tensor:
         inputs, targets = windows[:, :-1], windows[:, 1:]  # (B, N), (B, N)

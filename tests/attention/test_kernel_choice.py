@@ -44,6 +44,22 @@ def test_a_new_shape_never_plans_and_a_recurring_one_is_promoted():
     assert len(planner.calls) == 2 and len(flash.calls) == 4
 
 
+def test_no_shape_is_promoted_while_a_cuda_graph_is_captured(monkeypatch):
+    _, _, _, chain = fakes()
+    selector = KernelSelector(promote_after=2)
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    assert selector.run(chain, "forward", ("a",)) == "flash"  # eager, first call
+    capturing[0] = True
+    assert selector.run(chain, "forward", ("a",)) == "flash"  # would be promoted now: not in a capture
+    assert selector.run(chain, "forward", ("b",)) == "flash"
+    capturing[0] = False
+    assert selector.run(chain, "forward", ("a",)) == "planner"  # eager again: plans
+    capturing[0] = True
+    assert selector.run(chain, "forward", ("a",)) == "planner"  # planned before the capture
+
+
 def test_the_cuda_chain_runs_a_new_shape_on_flash_or_memory_efficient_then_cudnn():
     selector = KernelSelector(promote_after=2)
     cuda = torch.device("cuda")  # kernel_chain only reads the device type: no GPU needed

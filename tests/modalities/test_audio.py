@@ -278,3 +278,11 @@ def test_config_errors(kwargs, match):
 def test_config_accepts_a_nested_dict():
     cfg = AudioEncoderConfig(trunk="conformer", embed_dim=16, conformer={"num_layers": 1, "num_heads": 2})
     assert cfg.conformer == ConformerConfig(num_layers=1, num_heads=2)
+
+
+def test_mel_spectrogram_equals_torchaudios():
+    torch.manual_seed(0)
+    encoder = AudioEncoder(AudioEncoderConfig(embed_dim=32, n_fft=256, hop_length=160, n_mels=16)).double()
+    wave = torch.randn(3, 4001, dtype=torch.float64)
+    expected = encoder.melspec(wave)  # (B, M, F)
+    torch.testing.assert_close(encoder.mel_spectrogram(wave), expected, rtol=1e-12, atol=1e-12)

@@ -28,10 +28,11 @@ def test_multimodal_forward_and_backward_read_nothing_back(host_reads):
     model = MMLongNet(MMLongNetConfig.tiny()).train()
     inputs, lengths = mixed_batch(model)
     with host_reads as reads:
-        out = model(inputs, lengths)
+        plan = model.plan_batch(inputs, lengths)
+        out = model(inputs, plan=plan)
         (out.pooled.square().sum() + out.tokens.sum()).backward()
     assert reads.ops == []
-    assert out.valid_tokens == int((~out.padding_mask).sum())
+    assert plan.valid_tokens == int((~out.padding_mask).sum())
     assert all(p.grad is not None for p in model.fusion.parameters())
 
 
@@ -87,7 +88,7 @@ def test_fused_layout_packs_like_a_loop_over_samples():
     widths, ids = [5, 3, 4], [0, 2, 1]
     counts = [torch.tensor([5, 0, 2]), torch.tensor([1, 3, 0]), torch.tensor([0, 4, 4])]
     streams = [torch.randn(3, w, 2, generator=generator, dtype=torch.float64) for w in widths]
-    layout = FusedLayout.build(counts, widths, ids, num_ways=3, device=torch.device("cpu"))
+    layout = FusedLayout.build(counts, widths, ids, num_ways=3)
     fused = layout.pack(streams)
     assert layout.length == sum(widths) == fused.shape[1]
     for b in range(3):
@@ -106,7 +107,7 @@ def test_fused_layout_packs_like_a_loop_over_samples():
 
 def test_a_sample_without_any_token_is_named():
     with pytest.raises(ValueError, match="sample 1 has no modality at all"):
-        FusedLayout.build([torch.tensor([2, 0])], [2], [0], num_ways=1, device=torch.device("cpu"))
+        FusedLayout.build([torch.tensor([2, 0])], [2], [0], num_ways=1)
 
 
 @pytest.mark.cuda

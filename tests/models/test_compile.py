@@ -1,0 +1,104 @@
+"""torch.compile of the models: MMLongNet whole (fullgraph) with a host-made plan, no recompile
+over batches of one length bucket, outputs and gradients equal to eager; LongNetLM likewise."""
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from mmlongnet.data.collate import LengthBuckets, collate_samples
+from mmlongnet.models import LongNetLM, MMLongNet, MMLongNetConfig
+
+# aot_eager traces forward and backward as Inductor would, without its (slow on CPU) code generation.
+BACKEND = "aot_eager"
+
+
+def bucket_batches(model, count: int):
+    """`count` collated batches with other raw lengths each, all in one length bucket."""
+    buckets = LengthBuckets()
+    batches = []
+    for seed in range(count):
+        generator = torch.Generator().manual_seed(seed)
+        audio = [int(x) for x in torch.randint(5200, 5700, (3,), generator=generator)]
+        frames = [int(x) for x in torch.randint(1, 4, (3,), generator=generator)]
+        samples = [
+            {"id": "a", "text": "first digit?"[: 8 + seed],
+             "audio": torch.randn(audio[0], generator=generator)},
+            {"id": "b", "audio": torch.randn(audio[1], generator=generator),
+             "video": torch.randn(frames[1], 3, 16, 16, generator=generator)},
+            {"id": "c", "text": "count", "video": torch.randn(frames[2], 3, 16, 16, generator=generator)},
+        ]  # fmt: skip
+        batches.append(collate_samples(samples, buckets=buckets))
+    assert len({tuple((k, tuple(v.shape)) for k, v in b.inputs.items()) for b in batches}) == 1
+    assert len({tuple(tuple(v.tolist()) for v in b.lengths.values()) for b in batches}) == count
+    return batches
+
+
+def test_mmlongnet_compiles_whole_and_never_recompiles_within_a_bucket():
+    torch.manual_seed(0)
+    model = MMLongNet(MMLongNetConfig.tiny()).train()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True, backend=BACKEND)
+    for batch in bucket_batches(model, 4):
+        plan = model.plan_batch(batch.inputs, batch.lengths)
+        got = compiled(batch.inputs, plan=plan)
+        model.zero_grad()
+        (got.pooled.square().sum() + got.tokens.sum()).backward()
+        got_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        want = model(batch.inputs, batch.lengths)
+        model.zero_grad()
+        (want.pooled.square().sum() + want.tokens.sum()).backward()
+        want_grads = [p.grad for p in model.parameters() if p.grad is not None]
+        torch.testing.assert_close(got.tokens, want.tokens, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.pooled, want.pooled, rtol=1e-5, atol=1e-5)
+        assert len(got_grads) == len(want_grads)
+        for g, w in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sum(counters["recompiles"].values()) == 0
+
+
+def test_language_model_compiles_whole():
+    torch.manual_seed(0)
+    lm = LongNetLM(61, d_model=32, nhead=4, num_layers=2, dim_feedforward=64, segment_lengths=[8, 16],
+                   dilation_rates=[1, 2])  # fmt: skip
+    torch._dynamo.reset()
+    compiled = torch.compile(lm, fullgraph=True, backend=BACKEND)
+    tokens = torch.randint(0, 61, (2, 40))
+    torch.testing.assert_close(compiled(tokens), lm(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_a_plan_and_lengths_together_are_refused():
+    torch.manual_seed(0)
+    model = MMLongNet(MMLongNetConfig.tiny()).eval()
+    inputs, lengths = model.example_inputs(2)
+    plan = model.plan_batch(inputs, lengths)
+    with pytest.raises(ValueError, match="either lengths"):
+        model(inputs, lengths, plan=plan)
+    shorter = {**inputs, "text": inputs["text"][:, :-1]}
+    with pytest.raises(ValueError, match="plan this batch"):
+        model(shorter, plan=plan)
+
+
+def test_the_classifier_runs_its_model_compiled_when_asked(monkeypatch):
+    from mmlongnet.training.module import MultimodalClassifier
+
+    compiled, compile_ = [], torch.compile
+
+    def compile_fast(fn, **options):  # the module's own options, on the quick backend
+        compiled.append(options)
+        return compile_(fn, **options | {"backend": BACKEND, "mode": None})
+
+    monkeypatch.setattr(torch, "compile", compile_fast)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    classifier = MultimodalClassifier(MMLongNetConfig.tiny(), num_classes=4, compile=True)
+    classifier.log = lambda *args, **kwargs: None
+    eager = MultimodalClassifier(MMLongNetConfig.tiny(), num_classes=4)
+    eager.load_state_dict(classifier.state_dict())
+    for batch in bucket_batches(classifier.model, 2):
+        batch.labels = torch.tensor([1, -1, 3])
+        torch.testing.assert_close(classifier(batch), eager(batch), rtol=1e-5, atol=1e-5)
+    assert compiled == [{"fullgraph": True, "mode": None}]
+    assert set(classifier.state_dict()) == set(eager.state_dict())  # nothing compiled is saved
