@@ -1,6 +1,7 @@
-"""Shared fixtures. `host_reads` counts the ops that read tensor values back on the host.
+"""Shared fixtures: `host_reads` and `one_thread`.
 
-On an accelerator each such op waits for the device (a host sync); on the CPU nothing waits, but
+`host_reads` counts the ops that read tensor values back on the host. On an accelerator each such
+op waits for the device (a host sync); on the CPU nothing waits, but
 the same code would, so the tests count the ops there. The model's host-side work (the layout of
 a batch from its lengths) runs in NumPy and Python, which do not go through the dispatcher, so
 in a forward and backward every counted op is a read of a tensor.
@@ -50,3 +51,12 @@ class HostReads(TorchDispatchMode):
 def host_reads():
     """A fresh `HostReads` mode: `with host_reads as reads: ...; assert reads.ops == []`."""
     return HostReads()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny CPU steps are dominated by thread hand-offs on a busy machine: run them on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

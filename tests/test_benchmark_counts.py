@@ -1,25 +1,10 @@
 """The benchmark's FLOP counting: exact attended-pair counts against a brute-force mask count."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from benchmark_loader import load_benchmark
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "attention.py"
-
-
-def load_benchmark():
-    """Import benchmarks/attention.py by path (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("benchmark_attention", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while building the classes
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_benchmark()
+bench = load_benchmark("attention")
 
 
 def brute_force_pairs(n, segment_lengths, dilation_rates, heads, causal):

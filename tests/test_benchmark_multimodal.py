@@ -1,39 +1,16 @@
 """The multimodal training-step benchmark on the CPU: a tiny end-to-end run, the input sizes from
 the encoders' token arithmetic, FLOP counts, the plan, the checkpointing fallback and --plot-only."""
 
-import importlib.util
 import json
 import math
 import re
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from benchmark_loader import load_benchmark
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "multimodal.py"
-
-
-def load_benchmark():
-    """Import benchmarks/multimodal.py by path (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("benchmark_multimodal", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while building the classes
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_benchmark()
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny CPU steps are dominated by thread hand-offs on a busy machine: run them on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+bench = load_benchmark("multimodal")
 
 
 def test_tiny_cpu_run_writes_json_png_and_table(tmp_path, capsys, one_thread):

@@ -3,41 +3,21 @@ modules, the time budget, and the profile arithmetic (busy share, launches, sync
 events with known answers."""
 
 import dataclasses
-import importlib.util
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from benchmark_loader import load_benchmark
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BENCHMARK = REPO_ROOT / "benchmarks" / "train.py"
 
 
-def load_benchmark():
-    """Import benchmarks/train.py by path (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("benchmark_train", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while building the classes
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_benchmark()
+bench = load_benchmark("train")
 Event = bench.Event
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny CPU steps are dominated by thread hand-offs on a busy machine: run them on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def expected_av_tokens(lengths: dict[str, list[int]]) -> int:

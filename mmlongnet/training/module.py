@@ -85,11 +85,12 @@ class OptimizerConfig:
 
 
 class CompiledModel:
-    """A model's forward under `torch.compile(fullgraph=True)`, built on first use.
+    """A model's forward under `torch.compile(fullgraph=True, dynamic=False)`, built on first use.
 
-    On CUDA the mode is "reduce-overhead": the forward and backward replay as CUDA graphs (one
-    recorded per input shape, so bucketed lengths matter), each call marked as a new iteration;
-    elsewhere the default mode. Not under sequence sharding, whose collectives run eagerly.
+    One static graph is compiled per input shape, so bucketed lengths matter. On CUDA the mode
+    is "reduce-overhead": the forward and backward replay as CUDA graphs, each call marked as a
+    new iteration; elsewhere the default mode. Not under sequence sharding, whose collectives
+    run eagerly.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -103,7 +104,9 @@ class CompiledModel:
         if self.forward is None:
             self.graphs = next(self.model.parameters()).device.type == "cuda"
             mode = "reduce-overhead" if self.graphs else None
-            self.forward = torch.compile(self.model.forward, fullgraph=True, mode=mode)
+            # One static graph per input shape: what CUDA graphs record anyway, and length buckets
+            # keep the shapes few.
+            self.forward = torch.compile(self.model.forward, fullgraph=True, dynamic=False, mode=mode)
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()
         return self.forward(*args, **kwargs)

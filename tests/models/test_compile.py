@@ -100,5 +100,5 @@ def test_the_classifier_runs_its_model_compiled_when_asked(monkeypatch):
     for batch in bucket_batches(classifier.model, 2):
         batch.labels = torch.tensor([1, -1, 3])
         torch.testing.assert_close(classifier(batch), eager(batch), rtol=1e-5, atol=1e-5)
-    assert compiled == [{"fullgraph": True, "mode": None}]
+    assert compiled == [{"fullgraph": True, "dynamic": False, "mode": None}]
     assert set(classifier.state_dict()) == set(eager.state_dict())  # nothing compiled is saved

@@ -46,16 +46,21 @@ def test_language_model_forward_and_backward_read_nothing_back(host_reads):
     assert reads.ops == []
 
 
-def test_classifier_step_reads_nothing_back_and_averages_over_labelled_samples(host_reads, monkeypatch):
-    torch.manual_seed(0)
-    classifier = MultimodalClassifier(MMLongNetConfig.tiny(), num_classes=4).train()
-    monkeypatch.setattr(classifier, "log", lambda *args, **kwargs: None)  # logging may read values
+def labelled_samples() -> list[dict]:
+    """Three samples of different modalities; the second has no label."""
     generator = torch.Generator().manual_seed(0)
-    samples = [
+    return [
         {"id": "a", "text": "one two", "audio": torch.randn(3000, generator=generator), "label": 1},
         {"id": "b", "video": torch.randn(3, 3, 16, 16, generator=generator), "label": -1},
         {"id": "c", "text": "three", "video": torch.randn(5, 3, 16, 16, generator=generator), "label": 3},
     ]
+
+
+def test_classifier_step_reads_nothing_back_and_averages_over_labelled_samples(host_reads, monkeypatch):
+    torch.manual_seed(0)
+    classifier = MultimodalClassifier(MMLongNetConfig.tiny(), num_classes=4).train()
+    monkeypatch.setattr(classifier, "log", lambda *args, **kwargs: None)  # logging may read values
+    samples = labelled_samples()
     batch = classifier.transfer_batch_to_device(collate_samples(samples), torch.device("cpu"), 0)
     with host_reads as reads:
         loss = classifier.training_step(batch, 0)
@@ -117,12 +122,7 @@ def test_cuda_training_step_runs_under_sync_debug_errors():
     torch.manual_seed(0)
     classifier = MultimodalClassifier(MMLongNetConfig.tiny(), num_classes=4).cuda().train()
     classifier.log = lambda *args, **kwargs: None  # logging reads values by design
-    generator = torch.Generator().manual_seed(0)
-    samples = [
-        {"id": "a", "text": "one two", "audio": torch.randn(3000, generator=generator), "label": 1},
-        {"id": "b", "video": torch.randn(3, 3, 16, 16, generator=generator), "label": -1},
-        {"id": "c", "text": "three", "video": torch.randn(5, 3, 16, 16, generator=generator), "label": 3},
-    ]
+    samples = labelled_samples()
     batch = classifier.transfer_batch_to_device(collate_samples(samples), torch.device("cuda"), 0)
     for _ in range(2):  # the second step runs with every kernel and workspace already chosen
         torch.cuda.synchronize()
