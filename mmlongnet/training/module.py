@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo import config as dynamo_config
 
 from mmlongnet.attention.sharding import current_shard
 from mmlongnet.data.collate import Batch
@@ -84,10 +85,14 @@ class OptimizerConfig:
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+RECOMPILE_LIMIT = 64  # compiled shapes kept per function (one per combination of length buckets)
+
+
 class CompiledModel:
     """A model's forward under `torch.compile(fullgraph=True, dynamic=False)`, built on first use.
 
-    One static graph is compiled per input shape, so bucketed lengths matter. On CUDA the mode
+    One static graph is compiled per input shape, so bucketed lengths matter (up to
+    `RECOMPILE_LIMIT` shapes; beyond, torch runs the forward eagerly). On CUDA the mode
     is "reduce-overhead": the forward and backward replay as CUDA graphs, each call marked as a
     new iteration; elsewhere the default mode. Not under sequence sharding, whose collectives
     run eagerly.
@@ -105,7 +110,8 @@ class CompiledModel:
             self.graphs = next(self.model.parameters()).device.type == "cuda"
             mode = "reduce-overhead" if self.graphs else None
             # One static graph per input shape: what CUDA graphs record anyway, and length buckets
-            # keep the shapes few.
+            # keep the shapes few, but more than torch's default of 8 graphs per function.
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
             self.forward = torch.compile(self.model.forward, fullgraph=True, dynamic=False, mode=mode)
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()

@@ -24,8 +24,9 @@ gradient of the global batch on one device. No rescaling is needed.
 Metrics: a value logged with `sync_dist=True` is averaged over all W ranks; for the LM, the mean of
 the group's equal-slice losses is the full loss; for the classifier, all P copies are equal, so the
 mean is unchanged (nothing is double counted). Values logged without sync (the train loss in the
-progress bar) are rank 0's: the LM's shows the loss of the first slice only. torchmetrics states are
-summed over all ranks, so each sample counts P times in an accuracy's numerator and denominator alike.
+progress bar) are rank 0's: the LM's shows the loss of the first slice only. The classifier's
+accuracy is logged per batch as correct / labelled with the labelled count as batch size; synced,
+Lightning sums both over all ranks, so each sample counts P times in numerator and denominator alike.
 `predict_step` outputs are written by every rank, P copies of each sample.
 """
 
