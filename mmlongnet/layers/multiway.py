@@ -35,12 +35,16 @@ from torch import nn
 class MultiwayRouting:
     """Which token goes to which expert, derived on the host once per batch.
 
+    The experts' rows lie one after the other: expert e owns rows [o_e, o_e + C_e) of the routed
+    order, o_e the sum of the capacities before it.
+
     Attributes:
         shape: (B, L), the token grid the routing is for.
-        gather: K (C_e,) long tensors: the flat positions in [0, B*L) expert e reads; spare
-            entries (beyond the expert's n_e tokens) read position 0.
-        scatter: K (C_e,) long tensors: where expert e's rows are written in a (B*L + 1)-row
-            output; spare entries go to the discarded row B*L.
+        capacities: K ints C_e, the rows of each expert (its n_e tokens, then spare rows).
+        gather: (sum C_e,) long, the flat position in [0, B*L) each routed row reads; spare rows
+            read position 0.
+        scatter: (sum C_e,) long, where each routed row is written in a (B*L + 1)-row output;
+            spare rows go to the discarded row B*L.
         modality_ids: (B, L) long, the id of every token; positions no expert reads (padding)
             hold `fill`.
 
@@ -48,8 +52,9 @@ class MultiwayRouting:
     """
 
     shape: tuple[int, int]
-    gather: tuple[torch.Tensor, ...]
-    scatter: tuple[torch.Tensor, ...]
+    capacities: tuple[int, ...]
+    gather: torch.Tensor
+    scatter: torch.Tensor
     modality_ids: torch.Tensor
 
     @classmethod
@@ -87,7 +92,7 @@ class MultiwayRouting:
                 f"{flat_ids[outside][0]} at flat position {np.flatnonzero(outside)[0]}"
             )
         num_tokens = flat_ids.size
-        gather, scatter = [], []
+        gather, scatter, sizes = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], []
         for expert in range(num_ways):
             positions = np.flatnonzero((flat_ids == expert) & flat_routed)  # (n_e,)
             capacity = positions.size if capacities is None else capacities[expert]
@@ -96,21 +101,21 @@ class MultiwayRouting:
                     f"capacity {capacity} of expert {expert} is below its {positions.size} tokens"
                 )
             spare = capacity - positions.size
-            gather.append(torch.from_numpy(np.concatenate([positions, np.zeros(spare, np.int64)])))  # (C_e,)
-            scatter.append(
-                torch.from_numpy(np.concatenate([positions, np.full(spare, num_tokens)]))
-            )  # (C_e,)
+            gather += [positions, np.zeros(spare, np.int64)]
+            scatter += [positions, np.full(spare, num_tokens, np.int64)]
+            sizes.append(int(capacity))
         shown = torch.from_numpy(np.where(routed, ids, fill))  # (B, L)
-        return cls(tuple(ids.shape), tuple(gather), tuple(scatter), shown)
+        gather_rows = torch.from_numpy(np.concatenate(gather))  # (sum C_e,)
+        scatter_rows = torch.from_numpy(np.concatenate(scatter))  # (sum C_e,)
+        return cls(tuple(ids.shape), tuple(sizes), gather_rows, scatter_rows, shown)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor of the routing, in a fixed order (for one batched copy to a device)."""
-        return [*self.gather, *self.scatter, self.modality_ids]
+        return [self.gather, self.scatter, self.modality_ids]
 
     def with_tensors(self, tensors: Sequence[torch.Tensor]) -> MultiwayRouting:
         """The same routing over `tensors` (as `tensors()` lists them, e.g. moved to a device)."""
-        k = len(self.gather)
-        return MultiwayRouting(self.shape, tuple(tensors[:k]), tuple(tensors[k : 2 * k]), tensors[2 * k])
+        return MultiwayRouting(self.shape, self.capacities, *tensors)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MultiwayRouting:
         return self.with_tensors([t.to(device, non_blocking=non_blocking) for t in self.tensors()])
@@ -201,26 +206,26 @@ class MultiwayNetwork(nn.Module):
         return out.view(batch, seq_len, *out.shape[1:])  # (B, L, *F_out)
 
     def _forward_routed(self, x: torch.Tensor, routing: MultiwayRouting) -> torch.Tensor:
-        """x: (B, L, *F_in) routed by a host-built `MultiwayRouting`: no host sync."""
-        if len(routing.gather) != self.num_ways or tuple(x.shape[:2]) != routing.shape:
+        """x: (B, L, *F_in) routed by a host-built `MultiwayRouting`: no host sync; one gather,
+        one expert call per expert with rows (on a view, no copy), one concatenation, one scatter."""
+        if len(routing.capacities) != self.num_ways or tuple(x.shape[:2]) != routing.shape:
             raise ValueError(
-                f"the routing is for {len(routing.gather)} experts over {routing.shape} tokens; this "
-                f"layer has {self.num_ways} experts and x has shape {tuple(x.shape)}"
+                f"the routing is for {len(routing.capacities)} experts over {routing.shape} tokens; "
+                f"this layer has {self.num_ways} experts and x has shape {tuple(x.shape)}"
             )
         batch, seq_len = routing.shape
         num_tokens = batch * seq_len
-        flat_x = x.reshape(num_tokens, *x.shape[2:])  # (T, *F_in)
-        out = None
-        for expert, gather, scatter in zip(self.experts, routing.gather, routing.scatter, strict=True):
-            if gather.numel() == 0:
-                continue
-            y = expert(flat_x.index_select(0, gather))  # (C_e, *F_out)
-            if out is None:  # row T takes the spare rows and is dropped
-                out = y.new_zeros((num_tokens + 1, *y.shape[1:]))  # (T + 1, *F_out)
-            out.index_copy_(0, scatter, y.to(out.dtype))
-        if out is None:  # no expert has a token: expert 0 on the empty input only for F_out and dtype
-            empty = self.experts[0](flat_x[:0])  # (0, *F_out)
-            out = empty.new_zeros((num_tokens + 1, *empty.shape[1:]))
+        rows = x.reshape(num_tokens, *x.shape[2:]).index_select(0, routing.gather)  # (sum C_e, *F_in)
+        pieces = []  # split, not sliced: the backward joins the experts' gradients in one cat
+        for expert, expert_rows in zip(self.experts, rows.split(list(routing.capacities)), strict=True):
+            if expert_rows.shape[0]:
+                pieces.append(expert(expert_rows))  # (C_e, *F_out)
+        if not pieces:  # no expert has a token: expert 0 on the empty input only for F_out and dtype
+            pieces.append(self.experts[0](rows[:0]))  # (0, *F_out)
+        dtype = pieces[0].dtype
+        routed = torch.cat([y.to(dtype) for y in pieces]) if len(pieces) > 1 else pieces[0]  # (sum C_e, ...)
+        out = routed.new_zeros((num_tokens + 1, *routed.shape[1:]))  # (T + 1, *F_out); row T is dropped
+        out.index_copy_(0, routing.scatter, routed)
         return out[:num_tokens].view(batch, seq_len, *out.shape[1:])  # (B, L, *F_out)
 
     def _raise_out_of_range(self, modality_ids: torch.Tensor) -> None:

@@ -228,7 +228,7 @@ def test_host_routing_equals_the_per_token_twin_with_spare_capacity(kind):
     routed[1, 5:] = False  # two padding tokens: no expert reads them, they come out as zeros
     capacities = [6, 9, 5]  # above the counts (4, 4, 4): spare rows read token 0, are discarded
     routing = MultiwayRouting.from_ids(ids, 3, routed=routed, capacities=capacities, fill=0)
-    assert [len(g) for g in routing.gather] == capacities
+    assert list(routing.capacities) == capacities and len(routing.gather) == sum(capacities)
     out = net(x, routing)
     expected = per_token_twin(net, x, ids)
     torch.testing.assert_close(out[routed], expected[routed], rtol=0, atol=1e-12)
@@ -266,3 +266,27 @@ def test_host_routing_errors_name_the_problem():
     routing = MultiwayRouting.from_ids(torch.tensor([[0, 1]]), 2)
     with pytest.raises(ValueError, match="routing is for 2 experts over"):
         net(torch.randn(1, 3, DIM, dtype=torch.float64), routing)
+
+
+def test_host_routing_launches_one_gather_one_concatenation_and_one_scatter_for_any_number_of_experts():
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    for num_ways in (2, 5):
+        net = MultiwayNetwork(make_expert("linear"), num_ways)
+        ids = torch.arange(3 * 10).reshape(3, 10) % num_ways
+        routing = MultiwayRouting.from_ids(ids, num_ways)
+        with CountOps() as counted:
+            net(torch.randn(3, 10, DIM, dtype=torch.float64), routing)
+        assert counted.ops["index_select"] == 1 and counted.ops["index_copy_"] == 1
+        assert counted.ops["cat"] == 1 and counted.ops["addmm"] == num_ways
