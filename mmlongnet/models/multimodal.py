@@ -227,12 +227,14 @@ def _masked_mean(tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
 class MMLongNet(Pretrained, nn.Module):
     """The multimodal long-context model; see the module docstring for the data flow.
 
-    forward(inputs, lengths=None, *, audio_sample_rate=None) -> MMLongNetOutput
+    forward(inputs, lengths=None, *, audio_sample_rate=None, plan=None) -> MMLongNetOutput
         inputs: {"text": (B, L_t) long, "audio": (B, S) float, "video": (B, T, C, H, W) or
             images (B, C, H, W)}; a missing key or None = the modality is absent for the batch.
         lengths: {name: (B,) long} valid raw lengths (tokens, samples, frames); 0 = this sample
-            lacks the modality; a missing entry = all valid.
+            lacks the modality; a missing entry = all valid. Best on the CPU (no device sync).
         audio_sample_rate: the waveforms' rate if it is not the encoder's.
+        plan: instead of lengths and audio_sample_rate, `plan_batch(inputs, lengths, ...)` made
+            beforehand; then the forward reads no tensor back on the host and compiles whole.
     """
 
     config_class = MMLongNetConfig
