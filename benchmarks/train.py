@@ -43,6 +43,9 @@ Columns of the table (JSON fields in brackets):
   fused valid tokens of the batch (AV digits) or its B * N inputs (LM);
 - steps/s [steps_per_s]: 1000 / the median timed step in ms [step_ms];
 - tokens/s [tokens_per_s]: tokens/step * steps/s;
+- ms/step, seen shapes [step_ms_repeated]: the median over the timed steps whose input shape
+  ran in an earlier step (warm-up included); the others [new_shape_steps] may build kernel plans
+  or compile and record CUDA graphs, once per shape in a run;
 - peak GiB [peak_gib]: `torch.cuda.max_memory_allocated` over the timed steps;
 - GPU busy [gpu_busy_share]: the union of the CUDA kernel intervals of a profiled step over its
   span (from the step's start to the end of the synchronisation after it); median over steps;
@@ -516,6 +519,8 @@ class Row:
     overrides: list[str]
     error: str | None = None
     step_ms: float | None = None  # median host time of a timed step
+    step_ms_repeated: float | None = None  # median over timed steps whose input shape ran before
+    new_shape_steps: int | None = None  # timed steps on a shape not run before (plans, compiles)
     steps_per_s: float | None = None  # 1000 / step_ms
     tokens_per_step: float | None = None  # mean over the timed steps (fused valid tokens / B * N)
     tokens_per_s: float | None = None  # tokens_per_step * steps_per_s
@@ -560,17 +565,29 @@ def measure(spec: RowSpec, kind: str, args: argparse.Namespace, device: torch.de
         )
     finally:
         batches.close()  # ends the loader's workers
-    fill_timing(row, timed)
+    fill_timing(row, timed, warm.shapes)
     fill_profile(row, summarize_profile(events, device.type == "cuda"))
     shapes = warm.shapes + timed.shapes + profiled_shapes
     row.distinct_shapes, row.shapes = len(set(shapes)), sorted(set(shapes))
     return row
 
 
-def fill_timing(row: Row, timed: Timed) -> None:
-    """Step time, rates, tokens, data time and the last loss from the timed steps."""
+def fill_timing(row: Row, timed: Timed, earlier_shapes: Sequence[str] = ()) -> None:
+    """Step time, rates, tokens, data time and the last loss from the timed steps.
+
+    Also the median over the steps whose input shape ran in an earlier step (`earlier_shapes`:
+    the warm-up's), apart: a step on a new shape may build kernel plans or compile and record
+    CUDA graphs, a cost paid once per shape in a run.
+    """
     row.times_ms, row.tokens, row.lengths, row.loss = timed.times_ms, timed.tokens, timed.lengths, timed.loss
     row.step_ms = statistics.median(timed.times_ms)
+    seen, repeated = set(earlier_shapes), []
+    for ms, shape in zip(timed.times_ms, timed.shapes, strict=True):
+        if shape in seen:
+            repeated.append(ms)
+        seen.add(shape)
+    row.new_shape_steps = len(timed.times_ms) - len(repeated)
+    row.step_ms_repeated = statistics.median(repeated) if repeated else None
     row.steps_per_s = 1e3 / row.step_ms
     row.tokens_per_step = statistics.fmean(timed.tokens)
     row.tokens_per_s = row.tokens_per_step * row.steps_per_s
@@ -671,15 +688,16 @@ def describe(row: Row) -> str:
 def markdown_table(rows: Sequence[Row]) -> str:
     """The results, one line per (row, kind)."""
     lines = [
-        "| row | attention | B | tokens/step | steps/s | tokens/s | peak GiB | GPU busy "
-        "| kernels/step | launches/step | syncs/step | shapes | data ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| row | attention | B | tokens/step | steps/s | tokens/s | ms/step, seen shapes | peak GiB "
+        "| GPU busy | kernels/step | launches/step | syncs/step | shapes | data ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rate = _number(r.steps_per_s, ".2f") if r.status == "ok" else r.status
         lines.append(
             f"| {r.row} | {r.kind} | {r.batch} | {_number(r.tokens_per_step, ',.0f')} | {rate} | "
-            f"{_number(r.tokens_per_s, ',.0f')} | {_number(r.peak_gib, '.1f')} | "
+            f"{_number(r.tokens_per_s, ',.0f')} | {_number(r.step_ms_repeated, '.1f')} | "
+            f"{_number(r.peak_gib, '.1f')} | "
             f"{_number(r.gpu_busy_share, '.2f')} | {_number(r.kernels_per_step, ',.0f')} | "
             f"{_number(r.launches_per_step, ',.0f')} | {_number(r.syncs_per_step, '.1f')} | "
             f"{_number(r.distinct_shapes, 'd')} | {_number(r.data_ms, '.1f')} |"

@@ -212,3 +212,15 @@ def test_shape_key_and_lengths_of_a_batch():
     assert bench.shape_key(batch) == "2x40 2x4x1x8x8 2 2"  # mappings in key order
     assert bench.host_lengths(batch) == {"text": [40, 7], "video": [0, 4]}
     assert bench.shape_key(torch.zeros(16, 8193)) == "16x8193" and bench.host_lengths(torch.zeros(1)) is None
+
+
+def test_steps_on_shapes_seen_before_are_timed_apart():
+    row = bench.Row("av4", "av", 4, 2, "dilated", "ok", [])
+    timed = bench.Timed(
+        [100.0, 10.0, 50.0, 12.0, 14.0], [1] * 5, [0.1] * 5, None, ["a", "a", "b", "b", "c"], 1.0
+    )
+    bench.fill_timing(row, timed, earlier_shapes=["c"])
+    assert row.step_ms == 14.0 and row.new_shape_steps == 2  # "a" and "b" first ran here
+    assert row.step_ms_repeated == 12.0  # the median of 10, 12 and 14 ms
+    bench.fill_timing(row, bench.Timed([5.0], [1], [0.1], None, ["d"], 1.0))
+    assert row.new_shape_steps == 1 and row.step_ms_repeated is None
