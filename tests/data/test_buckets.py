@@ -17,7 +17,7 @@ from mmlongnet.training.data import AVDigitsDataModule, ManifestDataModule
         # 4 steps per octave, multiple 1: every length up to 8, then 4 values per octave.
         ({}, {0: 0, 1: 1, 5: 5, 8: 8, 9: 10, 11: 12, 15: 16, 16: 16, 17: 20, 25: 28, 33: 40,
               100: 112, 1000: 1024, 1025: 1280, 3000: 3072}),
-        # Multiples of 8 from 32 on: the text defaults.
+        # Multiples of 8 from 32 on.
         ({"multiple": 8, "minimum": 32}, {1: 32, 32: 32, 33: 40, 64: 64, 65: 80, 81: 96, 100: 112,
                                           128: 128, 129: 160, 200: 224, 1000: 1024}),
         # Multiples of 640 samples (one default audio token) from 5120 on: the audio defaults.
@@ -106,7 +106,7 @@ def test_collate_pads_to_buckets_with_exact_lengths_and_zero_or_pad_id():
         "text": (4, 11), "audio": (4, 5300), "video": (4, 5, 1, 4, 4)
     }  # fmt: skip
     assert {k: tuple(v.shape) for k, v in batch.inputs.items()} == {
-        "text": (4, 32), "audio": (4, 6400), "video": (4, 8, 1, 4, 4)
+        "text": (4, 64), "audio": (4, 6400), "video": (4, 8, 1, 4, 4)
     }  # fmt: skip
     assert {k: v.tolist() for k, v in batch.lengths.items()} == {
         "text": [2, 0, 11, 3], "audio": [5300, 700, 0, 0], "video": [5, 0, 1, 3]
@@ -128,7 +128,7 @@ def test_text_buckets_never_exceed_max_text_length():
     batch = collate_samples(samples(), max_text_length=5, buckets=LengthBuckets())
     assert batch.inputs["text"].shape == (4, 5) and batch.lengths["text"].tolist() == [2, 0, 5, 3]
     batch = collate_samples(samples(), max_text_length=100, buckets=LengthBuckets())
-    assert batch.inputs["text"].shape == (4, 32)
+    assert batch.inputs["text"].shape == (4, 64)
 
 
 def test_none_pads_to_the_longest_and_absent_modalities_stay_absent():
@@ -146,4 +146,4 @@ def test_data_modules_bucket_by_default_and_take_none_or_a_rule():
     manifest = ManifestDataModule(train="unused.jsonl", buckets=rule, max_text_length=4)
     batch = manifest.collate_fn(samples())
     assert batch.inputs["audio"].shape == (4, 6000) and batch.inputs["text"].shape == (4, 4)
-    assert ManifestDataModule(train="unused.jsonl").collate_fn(samples()).inputs["text"].shape == (4, 32)
+    assert ManifestDataModule(train="unused.jsonl").collate_fn(samples()).inputs["text"].shape == (4, 64)
