@@ -20,7 +20,14 @@ from torch import nn
 from mmlongnet.attention.cache import DilatedKVCache
 from mmlongnet.attention.dilated import BACKENDS, check_schedule, dilated_attention
 from mmlongnet.attention.sharding import current_shard, unsupported_under_shard
-from mmlongnet.layers.multiway import MultiwayRouting, experts_of, maybe_multiway, route
+from mmlongnet.layers.multiway import (
+    MultiwayRouting,
+    experts_of,
+    maybe_multiway,
+    route,
+    route_chain,
+    route_parallel,
+)
 from mmlongnet.layers.relative_bias import RelativePositionBias
 from mmlongnet.layers.rope import RotaryEmbedding
 from mmlongnet.layers.xpos import XPos
@@ -298,9 +305,15 @@ class MultiheadDilatedAttention(nn.Module):
         batch, seq_len, _ = query.shape
         key_len = key.shape[1]
         ids = modality_ids
-        q = route(self.q_proj, query, ids).view(batch, seq_len, self.num_heads, self.head_dim)  # (B, N, H, D)
-        k = route(self.k_proj, key, ids).view(batch, key_len, self.num_heads, self.head_dim)  # (B, M, H, D)
-        v = route(self.v_proj, value, ids).view(batch, key_len, self.num_heads, self.head_dim)  # (B, M, H, D)
+        if query is key and key is value:  # self-attention: the three projections share their routing
+            q, k, v = route_parallel((self.q_proj, self.k_proj, self.v_proj), query, ids)  # 3 x (B, N, E)
+        else:
+            q, k, v = (
+                route(p, x, ids) for p, x in ((self.q_proj, query), (self.k_proj, key), (self.v_proj, value))
+            )
+        q = q.view(batch, seq_len, self.num_heads, self.head_dim)  # (B, N, H, D)
+        k = k.view(batch, key_len, self.num_heads, self.head_dim)  # (B, M, H, D)
+        v = v.view(batch, key_len, self.num_heads, self.head_dim)  # (B, M, H, D)
         if kv_cache is not None:
             position_offset = kv_cache.length
         shard = current_shard()
@@ -342,9 +355,8 @@ class MultiheadDilatedAttention(nn.Module):
             if kv_cache is not None:
                 kv_cache.prefill(k, v)
         out = out.reshape(batch, seq_len, self.embed_dim)  # (B, N, E)
-        if self.inner_norm is not None:
-            out = route(self.inner_norm, out, ids)
-        return route(self.out_proj, out, ids), None
+        tail = (self.out_proj,) if self.inner_norm is None else (self.inner_norm, self.out_proj)
+        return route_chain(tail, out, ids), None  # (B, N, E)
 
     def extra_repr(self) -> str:
         return (

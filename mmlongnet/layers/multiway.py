@@ -23,7 +23,7 @@ An expert without tokens is not called.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -206,27 +206,9 @@ class MultiwayNetwork(nn.Module):
         return out.view(batch, seq_len, *out.shape[1:])  # (B, L, *F_out)
 
     def _forward_routed(self, x: torch.Tensor, routing: MultiwayRouting) -> torch.Tensor:
-        """x: (B, L, *F_in) routed by a host-built `MultiwayRouting`: no host sync; one gather,
-        one expert call per expert with rows (on a view, no copy), one concatenation, one scatter."""
-        if len(routing.capacities) != self.num_ways or tuple(x.shape[:2]) != routing.shape:
-            raise ValueError(
-                f"the routing is for {len(routing.capacities)} experts over {routing.shape} tokens; "
-                f"this layer has {self.num_ways} experts and x has shape {tuple(x.shape)}"
-            )
-        batch, seq_len = routing.shape
-        num_tokens = batch * seq_len
-        rows = x.reshape(num_tokens, *x.shape[2:]).index_select(0, routing.gather)  # (sum C_e, *F_in)
-        pieces = []  # split, not sliced: the backward joins the experts' gradients in one cat
-        for expert, expert_rows in zip(self.experts, rows.split(list(routing.capacities)), strict=True):
-            if expert_rows.shape[0]:
-                pieces.append(expert(expert_rows))  # (C_e, *F_out)
-        if not pieces:  # no expert has a token: expert 0 on the empty input only for F_out and dtype
-            pieces.append(self.experts[0](rows[:0]))  # (0, *F_out)
-        dtype = pieces[0].dtype
-        routed = torch.cat([y.to(dtype) for y in pieces]) if len(pieces) > 1 else pieces[0]  # (sum C_e, ...)
-        out = routed.new_zeros((num_tokens + 1, *routed.shape[1:]))  # (T + 1, *F_out); row T is dropped
-        out.index_copy_(0, routing.scatter, routed)
-        return out[:num_tokens].view(batch, seq_len, *out.shape[1:])  # (B, L, *F_out)
+        """x: (B, L, *F_in) routed by a host-built `MultiwayRouting`: no host sync."""
+        _check_routing(routing, self.num_ways, x)
+        return routed_apply(x, routing, lambda e, rows: self.experts[e](rows))
 
     def _raise_out_of_range(self, modality_ids: torch.Tensor) -> None:
         """Error path only: name the first offending id, its batch row and position."""
@@ -256,6 +238,90 @@ def _reset_all(module: nn.Module) -> None:
 def maybe_multiway(module: nn.Module, num_ways: int) -> nn.Module:
     """`module` itself for one way, else a `MultiwayNetwork` of `num_ways` copies of it."""
     return module if num_ways == 1 else MultiwayNetwork(module, num_ways)
+
+
+def _check_routing(routing: MultiwayRouting, num_ways: int, x: torch.Tensor) -> None:
+    if len(routing.capacities) != num_ways or tuple(x.shape[:2]) != routing.shape:
+        raise ValueError(
+            f"the routing is for {len(routing.capacities)} experts over {routing.shape} tokens; "
+            f"this layer has {num_ways} experts and x has shape {tuple(x.shape)}"
+        )
+
+
+def routed_apply(
+    x: torch.Tensor, routing: MultiwayRouting, expert_fn: Callable[[int, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """`expert_fn(e, rows)` on the rows of each expert e, put back in token order.
+
+    x: (B, L, *F_in); `expert_fn` maps (C_e, *F_in) rows to (C_e, *F_out). One gather, one call
+    per expert with rows (on a split view, whose backward is one concatenation), one
+    concatenation and one scatter, whatever the number of experts. Returns (B, L, *F_out), zeros
+    where no expert reads.
+    """
+    batch, seq_len = routing.shape
+    num_tokens = batch * seq_len
+    rows = x.reshape(num_tokens, *x.shape[2:]).index_select(0, routing.gather)  # (sum C_e, *F_in)
+    pieces = [
+        expert_fn(e, expert_rows)  # (C_e, *F_out)
+        for e, expert_rows in enumerate(rows.split(list(routing.capacities)))
+        if expert_rows.shape[0]
+    ]
+    if not pieces:  # no expert has a token: expert 0 on the empty input only for F_out and dtype
+        pieces.append(expert_fn(0, rows[:0]))  # (0, *F_out)
+    dtype = pieces[0].dtype
+    routed = torch.cat([y.to(dtype) for y in pieces]) if len(pieces) > 1 else pieces[0]  # (sum C_e, ...)
+    out = routed.new_zeros((num_tokens + 1, *routed.shape[1:]))  # (T + 1, *F_out); row T is dropped
+    out.index_copy_(0, routing.scatter, routed)
+    return out[:num_tokens].view(batch, seq_len, *out.shape[1:])  # (B, L, *F_out)
+
+
+def route_chain(
+    modules: Sequence[nn.Module], x: torch.Tensor, modality_ids: torch.Tensor | MultiwayRouting | None
+) -> torch.Tensor:
+    """`route` through `modules` one after the other: (B, L, F_in) -> (B, L, F_out).
+
+    With a `MultiwayRouting` and every module a `MultiwayNetwork` of its width, the tokens are
+    gathered and scattered once for the whole chain (expert e of each module in turn on expert
+    e's rows); otherwise each module is routed on its own.
+    """
+    if isinstance(modality_ids, MultiwayRouting) and _all_multiway(modules, len(modality_ids.capacities)):
+        _check_routing(modality_ids, len(modality_ids.capacities), x)
+
+        def chain(e: int, rows: torch.Tensor) -> torch.Tensor:
+            for module in modules:
+                rows = module.experts[e](rows)
+            return rows
+
+        return routed_apply(x, modality_ids, chain)
+    for module in modules:
+        x = route(module, x, modality_ids)
+    return x
+
+
+def route_parallel(
+    modules: Sequence[nn.Module], x: torch.Tensor, modality_ids: torch.Tensor | MultiwayRouting | None
+) -> list[torch.Tensor]:
+    """`route` of each of `modules` on the same x: (B, L, F_in) -> one (B, L, F_i) per module.
+
+    With a `MultiwayRouting` and every module a `MultiwayNetwork` of its width, the tokens are
+    gathered and scattered once for all (each expert's outputs joined along the features, then
+    split); otherwise each module is routed on its own.
+    """
+    if isinstance(modality_ids, MultiwayRouting) and _all_multiway(modules, len(modality_ids.capacities)):
+        _check_routing(modality_ids, len(modality_ids.capacities), x)
+        sizes = []
+
+        def joined(e: int, rows: torch.Tensor) -> torch.Tensor:
+            outs = [module.experts[e](rows) for module in modules]  # (C_e, F_i) each
+            sizes[:] = [y.shape[-1] for y in outs]
+            return torch.cat(outs, dim=-1)  # (C_e, sum F_i)
+
+        return list(routed_apply(x, modality_ids, joined).split(sizes, dim=-1))
+    return [route(module, x, modality_ids) for module in modules]
+
+
+def _all_multiway(modules: Sequence[nn.Module], num_ways: int) -> bool:
+    return all(isinstance(m, MultiwayNetwork) and m.num_ways == num_ways for m in modules)
 
 
 def route(

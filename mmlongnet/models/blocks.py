@@ -23,7 +23,7 @@ from mmlongnet.attention.dilated import check_schedule
 from mmlongnet.attention.multihead import MultiheadDilatedAttention, PositionsArg
 from mmlongnet.attention.sharding import current_shard, use_shard
 from mmlongnet.layers.feedforward import Activation, FeedForward
-from mmlongnet.layers.multiway import MultiwayRouting, maybe_multiway, route
+from mmlongnet.layers.multiway import MultiwayRouting, maybe_multiway, route, route_chain
 from mmlongnet.layers.relative_bias import RelativePositionBias
 
 LONGNET_SEGMENT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
@@ -133,7 +133,7 @@ class _LongNetBlock(nn.Module):
                 self.cross_attn_norm(x), memory, memory, key_padding_mask=memory_key_padding_mask
             )
             x = x + self.dropout(h)
-        return x + self.dropout(route(self.ffn, route(self.ffn_norm, x, modality_ids), modality_ids))
+        return x + self.dropout(route_chain((self.ffn_norm, self.ffn), x, modality_ids))
 
     def _run(self, *args) -> torch.Tensor:
         if self.checkpoint_activations and self.training and torch.is_grad_enabled():

@@ -14,6 +14,7 @@ from mmlongnet.attention import (
     dilated_attention,
     dilated_attention_reference,
 )
+from mmlongnet.attention import dilated as dilated_module
 from mmlongnet.layers import RelativePositionBias, RotaryEmbedding
 
 E, H = 16, 4
@@ -116,7 +117,8 @@ def test_rotary_positions_use_the_offset_of_a_slice():
     assert isinstance(mha.positions, RotaryEmbedding)
 
 
-def test_relative_position_bias_matches_the_reference_with_an_explicit_bias():
+def test_relative_position_bias_matches_the_reference_with_an_explicit_bias(monkeypatch):
+    monkeypatch.setattr(dilated_module, "_warned_reference", set())  # the warning is once per process
     torch.manual_seed(7)
     mha = MultiheadDilatedAttention(E, H, [4, 8], [1, 2], positions="relative", dtype=torch.float64)
     nn.init.normal_(mha.positions.weight)

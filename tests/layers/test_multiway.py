@@ -1,10 +1,13 @@
 """MultiwayNetwork against a per-token twin: values, gradients, routing cost, copies, errors."""
 
+from collections import Counter
+
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from mmlongnet.layers.multiway import MultiwayNetwork, MultiwayRouting
+from mmlongnet.layers.multiway import MultiwayNetwork, MultiwayRouting, route, route_chain, route_parallel
 
 DIM, HIDDEN, OUT = 6, 10, 4  # token features in, FFN hidden width, Linear features out (!= DIM)
 
@@ -30,6 +33,18 @@ def perturb_norms(net):
         for e, expert in enumerate(net.experts):
             for p in expert.parameters():
                 p.add_(0.1 * e * torch.randn_like(p))
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the ops dispatched inside it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def per_token_twin(net, x, ids):
@@ -269,19 +284,6 @@ def test_host_routing_errors_name_the_problem():
 
 
 def test_host_routing_launches_one_gather_one_concatenation_and_one_scatter_for_any_number_of_experts():
-    from collections import Counter
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
-
     for num_ways in (2, 5):
         net = MultiwayNetwork(make_expert("linear"), num_ways)
         ids = torch.arange(3 * 10).reshape(3, 10) % num_ways
@@ -290,3 +292,37 @@ def test_host_routing_launches_one_gather_one_concatenation_and_one_scatter_for_
             net(torch.randn(3, 10, DIM, dtype=torch.float64), routing)
         assert counted.ops["index_select"] == 1 and counted.ops["index_copy_"] == 1
         assert counted.ops["cat"] == 1 and counted.ops["addmm"] == num_ways
+
+
+def test_chained_and_parallel_routing_equal_routing_each_module_and_gather_once():
+    torch.manual_seed(3)
+    norm = MultiwayNetwork(make_expert("layernorm"), 3)
+    perturb_norms(norm)
+    ffn, proj = MultiwayNetwork(make_expert("ffn"), 3), MultiwayNetwork(make_expert("linear"), 3)
+    ids = torch.tensor([[0, 2, 2, 1, 0, 0, 2], [1, 1, 0, 2, 2, 0, 1]])
+    routed = torch.ones_like(ids, dtype=torch.bool)
+    routed[1, 6] = False
+    routing = MultiwayRouting.from_ids(ids, 3, routed=routed, capacities=[6, 3, 7])
+    x = torch.randn(2, 7, DIM, dtype=torch.float64, requires_grad=True)
+    chained = route_chain((norm, ffn), x, routing)
+    parallel = route_parallel((norm, proj), x, routing)
+    expected_chain = route(ffn, route(norm, x, routing), routing)
+    expected_parallel = [route(norm, x, routing), route(proj, x, routing)]
+    torch.testing.assert_close(chained, expected_chain, rtol=0, atol=1e-12)
+    for got, want in zip(parallel, expected_parallel, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    params = [x, *norm.parameters(), *ffn.parameters(), *proj.parameters()]
+    got = torch.autograd.grad(chained.square().sum() + sum(y.sin().sum() for y in parallel), params)
+    want = torch.autograd.grad(
+        expected_chain.square().sum() + sum(y.sin().sum() for y in expected_parallel),
+        params,
+        allow_unused=True,
+    )
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+    with CountOps() as counted:
+        route_chain((norm, ffn), x, routing)
+        route_parallel((norm, proj), x, routing)
+    assert counted.ops["index_select"] == 2 and counted.ops["index_copy_"] == 2
+    # device ids (no host routing): each module on its own, the same values
+    torch.testing.assert_close(route_chain((norm, ffn), x, ids)[routed], chained[routed], rtol=0, atol=1e-12)
