@@ -5,7 +5,9 @@ Measures, in bf16 with B=1 and H=16, the forward and the forward+backward time o
 up to the largest N that fits in memory, beside two cuDNN baselines timed in the same run:
 
 - dense segments: the same per-segment work done by dense kernels: for each branch one batched
-  ``F.scaled_dot_product_attention`` over (B * ceil(N / W), H, ceil(W / R), D), times summed;
+  call over (B * ceil(N / W), ceil(W / R), H, D), times summed; once with cuDNN
+  (``F.scaled_dot_product_attention``) and, where flash-attn 4 is installed, once with its kernel
+  (``flash_attn.cute.flash_attn_func``);
 - dense full: plain full attention over all N tokens (for N <= --dense-max-n).
 
 Writes ``<out>/attention_<tag>.json`` (rows appended to ``.json.tmp`` as they come, so a
@@ -35,6 +37,7 @@ import statistics
 import sys
 import time
 import traceback
+import types
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,7 +54,8 @@ SCHEDULES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "lm": ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12)),
 }
 MODES = ("fwd", "fwdbwd")
-BACKENDS = ("sdpa", "auto")  # dilated_attention backends this script knows
+BACKENDS = ("sdpa", "flash_attn", "auto")  # dilated_attention backends this script knows
+DENSE_KERNELS = ("cudnn", "flash_attn_4")  # the kernels of the dense baselines
 BACKWARD_FACTOR = 2.5  # backward FLOPs per forward FLOP: fwd+bwd = 3.5 x fwd
 QUICK_SIZES = (8192, 65536)
 
@@ -137,7 +141,7 @@ class Task:
     schedule: str | None  # None for dense_full
     head_dim: int
     mode: str  # "fwd" | "fwdbwd"
-    backend: str  # the dilated_attention backend; "cudnn" for the baselines
+    backend: str  # the dilated_attention backend; a DENSE_KERNELS entry for the baselines
     n: int
 
     @property
@@ -257,21 +261,21 @@ def make_step(attend: Callable[..., torch.Tensor], sets: list[tuple], mode: str)
     return forward_backward if mode == "fwdbwd" else forward
 
 
-def load_dilated_attention() -> Callable[..., torch.Tensor]:
-    """Import mmlongnet's dilated_attention, from this checkout when the package is not installed."""
+def load_attention() -> types.ModuleType:
+    """Import `mmlongnet.attention`, from this checkout when the package is not installed."""
     try:
-        from mmlongnet.attention import dilated_attention
+        import mmlongnet.attention as attention
     except ModuleNotFoundError as exc:
         if exc.name != "mmlongnet":
             raise
         sys.path.insert(0, str(REPO_ROOT))
-        from mmlongnet.attention import dilated_attention
-    return dilated_attention
+        import mmlongnet.attention as attention
+    return attention
 
 
 def measure_dilated(task: Task, heads: int, batch: int, causal: bool, target_ms: float) -> Timing:
     """Time dilated_attention on q, k, v: (B, N, H, D) with the task's schedule and backend."""
-    dilated_attention = load_dilated_attention()
+    dilated_attention = load_attention().dilated_attention
     segment_lengths, dilation_rates = SCHEDULES[task.schedule]
     sets = make_input_sets((batch, task.n, heads, task.head_dim), task.mode)  # (B, N, H, D) each
 
@@ -285,15 +289,36 @@ def measure_dilated(task: Task, heads: int, batch: int, causal: bool, target_ms:
 
 
 def cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Dense attention forced onto cuDNN: q, k, v (S, H, L, D) -> (S, H, L, D)."""
+    """Dense attention forced onto cuDNN: q, k, v (S, L, H, D) -> (S, L, H, D)."""
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal)
+    return out.transpose(1, 2)
+
+
+def flash_attn_4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Dense attention with flash-attn 4's kernel: q, k, v (S, L, H, D) -> (S, L, H, D)."""
+    from flash_attn.cute import flash_attn_func
+
+    out = flash_attn_func(q, k, v, causal=causal)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def flash_attn_4_installed() -> bool:
+    """Whether flash-attn 4's kernels import (the second dense baseline)."""
+    try:
+        import flash_attn.cute  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing or broken: no such baseline
+        return False
+    return True
+
+
+DENSE_ATTENTION = {"cudnn": cudnn_attention, "flash_attn_4": flash_attn_4_attention}
 
 
 def measure_dense_segments(task: Task, heads: int, batch: int, causal: bool, target_ms: float) -> Timing:
-    """Time the dense cuDNN attention doing each branch's per-segment work; sum the branches.
+    """Time the dense kernel `task.backend` doing each branch's per-segment work; sum the branches.
 
-    Branch (W, R) is one batched call over (S, H, L, D) with S = B * ceil(N / W) and
+    Branch (W, R) is one batched call over (S, L, H, D) with S = B * ceil(N / W) and
     L = ceil(min(W, N) / R); each branch is timed on its own (a share of `target_ms`) and the
     branch medians are added.
     """
@@ -301,10 +326,10 @@ def measure_dense_segments(task: Task, heads: int, batch: int, causal: bool, tar
     branch_ms, all_times = [], []
     for w, r in branches:
         segments, rows = dense_segment_shape(task.n, batch, w, r)
-        sets = make_input_sets((segments, heads, rows, task.head_dim), task.mode)  # (S, H, L, D)
+        sets = make_input_sets((segments, rows, heads, task.head_dim), task.mode)  # (S, L, H, D)
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return cudnn_attention(q, k, v, causal)
+            return DENSE_ATTENTION[task.backend](q, k, v, causal)
 
         times = time_cuda(make_step(attend, sets, task.mode), len(sets), target_ms / len(branches))
         branch_ms.append(statistics.median(times))
@@ -317,7 +342,7 @@ def measure_dense_segments(task: Task, heads: int, batch: int, causal: bool, tar
 
 def measure_dense_full(task: Task, heads: int, batch: int, causal: bool, target_ms: float) -> Timing:
     """Time dense cuDNN attention over all N tokens: q, k, v (B, H, N, D)."""
-    sets = make_input_sets((batch, heads, task.n, task.head_dim), task.mode)  # (B, H, N, D) each
+    sets = make_input_sets((batch, task.n, heads, task.head_dim), task.mode)  # (B, N, H, D) each
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return cudnn_attention(q, k, v, causal)
@@ -467,12 +492,12 @@ def describe(row: Row) -> str:
     )
 
 
-def run_sweep(sweep: Sweep, sizes: list[int], backends: list[str]) -> None:
+def run_sweep(sweep: Sweep, sizes: list[int], backends: list[str], dense_kernels: list[str]) -> None:
     """All measurements, smallest N first, so that a time-budget stop loses only the largest N.
 
     At each N and for each head dim and mode: the dense full attention (N <= --dense-max-n),
     then for each schedule the dilated attention with every backend, followed by its
-    dense-segment baseline when at least one backend measured that size.
+    dense-segment baselines (one per dense kernel) when at least one backend measured that size.
     """
     args = sweep.args
     for n in sizes:
@@ -486,7 +511,8 @@ def run_sweep(sweep: Sweep, sizes: list[int], backends: list[str]) -> None:
                         for backend in backends
                     ]
                     if {"ok", "planned"} & set(statuses):
-                        sweep.run(Task("dense_segments", schedule, head_dim, mode, "cudnn", n))
+                        for kernel in dense_kernels:
+                            sweep.run(Task("dense_segments", schedule, head_dim, mode, kernel, n))
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,24 +564,32 @@ def sort_key(row: Row) -> tuple:
 
 
 def markdown_tables(rows: list[Row]) -> str:
-    """Markdown tables of the results: dilated rows with their dense-segment baseline, then
-    the dense full attention. ratio = TFLOP/s / dense-segment TFLOP/s (1.0 = as efficient as
-    the dense cuDNN kernels on the same per-segment work)."""
-    baselines = {(r.schedule, r.head_dim, r.mode, r.n): r for r in rows if r.kind == "dense_segments"}
+    """Markdown tables of the results: dilated rows with their dense-segment baselines, then
+    the dense full attention. ratio = TFLOP/s / dense-segment TFLOP/s of that kernel (1.0 = as
+    efficient as the dense kernel on the same per-segment work)."""
+    baselines = {
+        (r.backend, r.schedule, r.head_dim, r.mode, r.n): r
+        for r in rows
+        if r.kind == "dense_segments" and r.status == "ok"
+    }
+    kernels = [kernel for kernel in DENSE_KERNELS if any(key[0] == kernel for key in baselines)] or ["cudnn"]
+    header = "".join(f" dense {kernel} TFLOP/s | ratio {kernel} |" for kernel in kernels)
     lines = [
-        "| schedule | D | mode | backend | N | ms | TFLOP/s | dense-cuDNN TFLOP/s | ratio | ns/token |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| schedule | D | mode | backend | N | ms | TFLOP/s |{header} ns/token |",
+        "|---|---|---|---|---|---|---|" + "---|---|" * len(kernels) + "---|",
     ]
     dilated = [r for r in rows if r.kind == "dilated"]
     for r in sorted(dilated, key=sort_key):
-        base = baselines.get((r.schedule, r.head_dim, r.mode, r.n))
-        base_tflops = base.tflops if base is not None and base.status == "ok" else None
-        ratio = r.tflops / base_tflops if r.tflops is not None and base_tflops else None
+        cells = ""
+        for kernel in kernels:
+            base = baselines.get((kernel, r.schedule, r.head_dim, r.mode, r.n))
+            base_tflops = base.tflops if base is not None else None
+            ratio = r.tflops / base_tflops if r.tflops is not None and base_tflops else None
+            cells += f" {_number(base_tflops, '.1f')} | {_number(ratio, '.2f')} |"
         ms = _number(r.ms, ".2f") if r.status == "ok" else r.status
         lines.append(
             f"| {r.schedule} | {r.head_dim} | {r.mode} | {r.backend} | {format_n(r.n)} | {ms} | "
-            f"{_number(r.tflops, '.1f')} | {_number(base_tflops, '.1f')} | {_number(ratio, '.2f')} | "
-            f"{_number(r.ns_per_token, '.2f')} |"
+            f"{_number(r.tflops, '.1f')} |{cells} {_number(r.ns_per_token, '.2f')} |"
         )
     full = [r for r in rows if r.kind == "dense_full"]
     if full:
@@ -609,9 +643,10 @@ def plot_results(meta: dict, rows: list[Row], path: Path) -> None:
         label = f"dilated {schedule} {mode} {backend}"
         ax_time.plot([r.n for r in group], [r.ms for r in group], label=label, **kwargs)
         ax_rate.plot([r.n for r in group], [r.tflops for r in group], label=label, **kwargs)
-    for (schedule, mode, _), group in series("dense_segments").items():
-        kwargs = {"color": color.get(schedule, "grey"), "ls": ":", "marker": ".", "alpha": 0.6}
-        label = f"dense cuDNN on {schedule} segments {mode}"
+    for (schedule, mode, kernel), group in series("dense_segments").items():
+        marker = "." if kernel == "cudnn" else "x"
+        kwargs = {"color": color.get(schedule, "grey"), "ls": ":", "marker": marker, "alpha": 0.6}
+        label = f"dense {kernel} on {schedule} segments {mode}"
         ax_rate.plot([r.n for r in group], [r.tflops for r in group], label=label, **kwargs)
     for (_, mode, _), group in series("dense_full").items():
         kwargs = {"color": "black", "ls": style[mode], "marker": "s", "ms": 4}
@@ -699,7 +734,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--backend",
         default="sdpa",
         choices=[*BACKENDS, "all"],
-        help="dilated_attention backend; 'all' = every available one (default: sdpa)",
+        help="dilated_attention backend; 'all' = sdpa and flash_attn where installed (default: sdpa)",
     )
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], metavar="D")
     parser.add_argument("--schedules", nargs="+", default=["paper", "lm"], choices=sorted(SCHEDULES))
@@ -759,7 +794,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    backends = list(BACKENDS) if args.backend == "all" else [args.backend]
+    backends = ["sdpa", "flash_attn"] if args.backend == "all" else [args.backend]
+    if not args.dry_run:
+        status = load_attention().backend_status("cuda")
+        missing = {name: why for name, why in status.items() if name in backends and why}
+        for name, why in missing.items():
+            print(f"backend {name} skipped: {why}", file=sys.stderr)
+        backends = [name for name in backends if name not in missing]
+    dense_kernels = ["cudnn"] + (["flash_attn_4"] if args.dry_run or flash_attn_4_installed() else [])
     sizes = list(QUICK_SIZES) if args.quick else sweep_sizes(args.min_n, args.max_n)
     torch.manual_seed(0)
     meta = run_metadata(args)
@@ -769,7 +811,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# {meta['device']}, torch {meta['torch']}, cuDNN {meta['cudnn']}, backends {backends}", flush=True
     )
     try:
-        run_sweep(sweep, sizes, backends)
+        run_sweep(sweep, sizes, backends, dense_kernels)
     except KeyboardInterrupt:
         print("interrupted: saving what was measured", file=sys.stderr)
     if args.dry_run:

@@ -1,7 +1,7 @@
 """Dilated attention: the exact fused op, its dense reference, the modules and the decoding cache."""
 
 from mmlongnet.attention.cache import DilatedKVCache
-from mmlongnet.attention.dilated import available_backends, check_schedule, dilated_attention
+from mmlongnet.attention.dilated import available_backends, backend_status, check_schedule, dilated_attention
 from mmlongnet.attention.modules import DilatedAttention
 from mmlongnet.attention.multihead import MultiheadDilatedAttention, dense_attention
 from mmlongnet.attention.reference import branch_multiplicity, dilated_attention_reference
@@ -11,6 +11,7 @@ __all__ = [
     "DilatedKVCache",
     "MultiheadDilatedAttention",
     "available_backends",
+    "backend_status",
     "branch_multiplicity",
     "check_schedule",
     "dense_attention",

@@ -90,7 +90,7 @@ def _cpu_backward(dout, q, k, v, out, lse, bias, is_causal, scale):
         kh,
         vh,
         outh,
-        lse.to(q.dtype).transpose(1, 2).contiguous(),
+        lse.transpose(1, 2).contiguous(),  # float32 (float64 for float64 inputs), as the forward gave it
         0.0,
         is_causal,
         attn_mask=_expanded_bias(bias, qh.shape[1], qh.shape[2]),

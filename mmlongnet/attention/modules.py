@@ -19,7 +19,7 @@ class DilatedAttention(nn.Module):
         dilation_rates: dilation rate of each branch, e.g. [1, 2, 4].
         softmax_scale: score scale, default 1 / sqrt(D).
         attention_dropout: dropout on the attention probabilities, applied in training mode only.
-        backend: see `dilated_attention` ("auto", "reference", "sdpa").
+        backend: see `dilated_attention` ("auto", "reference", "sdpa", "flash_attn").
 
     forward(q, k, v, is_causal=False, key_padding_mask=None) -> (B, N, H, D), with
     key_padding_mask (B, N) bool, True = padding. Under a `SequenceShard` (see

@@ -276,6 +276,27 @@ class MultiheadDilatedAttention(nn.Module):
                 "per call, with is_causal=True"
             )
 
+    def _check_key_value(self, query, key, value) -> None:
+        """TypeError / ValueError naming the argument for inputs that are not (B, *, width) tensors of
+        the query's batch, or keys and values of different lengths."""
+        for name, x, width in (
+            ("query", query, self.embed_dim),
+            ("key", key, self.kdim),
+            ("value", value, self.vdim),
+        ):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.dim() != 3 or x.shape[-1] != width:
+                raise ValueError(f"{name} must be (B, *, {width}), got {tuple(x.shape)}")
+            if x.shape[0] != query.shape[0]:
+                raise ValueError(
+                    f"{name} must have the query's batch B={query.shape[0]}, got {tuple(x.shape)}"
+                )
+        if value.shape[1] != key.shape[1]:
+            raise ValueError(
+                f"key and value must have one length M, got {tuple(key.shape)}, {tuple(value.shape)}"
+            )
+
     def _check_shard(self, kv_cache: DilatedKVCache | None) -> None:
         """ValueError for what cannot run on one shard of a sequence (see `sequence_parallel`)."""
         if kv_cache is not None:
@@ -301,6 +322,7 @@ class MultiheadDilatedAttention(nn.Module):
         kv_cache: DilatedKVCache | None = None,
         modality_ids: torch.Tensor | MultiwayRouting | None = None,
     ) -> tuple[torch.Tensor, None]:
+        self._check_key_value(query, key, value)
         self._check_call(query, key, need_weights, attn_mask, is_causal, kv_cache)
         batch, seq_len, _ = query.shape
         key_len = key.shape[1]

@@ -8,7 +8,7 @@ The manifest is a UTF-8 text file with one JSON object per line (blank lines are
     {"id": "clip-1", "text": "a dog barks", "audio": "wav/clip-1.wav", "label": "dog"}
     {"text": "a cat, no media, no label"}
     {"video": "frames/clip-2/", "target": 3, "meta": {"source": "free-form, ignored"}}
-    {"video": "/abs/path/clip-3.mp4", "audio": "clip-3.flac", "label": 0}
+    {"video": "clips/clip-3.mp4", "audio": "clip-3.flac", "label": 0}
 
 Keys (any other key is an error naming the line, so a typo such as "auido" is caught):
 - "id": str or int, unique within the manifest; default "line-<n>" (n = line number, from 1).
@@ -22,7 +22,9 @@ Keys (any other key is an error naming the line, so a typo such as "auido" is ca
   name looked up in `classes`. Default -1.
 - "meta": anything; ignored (free-form notes about the sample).
 A line needs at least one of text / audio / video. Relative paths are resolved against the
-manifest's folder; "~" is expanded.
+manifest's folder; "~" is expanded. A path must stay inside the manifest's folder (after following
+symlinks): an absolute path elsewhere, a "../" that climbs out or a symlink to a file outside is an
+error naming the line, unless the dataset is built with allow_outside_paths=True.
 
 Samples are the dicts of `mmlongnet.data.collate` (`collate_samples` batches them):
 
@@ -32,9 +34,11 @@ Samples are the dicts of `mmlongnet.data.collate` (`collate_samples` batches the
 Checks happen in two places. The constructor parses and validates every line and opens every
 referenced file (soundfile.info for audio; av.open for a video file, at least one image file for
 a frame folder), so a missing, misspelt or unreadable path is reported before training starts;
-with on_error="skip" such lines are left out instead (see `skipped`). Decoding happens lazily in
-`__getitem__`; a file that passed the check but fails to decode there (a corrupt stream, an
-empty video) always raises, naming the line and the file.
+with on_error="skip" such lines are left out instead (see `skipped`). A WAV file is also checked
+against its header there: one that holds fewer frames than its data chunk declares (a copy cut
+short) is a bad line. Decoding happens lazily in `__getitem__`; a file that passed the check but
+fails to decode there (a corrupt stream, an empty video, fewer audio frames than the header states,
+fewer video frames than the container states) always raises, naming the line and the file.
 
 Frame sampling (`frame_rate`): for a video file, frame_rate=None keeps every decoded frame;
 frame_rate=r gives the frames shown at times k / r (k = 0, 1, ...) from the first frame's
@@ -104,6 +108,29 @@ def _import_media(module: str, what: str):
         ) from err
 
 
+def _wav_frames(path: Path) -> tuple[int, int] | None:
+    """(frames the header of a RIFF WAVE file declares, frames the file holds), read from its "fmt "
+    and "data" chunks; None for another layout, or a header that states no length (0 or 2^32 - 1,
+    as streaming writers leave it)."""
+    size = path.stat().st_size
+    block_align = 0  # bytes per frame, from the "fmt " chunk
+    with path.open("rb") as file:
+        head = file.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:] != b"WAVE":
+            return None
+        while len(chunk := file.read(8)) == 8:
+            kind, length = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if kind == b"data":
+                if not block_align or length in (0, 2**32 - 1):
+                    return None
+                held = min(length, size - file.tell())
+                return length // block_align, held // block_align
+            body = file.read(length + length % 2)  # chunks are padded to an even length
+            if kind == b"fmt " and len(body) >= 14:
+                block_align = int.from_bytes(body[12:14], "little")
+    return None
+
+
 def _frame_files(folder: Path) -> list[Path]:
     """The image files of a frame folder, sorted by file name."""
     return sorted(
@@ -119,6 +146,9 @@ class ManifestDataset(torch.utils.data.Dataset):
         manifest: path of the .jsonl file; relative media paths are resolved against its folder.
         classes: class names; a string label must be one of them, and label i means classes[i].
             None: labels must be int indices.
+        num_classes: K, the classes the model predicts: an int label must be in -1..K-1 (checked
+            per line, so an out-of-range label names its line before training starts). None:
+            len(classes) when classes are given, else any label >= -1 is accepted.
         sample_rate: audio is resampled to this many samples per second (Hz).
         frame_size: frames are resized to (H, W) = (frame_size, frame_size) for an int, or to the
             given (H, W); bilinear with antialiasing.
@@ -128,6 +158,8 @@ class ManifestDataset(torch.utils.data.Dataset):
         on_error: what the constructor does with a bad line (invalid JSON or values, a missing
             or unreadable media file): "raise" the first problem, or "skip" such lines, list them
             in `skipped` and emit one warning with the count.
+        allow_outside_paths: read media paths that resolve outside the manifest's folder
+            (absolute paths elsewhere, "../", symlinks out); False: such a line is an error.
 
     Samples (`dataset[i]`):
         id: str; text: str | None; audio: (S,) float32 mono at sample_rate | None;
@@ -142,8 +174,9 @@ class ManifestDataset(torch.utils.data.Dataset):
         FileNotFoundError: the manifest, or (on_error="raise") a media file, does not exist.
         ValueError: an invalid argument, or (on_error="raise") a line that is not valid JSON,
             has an unknown key, a value of the wrong type, no modality, a duplicate id, an
-            unknown class name, or a media file that cannot be opened; also a manifest that
-            ends up with no samples.
+            unknown class name, a label out of range, a path outside the manifest's folder, or a
+            media file that cannot be opened or is truncated; also a manifest that ends up with no
+            samples.
     """
 
     def __init__(
@@ -157,8 +190,23 @@ class ManifestDataset(torch.utils.data.Dataset):
         frame_rate: float | None = None,
         max_frames: int | None = None,
         on_error: Literal["raise", "skip"] = "raise",
+        num_classes: int | None = None,
+        allow_outside_paths: bool = False,
     ):
         self.classes = self._check_classes(classes)
+        if num_classes is not None:
+            self._check_positive_int("num_classes", num_classes)
+            if self.classes is not None and num_classes != len(self.classes):
+                raise ValueError(
+                    f"ManifestDataset: num_classes={num_classes}, but {len(self.classes)} classes are "
+                    "given; make them agree, or leave num_classes unset"
+                )
+        self._num_classes = num_classes
+        if not isinstance(allow_outside_paths, bool):
+            raise TypeError(
+                f"ManifestDataset: allow_outside_paths must be a bool, got {allow_outside_paths!r}"
+            )
+        self.allow_outside_paths = allow_outside_paths
         self.sample_rate = self._check_positive_int("sample_rate", sample_rate)
         self.frame_size = self._check_frame_size(frame_size)
         if isinstance(channels, bool) or channels not in (1, 3):
@@ -320,6 +368,14 @@ class ManifestDataset(torch.utils.data.Dataset):
         path = Path(value).expanduser()
         if not path.is_absolute():
             path = self.manifest.parent / path
+        folder = self.manifest.parent  # resolved, as the manifest is
+        if not self.allow_outside_paths and not path.resolve().is_relative_to(folder):
+            raise _LineError(
+                ValueError,
+                f"{key} path {value!r} resolves to {path.resolve()}, outside the manifest's folder "
+                f"{folder}; move the file under that folder, or pass allow_outside_paths=True "
+                "(ManifestDataset or ManifestDataModule) to read files elsewhere",
+            )
         if not path.exists():
             raise _LineError(
                 FileNotFoundError,
@@ -344,7 +400,7 @@ class ManifestDataset(torch.utils.data.Dataset):
             return self._class_index[value]
         if isinstance(value, bool) or not isinstance(value, int):
             raise _LineError(ValueError, f"'{key}' must be an int class index or a class name, got {value!r}")
-        limit = None if self.classes is None else len(self.classes)
+        limit = self._num_classes if self.classes is None else len(self.classes)
         if value < -1 or (limit is not None and value >= limit):
             allowed = "-1 (no label) or >= 0" if limit is None else f"-1 (no label) or 0..{limit - 1}"
             raise _LineError(ValueError, f"'{key}' {value} is out of range; use {allowed}")
@@ -353,6 +409,8 @@ class ManifestDataset(torch.utils.data.Dataset):
     def _check_audio(self, path: Path) -> None:
         if path.is_dir():
             raise _LineError(ValueError, f"audio {path} is a folder; give a sound file (wav, flac, ogg, ...)")
+        if not path.is_file():  # a FIFO or device would block the reader
+            raise _LineError(ValueError, f"audio {path} is not a regular file; give a sound file")
         soundfile = _import_media("soundfile", f"audio ({path.name})")
         try:
             info = soundfile.info(str(path))
@@ -363,8 +421,17 @@ class ManifestDataset(torch.utils.data.Dataset):
             ) from err
         if info.frames == 0:
             raise _LineError(ValueError, f"audio file {path} has no samples")
+        frames = _wav_frames(path) if info.format == "WAV" else None
+        if frames is not None and frames[1] < frames[0]:
+            raise _LineError(
+                ValueError,
+                f"audio file {path} is truncated: its header declares {frames[0]} frames, the file "
+                f"holds {frames[1]}; copy or export it again",
+            )
 
     def _check_video(self, path: Path) -> None:
+        if not path.is_dir() and not path.is_file():  # a FIFO or device would block the reader
+            raise _LineError(ValueError, f"video {path} is neither a regular file nor a folder of frames")
         if path.is_dir():
             files = _frame_files(path)
             if not files:
@@ -391,9 +458,12 @@ class ManifestDataset(torch.utils.data.Dataset):
 
     @property
     def num_classes(self) -> int | None:
-        """len(classes) when classes were given; else the largest label + 1, or None without labels."""
+        """len(classes) when classes were given; else the num_classes given; else the largest
+        label + 1, or None without labels."""
         if self.classes is not None:
             return len(self.classes)
+        if self._num_classes is not None:
+            return self._num_classes
         largest = max(entry.label for entry in self._entries)
         return None if largest < 0 else largest + 1
 
@@ -428,7 +498,11 @@ class ManifestDataset(torch.utils.data.Dataset):
         import torchaudio.functional
 
         soundfile = _import_media("soundfile", f"audio ({path.name})")
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # (n, channels)
+        with soundfile.SoundFile(str(path)) as file:
+            stated, rate = file.frames, file.samplerate
+            data = file.read(dtype="float32", always_2d=True)  # (n, channels)
+        if len(data) < stated:
+            raise ValueError(f"its header states {stated} frames, {len(data)} decoded (a truncated file?)")
         wave = torch.from_numpy(data.mean(axis=1, dtype=np.float32))  # (n,)
         if rate != self.sample_rate:
             wave = torchaudio.functional.resample(wave, rate, self.sample_rate)  # (S,)
@@ -460,19 +534,33 @@ class ManifestDataset(torch.utils.data.Dataset):
         av = _import_media("av", f"video ({path.name})")
         chunks: list[torch.Tensor] = []  # each (<= _CHUNK, C, H, W)
         pending: list[np.ndarray] = []  # decoded frames not yet resized, each (h, w, 3) uint8
+        read = 0  # frames decoded from the stream (before any frame_rate sampling)
+
+        def decode(container, stream):
+            nonlocal read
+            for frame in container.decode(stream):
+                read += 1
+                yield frame
+
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            decoded = container.decode(stream)
+            decoded = decode(container, stream)
             if self.frame_rate is None:
                 frames = (frame.to_ndarray(format="rgb24") for frame in decoded)
             else:
                 frames = self._at_frame_rate(decoded, stream)
+            kept = 0
             for pixels in itertools.islice(frames, self.max_frames):  # islice(..., None): all
+                kept += 1
                 pending.append(pixels)
                 if len(pending) == _CHUNK:
                     chunks.append(self._pixels(np.stack(pending)))
                     pending = []
+            stated = stream.frames  # what the container says; 0 when it does not say
+        whole = self.max_frames is None or kept < self.max_frames  # the stream was read to its end
+        if whole and 0 < read < stated:
+            raise ValueError(f"the container states {stated} frames, {read} decoded (a truncated file?)")
         if pending:
             chunks.append(self._pixels(np.stack(pending)))
         if not chunks:

@@ -31,16 +31,20 @@ All branches are merged by their log-sum-exps; the backward recomputes every bra
 MERGED output and log-sum-exp (the fused op's backward for the local branches, the explicit
 formulas of flash attention's backward for the remote ones), which gives exact dq, dk, dv.
 
-Assumptions (not checked by communication, documented): every rank of the group calls with the
-same shapes, dtype, schedule, causality and softmax scale, with a padding mask on all ranks or on
-none. `validate=True` (default) checks them with one small all_gather and raises ValueError on a
-mismatch, on every rank alike.
+Assumptions: every rank of the group calls with the same shapes, dtype, schedule, causality and
+softmax scale, with a padding mask on all ranks or on none. `validate=True` (default) checks them
+with one small all_gather before any other collective, together with each rank's own input checks:
+an input that one rank rejects, or a mismatch, raises on every rank alike (the rejecting rank its
+own error, the others the same type naming that rank and quoting its message), so no rank is left
+waiting in a collective. With `validate=False` a rank raises alone and its peers wait for the
+process group's timeout (`SequenceParallelStrategy(timeout_s=...)`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import weakref
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,7 +126,10 @@ def gather_ranks(rank: int, num_shards: int, local_len: int, segment_length: int
     return lo, min(lo + block, num_shards)
 
 
-_BLOCK_GROUPS: dict[tuple[dist.ProcessGroup, int], dist.ProcessGroup | None] = {}
+# parent group -> {block: this rank's block group}; an entry lives as long as its parent group
+_BLOCK_GROUPS: weakref.WeakKeyDictionary[dist.ProcessGroup, dict[int, dist.ProcessGroup | None]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def block_group(group: Group, block: int) -> Group:
@@ -132,13 +139,15 @@ def block_group(group: Group, block: int) -> Group:
     block), every rank of `group` creates the groups of all blocks in the same order, with
     `use_local_synchronization` so that only the ranks of `group` take part (group may be one of
     several sequence-parallel groups). Blocks of one rank get no group (None: no communication).
+    The cache holds its parent weakly: once the parent group is destroyed (e.g. by
+    `dist.destroy_process_group()`), its block groups are dropped with it.
     """
     num_shards = group_size(group)
     if block >= num_shards:
         return group
     parent = group if group is not None else dist.group.WORLD
-    key = (parent, block)
-    if key not in _BLOCK_GROUPS:
+    cached = _BLOCK_GROUPS.setdefault(parent, {})
+    if block not in cached:
         global_ranks = dist.get_process_group_ranks(parent)
         rank = group_rank(group)
         mine = None
@@ -149,8 +158,8 @@ def block_group(group: Group, block: int) -> Group:
             created = dist.new_group(members, use_local_synchronization=True)
             if lo <= rank < lo + block:
                 mine = created
-        _BLOCK_GROUPS[key] = mine
-    return _BLOCK_GROUPS[key]
+        cached[block] = mine
+    return cached[block]
 
 
 def _lse_safe(lse: torch.Tensor) -> torch.Tensor:
@@ -328,6 +337,9 @@ def _check_inputs(q, k, v, key_padding_mask) -> None:
         raise TypeError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[1] == 0:
         raise ValueError("this rank's slice is empty (n = 0): every rank needs at least one token")
+    for name, size in (("B", q.shape[0]), ("H", q.shape[2]), ("D", q.shape[3])):
+        if size == 0:
+            raise ValueError(f"q, k, v must have a positive {name}, got shape {tuple(q.shape)}")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError("key_padding_mask must be a bool tensor (True = padding)")
@@ -336,9 +348,43 @@ def _check_inputs(q, k, v, key_padding_mask) -> None:
                              f"{tuple(key_padding_mask.shape)}")  # fmt: skip
 
 
-def _validate_group(q, segment_lengths, dilation_rates, is_causal, has_mask, scale, group) -> None:
-    """One small all_gather: ValueError (on every rank alike) when the ranks' calls disagree."""
-    schedule = zlib.crc32(repr((segment_lengths, dilation_rates)).encode())  # the same in every process
+def _check_scale(softmax_scale, head_dim: int) -> float:
+    """The score scale: softmax_scale, or 1 / sqrt(D) when None; ValueError unless positive and finite."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, int | float):
+        raise TypeError(f"softmax_scale must be a number or None, got {softmax_scale!r}")
+    if not 0 < softmax_scale < math.inf:
+        raise ValueError(f"softmax_scale must be a positive, finite number or None, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def _local_checks(q, k, v, key_padding_mask, segment_lengths, dilation_rates, softmax_scale):
+    """This rank's (schedule, scale, None), or (None, None, the error its inputs raise), not raised."""
+    try:
+        _check_inputs(q, k, v, key_padding_mask)
+        schedule = check_schedule(segment_lengths, dilation_rates)
+        scale = _check_scale(softmax_scale, q.shape[-1])
+    except (TypeError, ValueError) as error:
+        return None, None, error
+    return schedule, scale, None
+
+
+_MESSAGE_BYTES = 512  # of a rejecting rank's error message, sent to its peers
+_ERRORS = (ValueError, TypeError)  # status 1, 2 of a report
+
+
+def _report_device(group: Group) -> torch.device:
+    """Where the group's collectives take tensors: the current CUDA device for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _validate_group(q, schedule, is_causal, has_mask, scale, error, group) -> None:
+    """One small all_gather of every rank's report: its own input error, if any (raised on every
+    rank, the rejecting rank's type and message), then its shapes and options (ValueError on every
+    rank alike when they disagree)."""
     fields = (
         "shape (B, n, H, D)",
         "dtype",
@@ -347,9 +393,28 @@ def _validate_group(q, segment_lengths, dilation_rates, is_causal, has_mask, sca
         "key_padding_mask given",
         "softmax_scale",
     )
-    mine = [*q.shape, zlib.crc32(str(q.dtype).encode()), schedule, int(is_causal), int(has_mask),
-            round(scale * 1e12)]  # fmt: skip
-    table = all_gather_no_grad(torch.tensor([mine], dtype=torch.long, device=q.device), group).cpu()  # (P, 9)
+    if error is None:
+        status, message = 0, b""
+        crc = zlib.crc32(repr(schedule).encode())  # the same in every process
+        mine = [*q.shape, zlib.crc32(str(q.dtype).encode()), crc, int(is_causal), int(has_mask),
+                round(scale * 1e12)]  # fmt: skip
+    else:
+        status, message = 1 + int(isinstance(error, TypeError)), str(error).encode()[:_MESSAGE_BYTES]
+        mine = [0] * 9
+    text = [*message, *[0] * (_MESSAGE_BYTES - len(message))]
+    row = torch.tensor([[status, *mine, *text]], dtype=torch.long, device=_report_device(group))
+    table = all_gather_no_grad(row, group).cpu()  # (P, 10 + _MESSAGE_BYTES)
+    failed = table[:, 0].nonzero().flatten().tolist()
+    if failed:
+        if error is not None:
+            raise error
+        rank = failed[0]
+        status, quoted = int(table[rank, 0]), bytes(table[rank, 10:].tolist()).rstrip(b"\0")
+        raise _ERRORS[status - 1](
+            f"sharded_dilated_attention: rank {rank} of the group rejected its input: "
+            f"{quoted.decode(errors='replace')}"
+        )
+    table = table[:, 1:10]  # (P, 9)
     columns = (slice(0, 4), 4, 5, 6, 7, 8)
     for field, column in zip(fields, columns, strict=True):
         values = table[:, column]
@@ -391,22 +456,26 @@ def sharded_dilated_attention(
         key_padding_mask: (B, n) bool this rank's slice of the padding mask, True = padding; given on
             every rank or on none.
         softmax_scale: score scale, default 1 / sqrt(D).
-        validate: check with one small all_gather that the ranks agree on shapes and options.
+        validate: check with one small all_gather that the ranks agree on shapes and options, and
+            make an input that one rank rejects raise on every rank (see the module docstring).
 
     Returns:
         (B, n, H, D), this rank's slice of the output.
 
     Attention dropout and an additive position bias are not supported here.
     """
-    _check_inputs(q, k, v, key_padding_mask)
-    segment_lengths, dilation_rates = check_schedule(segment_lengths, dilation_rates)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    schedule, scale, error = _local_checks(
+        q, k, v, key_padding_mask, segment_lengths, dilation_rates, softmax_scale
+    )
+    if error is not None and not (validate and dist.is_initialized()):
+        raise error
     num_shards, rank = group_size(group), group_rank(group)
+    if validate and num_shards > 1:  # before any other collective: every rank raises, or none does
+        _validate_group(q, schedule, is_causal, key_padding_mask is not None, scale, error, group)
+    elif error is not None:
+        raise error
+    segment_lengths, dilation_rates = schedule
     batch, local_len, num_heads, head_dim = q.shape
-    if validate and num_shards > 1:
-        _validate_group(
-            q, segment_lengths, dilation_rates, is_causal, key_padding_mask is not None, scale, group
-        )
     fused = _sdpa_takes(q)
     local_w, local_r, remotes = [], [], []
     for w, r in zip(segment_lengths, dilation_rates, strict=True):

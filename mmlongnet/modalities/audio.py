@@ -37,6 +37,7 @@ last samples inside frame F(l) - 1, and a waveform shorter than one hop still gi
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -45,6 +46,7 @@ import torchaudio
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mmlongnet._config import check_field_types
 from mmlongnet.modalities._common import (
     ceil_div,
     check_dropout,
@@ -78,6 +80,7 @@ class ConformerConfig:
     """Run the convolution module before self-attention."""
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("num_layers", "num_heads", "ffn_dim", "depthwise_conv_kernel_size"):
             check_positive_int(f"conformer.{name}", getattr(self, name))
         if self.depthwise_conv_kernel_size % 2 == 0:
@@ -130,6 +133,7 @@ class AudioEncoderConfig:
     """Raise if the waveform holds NaN or inf; costs a device sync."""
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if isinstance(self.conformer, dict):
             known = {f.name for f in fields(ConformerConfig)}
             unknown = sorted(set(self.conformer) - known)
@@ -226,7 +230,9 @@ class AudioEncoder(Pretrained, nn.Module):
         self.proj = nn.Linear((channels if num_convs else 1) * mels, config.embed_dim, **factory)
         self.dropout = nn.Dropout(config.dropout)
         self.trunk: nn.Module | None = None
-        self._trunk_padding: torch.Tensor | None = None  # (B, 1, N), set only while the trunk runs
+        # thread id -> (B, 1, N) padding of the trunk's call running in that thread (an entry exists
+        # only while it runs), so that concurrent forwards never read each other's mask
+        self._trunk_padding: dict[int, torch.Tensor] = {}
         if config.trunk == "conformer":
             opts = config.conformer
             self.trunk = torchaudio.models.Conformer(
@@ -253,9 +259,10 @@ class AudioEncoder(Pretrained, nn.Module):
             depthwise[0].register_forward_pre_hook(self._zero_trunk_padding)
 
     def _zero_trunk_padding(self, module: nn.Module, args: tuple[torch.Tensor, ...]):
-        if self._trunk_padding is None:
+        padding = self._trunk_padding.get(threading.get_ident())
+        if padding is None:
             return None
-        return (args[0].masked_fill(self._trunk_padding, 0.0),)  # (B, C, N)
+        return (args[0].masked_fill(padding, 0.0),)  # (B, C, N)
 
     def _apply(self, fn, recurse=True):
         """Module casts (`.half()`, `.to(dtype)`) leave the STFT window and filterbank in float32."""
@@ -448,11 +455,12 @@ class AudioEncoder(Pretrained, nn.Module):
             return x
         key_padding = pad.clone()  # (B, N)
         key_padding[:, 0] = False
-        self._trunk_padding = key_padding[:, None, :]  # (B, 1, N), read by the depthwise-conv hooks
+        thread = threading.get_ident()
+        self._trunk_padding[thread] = key_padding[:, None, :]  # (B, 1, N), read by this thread's hooks
         try:
             x = x.transpose(0, 1)  # (N, B, E), the layout of torchaudio's Conformer blocks
             for layer in self.trunk.conformer_layers:
                 x = layer(x, key_padding)
         finally:
-            self._trunk_padding = None
+            del self._trunk_padding[thread]
         return x.transpose(0, 1)  # (B, N, E)

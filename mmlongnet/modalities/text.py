@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mmlongnet._config import check_field_types
 from mmlongnet.layers.embedding_factory import vocab_sharded_embedding_factory
 from mmlongnet.modalities._common import (
     check_dropout,
@@ -225,6 +226,7 @@ class TextEncoderConfig:
     (each lookup is a collective). `save_pretrained` then writes this rank's rows only."""
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_positive_int("embed_dim", self.embed_dim)
         check_positive_int("vocab_size", self.vocab_size)
         if self.max_length is not None:

@@ -46,6 +46,7 @@ from timm.layers import PatchEmbed
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import nn
 
+from mmlongnet._config import check_field_types
 from mmlongnet.modalities._common import (
     ceil_div,
     check_dropout,
@@ -92,6 +93,7 @@ class VisionEncoderConfig:
     """Raise if the pixels hold NaN or inf; costs a device sync."""
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_positive_int("embed_dim", self.embed_dim)
         size = self.image_size
         if isinstance(size, int) and not isinstance(size, bool):

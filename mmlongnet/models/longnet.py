@@ -9,13 +9,18 @@ configuration (768 wide, 12 heads, 12 layers, FFN 3072, segments 2K..32K, rates 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmlongnet._config import check_field_types
 from mmlongnet.attention.cache import DilatedKVCache
 from mmlongnet.attention.multihead import PositionsArg
 from mmlongnet.layers.feedforward import Activation
@@ -29,6 +34,7 @@ from mmlongnet.models.blocks import (
     magneto_encoder_decoder_gammas,
     magneto_gamma,
 )
+from mmlongnet.pretrained import Pretrained
 
 
 class _LayerStack(nn.Module):
@@ -196,7 +202,48 @@ class LongNet(nn.Module):
         return self.decoder(tgt, memory, tgt_key_padding_mask, memory_key_padding_mask)  # (B, N, E)
 
 
-class LongNetLM(nn.Module):
+@dataclass
+class LongNetLMConfig:
+    """The arguments of `LongNetLM` (what `LongNetLM.save_pretrained` writes to config.json)."""
+
+    num_tokens: int
+    """V, the vocabulary size."""
+    d_model: int = 768
+    """E, the width."""
+    nhead: int = 12
+    """Attention heads."""
+    num_layers: int = 12
+    """Decoder layers."""
+    dim_feedforward: int = 3072
+    """FFN hidden size."""
+    segment_lengths: list[int] = field(default_factory=lambda: list(LONGNET_SEGMENT_LENGTHS))
+    """Segment length of each dilated-attention branch."""
+    dilation_rates: list[int] = field(default_factory=lambda: list(LONGNET_DILATION_RATES))
+    """Dilation rate of each branch."""
+    dropout: float = 0.0
+    """Residual and FFN dropout."""
+    attention_dropout: float = 0.0
+    """Dropout of the attention weights."""
+    activation: Activation = "gelu"
+    """FFN activation."""
+    layer_norm_eps: float = 1e-5
+    """LayerNorm epsilon."""
+    positions: PositionsArg = "rope"
+    """"rope", "xpos", "relative" or None."""
+    tie_embeddings: bool = False
+    """Share the token embedding with the output projection."""
+    checkpoint_activations: bool = False
+    """Recompute each layer in the backward."""
+    attention: Literal["dilated", "dense"] = "dilated"
+    """"dilated", or "dense" (full causal attention)."""
+    backend: str = "auto"
+    """The dilated-attention backend."""
+
+    def __post_init__(self) -> None:
+        check_field_types(self)  # the values themselves are checked by `LongNetLM`
+
+
+class LongNetLM(Pretrained, nn.Module):
     """Decoder-only LongNet language model (the paper's LM; defaults = its base configuration).
 
     Args:
@@ -210,7 +257,16 @@ class LongNetLM(nn.Module):
         attention: "dilated", or "dense" (full causal attention: the baseline LongNet is compared with).
 
     forward(tokens (B, N) long, key_padding_mask (B, N) bool True = padding) -> logits (B, N, V).
+
+    `save_pretrained(dir)` / `LongNetLM.from_pretrained(dir or hub id)`: config.json (`LongNetLMConfig`)
+    and model.safetensors; `self.config` holds the arguments.
     """
+
+    config_class = LongNetLMConfig
+
+    @classmethod
+    def _from_config(cls, config: LongNetLMConfig) -> LongNetLM:
+        return cls(**dataclasses.asdict(config))
 
     def __init__(
         self,
@@ -238,6 +294,11 @@ class LongNetLM(nn.Module):
             raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
         check_block_args(d_model, nhead, dim_feedforward, dropout, num_layers=num_layers)
         factory = {"device": device, "dtype": dtype}
+        self.config = LongNetLMConfig(
+            num_tokens, d_model, nhead, num_layers, dim_feedforward, list(segment_lengths),
+            list(dilation_rates), dropout, attention_dropout, activation, layer_norm_eps, positions,
+            tie_embeddings, checkpoint_activations, attention, backend,
+        )  # fmt: skip
         self.num_tokens, self.d_model = num_tokens, d_model
         self.embedding = nn.Embedding(num_tokens, d_model, **factory)
         self.dropout = nn.Dropout(dropout)
@@ -266,11 +327,33 @@ class LongNetLM(nn.Module):
         *,
         kv_caches: Sequence[DilatedKVCache] | None = None,
     ) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"tokens must be a (B, N) long tensor, got {type(tokens).__name__}")
         if tokens.dim() != 2 or tokens.dtype != torch.long:
             raise ValueError(f"tokens must be a (B, N) long tensor, got {tuple(tokens.shape)} {tokens.dtype}")
+        self._check_ids(tokens)
         x = self.dropout(self.embedding(tokens))  # (B, N, E)
         x = self.decoder(x, key_padding_mask=key_padding_mask, kv_caches=kv_caches)  # (B, N, E)
         return self.lm_head(x)  # (B, N, V)
+
+    def _check_ids(self, tokens: torch.Tensor) -> None:
+        """Token ids outside [0, V) raise before the embedding: a ValueError naming the first one for
+        CPU tensors (read in NumPy, no dispatcher op); on a device, or while compiled, an asynchronous
+        assert, so that the check costs no host sync (it fails at the next sync instead)."""
+        if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+            ids = tokens.numpy()
+            bad = (ids < 0) | (ids >= self.num_tokens)
+            if bad.any():
+                row, col = (int(i) for i in np.argwhere(bad)[0])
+                raise ValueError(
+                    f"tokens[{row}, {col}] = {int(ids[row, col])} is outside the vocabulary "
+                    f"[0, {self.num_tokens})"
+                )
+        elif tokens.numel():
+            inside = ((tokens >= 0) & (tokens < self.num_tokens)).all()
+            torch._assert_async(
+                inside, f"LongNetLM: a token id is outside the vocabulary [0, {self.num_tokens})"
+            )
 
     @torch.no_grad()
     def generate(
@@ -291,10 +374,16 @@ class LongNetLM(nn.Module):
         bounded by the segment lengths, not by the generated length; the result equals decoding
         with a full forward pass per token (`use_cache=False`). Put the model in eval mode first.
         """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+            raise TypeError(f"temperature must be a number, got {temperature!r}")
+        if not 0 <= temperature < math.inf:
+            raise ValueError(f"temperature must be finite and >= 0 (0: greedy), got {temperature}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
+            raise TypeError(f"top_k must be an int or None, got {top_k!r}")
         if top_k is not None and not 0 < top_k <= self.num_tokens:
             raise ValueError(f"top_k must be in [1, num_tokens={self.num_tokens}], got {top_k}")
         if tokens.dim() != 2 or tokens.shape[1] == 0:

@@ -26,6 +26,7 @@ alike (the gather's backward sums over ranks), so averaging over the P ranks giv
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mmlongnet._config import check_field_types
 from mmlongnet.attention.dilated import check_schedule
 from mmlongnet.attention.sharding import SequenceShard, current_shard, use_shard
 from mmlongnet.layers.multiway import MultiwayRouting
@@ -61,6 +63,7 @@ class StackConfig:
     """Dilation rate of each branch."""
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 0:
             raise ValueError(f"num_layers must be an int >= 0, got {self.num_layers!r}")
         self.segment_lengths, self.dilation_rates = check_schedule(self.segment_lengths, self.dilation_rates)
@@ -119,6 +122,7 @@ class MMLongNetConfig:
     """The dilated-attention backend."""
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("d_model", "nhead", "dim_feedforward"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -302,27 +306,61 @@ class MMLongNet(Pretrained, nn.Module):
         return tokens, padding
 
     def _encode_alone(
-        self, name: str, x: torch.Tensor, lengths: torch.Tensor | None, audio_sample_rate: int | None = None
+        self,
+        name: str,
+        x: torch.Tensor,
+        lengths: torch.Tensor | None,
+        audio_sample_rate: int | None = None,
+        pooled: bool = False,
     ):
         if name not in self.encoders:
             raise ValueError(f"this model has no {name} modality (configured: {self.config.modalities})")
         plan = self._plan(
             {name: x}, None if lengths is None else {name: lengths}, audio_sample_rate, fuse=False
         )
-        return self._encode(name, x, plan)
+        tokens, padding = self._encode(name, x, plan)
+        return _masked_mean(tokens, padding) if pooled else (tokens, padding)
 
-    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None):
-        """Text ids (B, L) -> (tokens (B, L, E), padding_mask (B, L)) after the text stack."""
-        return self._encode_alone("text", tokens, lengths)
+    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None, *, pooled: bool = False):
+        """Text ids (B, L) -> (tokens (B, L, E), padding_mask (B, L)) after the text stack; with
+        `pooled=True` the mean of each sample's valid tokens instead, (B, E)."""
+        return self._encode_alone("text", tokens, lengths, pooled=pooled)
 
-    def encode_audio(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None, sample_rate=None):
-        """Waveform (B, S) -> (tokens (B, N_a, E), padding_mask (B, N_a)) after the audio stack."""
-        return self._encode_alone("audio", waveform, lengths, audio_sample_rate=sample_rate)
+    def encode_audio(
+        self, waveform: torch.Tensor, lengths: torch.Tensor | None = None, sample_rate=None, *, pooled=False
+    ):
+        """Waveform (B, S) -> (tokens (B, N_a, E), padding_mask (B, N_a)) after the audio stack; with
+        `pooled=True` the mean of each sample's valid tokens instead, (B, E)."""
+        return self._encode_alone("audio", waveform, lengths, audio_sample_rate=sample_rate, pooled=pooled)
 
-    def encode_video(self, frames: torch.Tensor, lengths: torch.Tensor | None = None):
+    def encode_video(
+        self, frames: torch.Tensor, lengths: torch.Tensor | None = None, *, pooled: bool = False
+    ):
         """Video (B, T, C, H, W) or images (B, C, H, W) -> (tokens (B, N_v, E), padding_mask) after
-        the video stack."""
-        return self._encode_alone("video", frames, lengths)
+        the video stack; with `pooled=True` the mean of each sample's valid tokens instead, (B, E)."""
+        return self._encode_alone("video", frames, lengths, pooled=pooled)
+
+    def modality_model(self, name: str) -> MMLongNet:
+        """One modality's encoder and its modality stack as a model of their own (weights copied),
+        whose `encode_<name>` gives what this model's does: export an encoder with
+        `model.modality_model("audio").save_pretrained(dir)`, reload it with
+        `MMLongNet.from_pretrained(dir)`."""
+        if name not in self.encoders:
+            raise ValueError(f"this model has no {name} modality (configured: {self.config.modalities})")
+        fusion = self.config.fusion_stack
+        config = dataclasses.replace(
+            self.config, **{other: None for other in MODALITIES if other != name},
+            fusion_stack=StackConfig(0, fusion.segment_lengths, fusion.dilation_rates), fusion="sequence",
+        )  # fmt: skip
+        reference = next(self.parameters())
+        single = MMLongNet(config, device=reference.device, dtype=reference.dtype)
+        single.encoders[name].load_state_dict(self.encoders[name].state_dict())
+        if name in self.stacks:
+            single.stacks[name].load_state_dict(self.stacks[name].state_dict())
+        index = self.config.modalities.index(name)
+        with torch.no_grad():
+            single.type_embedding.weight.copy_(self.type_embedding.weight[index : index + 1])
+        return single.train(self.training)
 
     # --- the multimodal forward --------------------------------------------------------------
 

@@ -4,10 +4,12 @@
 any `LightningModule` (here `MultimodalClassifier` or `LanguageModel`) and whose data is any
 `LightningDataModule` (here `AVDigitsDataModule`, `ManifestDataModule`, `TextFilesDataModule`),
 each picked by `class_path` in the YAML. `SequenceParallelStrategy` (DDP with sequence sharding)
-is picked the same way, as `trainer.strategy`.
+is picked the same way, as `trainer.strategy`. `RunCheckpoint` keeps a run's checkpoints in one
+folder (so `fit --ckpt_path last` resumes it) and `AtomicCheckpointIO` writes them atomically.
 """
 
 from mmlongnet.training.callbacks import JSONLPredictionWriter, TokenThroughput
+from mmlongnet.training.checkpoint import AtomicCheckpointIO, RunCheckpoint
 from mmlongnet.training.cli import CLI
 from mmlongnet.training.data import AVDigitsDataModule, ManifestDataModule, TextFilesDataModule
 from mmlongnet.training.module import LanguageModel, MultimodalClassifier, OptimizerConfig
@@ -15,12 +17,14 @@ from mmlongnet.training.strategy import SequenceParallelStrategy
 
 __all__ = [
     "CLI",
+    "AtomicCheckpointIO",
     "AVDigitsDataModule",
     "JSONLPredictionWriter",
     "LanguageModel",
     "ManifestDataModule",
     "MultimodalClassifier",
     "OptimizerConfig",
+    "RunCheckpoint",
     "SequenceParallelStrategy",
     "TextFilesDataModule",
     "TokenThroughput",

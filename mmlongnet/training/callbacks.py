@@ -14,47 +14,74 @@ __all__ = ["JSONLPredictionWriter", "TokenThroughput"]
 
 
 class JSONLPredictionWriter(BasePredictionWriter):
-    """Writes each record `predict_step` returns as one JSON line of `output_path`.
+    """Writes each record `predict_step` returns as one JSON line of `output_path`, and says where.
+
+    A relative `output_path` is taken under `trainer.default_root_dir` (the run's folder). When the
+    data module names its classes (`class_names`, e.g. a manifest's `classes`), a record's
+    "prediction" and "label" indices get their names beside them ("prediction_name", "label_name").
 
     Every sample is written once: with several data-parallel ranks, rank group k writes
     `<stem>.part<k>.jsonl` beside it; under `SequenceParallelStrategy` only the first rank of
     each sequence-parallel group writes (its peers predicted the same samples).
 
     Args:
-        output_path: the JSONL file (its folder is created).
+        output_path: the JSONL file (its folder is created); relative: under the run's folder.
     """
 
     def __init__(self, output_path: str = "predictions.jsonl") -> None:
         super().__init__(write_interval="batch")
         self.output_path = Path(output_path)
         self._file = None
+        self._class_names: list[str] | None = None
+        self.written: Path | None = None
+        """The file of the last `predict` (on the ranks that write)."""
+
+    def resolved_path(self, trainer: pl.Trainer) -> Path:
+        """`output_path`, under `trainer.default_root_dir` when it is relative."""
+        if self.output_path.is_absolute():
+            return self.output_path
+        return Path(trainer.default_root_dir) / self.output_path
 
     def path_for(self, trainer: pl.Trainer) -> Path | None:
         """This rank's file, or None when a sequence-parallel peer writes its samples."""
         sp = getattr(trainer.strategy, "sequence_parallel_size", 1)
         if trainer.global_rank % sp:
             return None
+        path = self.resolved_path(trainer)
         if trainer.world_size == sp:
-            return self.output_path
-        return self.output_path.with_name(f"{self.output_path.stem}.part{trainer.global_rank // sp}.jsonl")
+            return path
+        return path.with_name(f"{path.stem}.part{trainer.global_rank // sp}.jsonl")
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        names = getattr(trainer.datamodule, "class_names", None)
+        self._class_names = list(names) if names else None
         path = self.path_for(trainer)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = path.open("w")
+            self.written = path
+
+    def _named(self, record: dict) -> dict:
+        names = self._class_names
+        if names is None:
+            return record
+        for key in ("prediction", "label"):
+            if isinstance(record.get(key), int) and 0 <= record[key] < len(names):
+                record[f"{key}_name"] = names[record[key]]
+        return record
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
     ) -> None:
         if self._file is not None:
             for record in prediction:
-                self._file.write(json.dumps(record) + "\n")
+                self._file.write(json.dumps(self._named(record)) + "\n")
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+            print(f"predictions: {self.written}")
 
 
 class TokenThroughput(pl.Callback):

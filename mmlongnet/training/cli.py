@@ -2,21 +2,81 @@
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 __all__ = ["CLI"]
+
+# A line of a jsonargparse error that names the offending key, most specific first.
+_KEY_LINE = re.compile(
+    r"(does not accept option|Option '[^']*' is not accepted|Key '[^']*' is not expected|"
+    r"unrecognized arguments|is required|required but not included|Not a valid|Expected a)"
+)
+
+
+def _error_summary(message: str) -> str:
+    """The one line of a jsonargparse error that names the key, prefixed with the parser key."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else message
+    head = re.match(r'Parser key "([^"]+)"', lines[0])
+    for pattern in _KEY_LINE.pattern.strip("()").split("|"):
+        for line in lines:
+            if re.search(pattern, line):
+                line = line.lstrip("- ")
+                return f'"{head.group(1)}": {line}' if head else line
+    return lines[-1]
+
+
+class _Parser(LightningArgumentParser):
+    """Lightning's parser that reports an error without the usage text: the details first, then
+    the one line that names the key, so that the last line of the output is the one to read."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # inside a parse that handles its own errors (e.g. a Union)
+            return super().error(message, ex)
+        details = message.strip()
+        summary = _error_summary(details)
+        prog = self.prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: the configuration is not valid (`{prog} --help` lists the options)\n")
+        if details != summary:
+            sys.stderr.write(details + "\n")
+        sys.stderr.write(f"error: {summary}\n")
+        self.exit(2)
+
+
+def _run_root(default_root_dir: str | None) -> str:
+    return os.fspath(default_root_dir) if default_root_dir else os.getcwd()
 
 
 class CLI(LightningCLI):
     """`LightningCLI(LightningModule, LightningDataModule)` in subclass mode.
 
     `python train.py {fit,validate,test,predict} --config configs/X.yaml`; every option can be
-    overridden on the command line (`--trainer.max_steps 10`); `--print_config` shows them all.
+    overridden on the command line (`--trainer.max_steps 10`); `--print_config` shows them all and
+    `--help` explains them (a config dataclass's field docstrings are their help). Options are
+    never abbreviated, and an invalid key ends the error with the one line that names it.
+
+    The logger's `save_dir` follows `trainer.default_root_dir` (the run's folder), where
+    `RunCheckpoint` and `JSONLPredictionWriter` write too.
     """
 
     def __init__(self, *args, **kwargs) -> None:
+        set_parsing_settings(docstring_parse_attribute_docstrings=True)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", _Parser)
         super().__init__(pl.LightningModule, pl.LightningDataModule, *args, **kwargs)
+
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        kwargs.setdefault("allow_abbrev", False)
+        return super().init_parser(**kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir", _run_root)

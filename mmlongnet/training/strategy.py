@@ -32,6 +32,7 @@ Lightning sums both over all ranks, so each sample counts P times in numerator a
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -70,15 +71,33 @@ class SequenceParallelStrategy(DDPStrategy):
         sequence_parallel_size: P, the ranks that share one batch and split its sequences; must
             divide the world size (devices x nodes). 1 is plain DDP.
         validate: let each sharded attention call check that the ranks agree on shapes and options
-            (one small all_gather; False saves it once a setup is known to be right).
-        **kwargs: `DDPStrategy`'s arguments (process_group_backend, timeout, start_method, ...).
+            (one small all_gather; False saves it once a setup is known to be right). With it, an
+            input that one rank rejects raises on every rank of the group, with that rank's message.
+        timeout_s: seconds a collective waits for its peers before it fails, on every process group
+            (replaces DDPStrategy's `timeout`, 30 minutes by default). A rank that fails outside a
+            checked call and stays alive (a notebook, a retry loop) holds its peers this long at most.
+        **kwargs: `DDPStrategy`'s arguments (process_group_backend, start_method, ...).
     """
 
     strategy_name = "sequence_parallel"
 
-    def __init__(self, sequence_parallel_size: int = 1, validate: bool = True, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        sequence_parallel_size: int = 1,
+        validate: bool = True,
+        timeout_s: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         sequence_parallel_layout(sequence_parallel_size, sequence_parallel_size)  # checks the type
+        if not isinstance(validate, bool):
+            raise TypeError(f"validate must be a bool, got {validate!r}")
+        if timeout_s is not None:
+            if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float):
+                raise TypeError(f"timeout_s must be a number of seconds or None, got {timeout_s!r}")
+            if not 0 < timeout_s < float("inf"):
+                raise ValueError(f"timeout_s must be a positive, finite number of seconds, got {timeout_s!r}")
+            kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+        super().__init__(**kwargs)
         self.sequence_parallel_size = sequence_parallel_size
         self.validate = validate
         self.sequence_group: dist.ProcessGroup | None = None

@@ -41,14 +41,6 @@ def padding_mask(batch, seq_len, device="cpu"):
     return mask
 
 
-@pytest.fixture(params=["packed", "per-offset"])
-def packing(request, monkeypatch):
-    """Run small inputs both ways: all offsets of a block in one packed call, or one call each."""
-    if request.param == "per-offset":
-        monkeypatch.setattr(dilated_module, "PACK_MAX_ELEMENTS", 0)
-    return request.param
-
-
 def run(q, k, v, segs, rates, backend, grad, **kwargs):
     out = dilated_attention(q, k, v, segs, rates, backend=backend, **kwargs)
     return (out, *torch.autograd.grad(out, (q, k, v), grad))
@@ -259,6 +251,38 @@ def kernel_choice(request, monkeypatch):
     return request.param
 
 
+def assert_low_precision_close(seq_len, segs, rates, num_heads, backend, dtype, device, head_dim, **kwargs):
+    """The backend's error vs the float64 reference <= 2x the low-precision reference's own error
+    (+ rounding), for the output and the three gradients. Errors are relative Frobenius norms,
+    ||x - truth|| / ||truth||."""
+    exact = make_inputs(seq_len, num_heads, torch.float64, head_dim=head_dim, device=device)
+    low = [t.detach().to(dtype).requires_grad_() for t in exact]
+    grad = torch.randn(exact[0].shape, dtype=torch.float64, device=device)
+    truth = run(*exact, segs, rates, "reference", grad, **kwargs)
+    ref_low = run(*low, segs, rates, "reference", grad.to(dtype), **kwargs)
+    fast = run(*low, segs, rates, backend, grad.to(dtype), **kwargs)
+    for name, t, r, f in zip(("out", "dq", "dk", "dv"), truth, ref_low, fast, strict=True):
+        assert f.dtype == dtype and torch.isfinite(f).all(), name
+        err = ((f.double() - t).norm() / t.norm()).item()
+        ref_err = ((r.double() - t).norm() / t.norm()).item()
+        assert err <= 2 * ref_err + 1e-4, (
+            f"{name}: {backend} error {err:.3g}, {dtype} reference error {ref_err:.3g}"
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(("seq_len", "segs", "rates", "num_heads"), GRID[::2])
+def test_cpu_16_bit_forward_and_backward(seq_len, segs, rates, num_heads, is_causal, masked, dtype):
+    """bf16/fp16 on the CPU kernels (`precision: bf16-mixed` on a CPU): the backward takes the
+    float32 log-sum-exp the forward gave."""
+    mask = padding_mask(2, seq_len) if masked else None
+    assert_low_precision_close(
+        seq_len, segs, rates, num_heads, "sdpa", dtype, "cpu", 16, is_causal=is_causal, key_padding_mask=mask
+    )
+
+
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
@@ -267,23 +291,9 @@ def kernel_choice(request, monkeypatch):
 def test_cuda_bf16_error_within_twice_reference_bf16_error(
     seq_len, segs, rates, num_heads, is_causal, masked, packing, kernel_choice
 ):
-    """Kernel error vs the float64 reference <= 2x the bf16 reference's own error (+ rounding).
-
-    Errors are relative Frobenius norms, ||x - truth|| / ||truth||.
-    """
     seq_len, segs = seq_len * 8, [w * 8 for w in segs]  # kernel-sized problems
-    exact = make_inputs(seq_len, num_heads, torch.float64, head_dim=64, device="cuda")
-    low = [t.detach().to(torch.bfloat16).requires_grad_() for t in exact]
     mask = padding_mask(2, seq_len, device="cuda") if masked else None
-    grad = torch.randn(exact[0].shape, dtype=torch.float64, device="cuda")
-    kwargs = dict(is_causal=is_causal, key_padding_mask=mask)
-    truth = run(*exact, segs, rates, "reference", grad, **kwargs)
-    ref_low = run(*low, segs, rates, "reference", grad.bfloat16(), **kwargs)
-    fast = run(*low, segs, rates, "sdpa", grad.bfloat16(), **kwargs)
-    for name, t, r, f in zip(("out", "dq", "dk", "dv"), truth, ref_low, fast, strict=True):
-        assert torch.isfinite(f).all(), name
-        err = ((f.double() - t).norm() / t.norm()).item()
-        ref_err = ((r.double() - t).norm() / t.norm()).item()
-        assert err <= 2 * ref_err + 1e-4, (
-            f"{name}: kernel error {err:.3g}, bf16 reference error {ref_err:.3g}"
-        )
+    assert_low_precision_close(
+        seq_len, segs, rates, num_heads, "sdpa", torch.bfloat16, "cuda", 64, is_causal=is_causal,
+        key_padding_mask=mask,
+    )  # fmt: skip

@@ -215,10 +215,40 @@ def test_meta_is_free_form_and_ignored(tmp_path):
 def test_absolute_paths_and_paths_relative_to_the_manifest_folder(tmp_path, monkeypatch):
     (tmp_path / "sub").mkdir()
     write_sine(tmp_path / "a.wav", n=160, rate=16000, channels=1)
-    path = write_manifest(tmp_path / "sub", [{"audio": "../a.wav"}, {"audio": str(tmp_path / "a.wav")}])
+    write_sine(tmp_path / "sub" / "b.wav", n=320, rate=16000, channels=1)
+    path = write_manifest(
+        tmp_path / "sub",
+        [
+            {"audio": "../a.wav"},
+            {"audio": str(tmp_path / "a.wav")},
+            {"audio": str(tmp_path / "sub" / "b.wav")},
+        ],
+    )
     monkeypatch.chdir(REPO)  # not the manifest's folder
-    dataset = ManifestDataset(path)
+    dataset = ManifestDataset(path, allow_outside_paths=True)
     assert dataset[0]["audio"].shape == dataset[1]["audio"].shape == (160,)
+    assert dataset[2]["audio"].shape == (320,)
+    inside = write_manifest(tmp_path / "sub", [{"audio": str(tmp_path / "sub" / "b.wav")}], "inside.jsonl")
+    assert ManifestDataset(inside)[0]["audio"].shape == (320,)  # absolute, but inside: allowed
+
+
+@pytest.mark.parametrize("escape", ["dot-dot", "absolute", "symlink", "symlinked folder"])
+def test_a_path_outside_the_manifest_folder_is_rejected_unless_allowed(tmp_path, escape):
+    (tmp_path / "sub").mkdir()
+    write_sine(tmp_path / "a.wav", n=160, rate=16000, channels=1)
+    value = {"dot-dot": "../a.wav", "absolute": str(tmp_path / "a.wav"), "symlink": "link.wav",
+             "symlinked folder": "linked/a.wav"}[escape]  # fmt: skip
+    (tmp_path / "sub" / "link.wav").symlink_to(tmp_path / "a.wav")
+    (tmp_path / "sub" / "linked").symlink_to(tmp_path, target_is_directory=True)
+    path = write_manifest(tmp_path / "sub", [{"text": "fine"}, {"text": "x", "audio": value}])
+    with pytest.raises(ValueError) as info:
+        ManifestDataset(path)
+    message = str(info.value)
+    assert f"{path}, line 2: audio path {value!r} resolves to {(tmp_path / 'a.wav').resolve()}" in message
+    assert "outside the manifest's folder" in message and "allow_outside_paths=True" in message
+    assert ManifestDataset(path, allow_outside_paths=True)[1]["audio"].shape == (160,)
+    with pytest.warns(UserWarning, match="skipped 1 of 2"):
+        assert len(ManifestDataset(path, on_error="skip")) == 1
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -424,3 +454,123 @@ def test_the_shipped_example_loads_and_every_sample_decodes():
     batch = collate_samples(samples)
     assert batch.labels.tolist() == [0, 0, 1, 2, -1]
     assert batch.lengths["video"].tolist() == [0, 0, 8, 16, 0]
+
+
+@pytest.mark.parametrize("key", ["audio", "video"])
+def test_a_fifo_is_rejected_without_opening_it(tmp_path, key):
+    """Only regular files (and frame folders) are opened: a FIFO would block the reader forever,
+    also with on_error='skip'."""
+    import os
+
+    os.mkfifo(tmp_path / "pipe")
+    path = write_manifest(tmp_path, [{"text": "a", key: "pipe"}])
+    with pytest.raises(ValueError, match=r"line 1: .*(not|neither) a regular file"):
+        ManifestDataset(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError):  # the only line is skipped: nothing is left
+            ManifestDataset(path, on_error="skip")
+
+
+# ---- media checked against their headers, labels against the model -------------------------
+
+
+def truncate(path: Path, size: int) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+def test_a_truncated_wav_is_a_bad_line_naming_the_file(tmp_path):
+    """The header declares 8000 frames, the file holds 2652 (soundfile alone would read them silently)."""
+    write_sine(tmp_path / "cut.wav", n=8000, rate=16000, channels=1, subtype="PCM_16")
+    truncate(tmp_path / "cut.wav", 44 + 2 * 2652)  # 44-byte header, 2 bytes a frame
+    write_sine(tmp_path / "whole.wav", n=800, rate=16000, channels=1, subtype="PCM_16")
+    path = write_manifest(tmp_path, [{"audio": "whole.wav"}, {"audio": "cut.wav"}])
+    with pytest.raises(ValueError) as info:
+        ManifestDataset(path)
+    assert (
+        f"{path}, line 2: audio file {tmp_path / 'cut.wav'} is truncated: its header declares 8000 "
+        "frames, the file holds 2652" in str(info.value)
+    )
+    with pytest.warns(UserWarning, match="skipped 1 of 2"):
+        dataset = ManifestDataset(path, on_error="skip")
+    assert [line for line, _ in dataset.skipped] == [2] and dataset[0]["audio"].shape == (800,)
+
+
+def test_audio_decoding_fewer_frames_than_the_header_states_raises(tmp_path, monkeypatch):
+    """For formats whose header is not parsed up front (flac, ogg, ...): checked when decoding."""
+    write_sine(tmp_path / "a.flac", n=1600, rate=16000, channels=1, subtype="PCM_16")
+    dataset = ManifestDataset(write_manifest(tmp_path, [{"audio": "a.flac"}]))
+    read = soundfile.SoundFile.read
+    monkeypatch.setattr(soundfile.SoundFile, "read", lambda self, *a, **k: read(self, *a, **k)[:1000])
+    with pytest.raises(ValueError, match=r"line 1 .*a\.flac: its header states 1600 frames, 1000 decoded"):
+        dataset[0]
+
+
+def write_cut_mp4(path: Path, frames: int, keep: int) -> None:
+    """An mp4 (index first, intra-only mjpeg) stating `frames` frames, cut after its first `keep`."""
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("mjpeg", rate=8)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuvj420p"
+        for index in range(frames):
+            pixels = np.full((32, 32, 3), grey_level(index), dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    with av.open(str(path)) as container:
+        ends = [packet.pos + packet.size for packet in container.demux(video=0) if packet.size]
+    truncate(path, ends[keep - 1])  # at a packet boundary: the decoder itself sees no error
+
+
+@pytest.mark.parametrize("frame_rate", [None, 4.0])
+def test_a_video_holding_fewer_frames_than_its_container_states_raises(tmp_path, frame_rate):
+    write_cut_mp4(tmp_path / "cut.mp4", frames=8, keep=4)
+    dataset = ManifestDataset(
+        write_manifest(tmp_path, [{"video": "cut.mp4"}]), frame_size=32, frame_rate=frame_rate
+    )
+    with pytest.raises(ValueError, match=r"line 1 .*cut\.mp4: the container states 8 frames, 4 decoded"):
+        dataset[0]
+    short = ManifestDataset(dataset.manifest, frame_size=32, max_frames=3)  # stops before the cut
+    assert mp4_frame_levels(short[0]["video"]) == [0, 1, 2]
+
+
+def test_a_label_out_of_range_of_num_classes_names_its_line(tmp_path):
+    path = write_manifest(tmp_path, [{"text": "a", "label": 2}, {"text": "b", "label": 3}, {"text": "c"}])
+    assert ManifestDataset(path).num_classes == 4  # unchecked without num_classes
+    with pytest.raises(ValueError) as info:
+        ManifestDataset(path, num_classes=3)
+    assert f"{path}, line 2: 'label' 3 is out of range; use -1 (no label) or 0..2" in str(info.value)
+    with pytest.warns(UserWarning, match="skipped 1 of 3"):
+        assert ManifestDataset(path, num_classes=3, on_error="skip").num_classes == 3
+    with pytest.raises(ValueError, match="num_classes=3, but 2 classes are given"):
+        ManifestDataset(path, classes=["x", "y"], num_classes=3)
+
+
+def test_the_data_module_passes_num_classes_and_allow_outside_paths_on(tmp_path):
+    from mmlongnet.training import ManifestDataModule
+
+    (tmp_path / "sub").mkdir()
+    write_sine(tmp_path / "a.wav", n=160, rate=16000, channels=1)
+    path = write_manifest(tmp_path / "sub", [{"audio": "../a.wav", "label": 1}])
+    with pytest.raises(ValueError, match="line 1: 'label' 1 is out of range"):
+        ManifestDataModule(train=str(path), num_classes=1, allow_outside_paths=True).setup("fit")
+    with pytest.raises(ValueError, match="line 1: audio path '../a.wav' resolves to"):
+        ManifestDataModule(train=str(path), num_classes=2).setup("fit")
+    data = ManifestDataModule(train=str(path), num_classes=2, allow_outside_paths=True)
+    data.setup("fit")
+    assert data.datasets["train"].num_classes == 2 and data.datasets["train"][0]["label"] == 1
+
+
+def test_data_module_takes_num_classes_from_the_model(tmp_path):
+    """A label the classifier cannot predict is found when the data module is set up."""
+    from types import SimpleNamespace
+
+    from mmlongnet.training import ManifestDataModule
+
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 7}\n')
+    module = ManifestDataModule(train=str(manifest), buckets=None)
+    module.trainer = SimpleNamespace(lightning_module=SimpleNamespace(hparams={"num_classes": 5}, model=None))
+    with pytest.raises(ValueError, match=r"train.jsonl.*line 2"):
+        module.setup("fit")

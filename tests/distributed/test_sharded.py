@@ -119,7 +119,9 @@ def _check_blocks(rank: int, world: int, cases) -> None:
         assert all(rows == 2 * len(ranks) for ranks, rows in calls)  # keys and values of each rank
     # groups of blocks of 2 and 3 ranks (rank 3 is alone in its block of 3 and never asks for one); a
     # block of the whole group (W=32) is the group itself and creates none
-    assert sorted(m for _, m in sharded_module._BLOCK_GROUPS) == ([2, 3] if rank < 3 else [2])
+    assert sorted(m for blocks in sharded_module._BLOCK_GROUPS.values() for m in blocks) == (
+        [2, 3] if rank < 3 else [2]
+    )
 
 
 def _check_four_ranks(rank: int, world: int) -> None:

@@ -161,7 +161,7 @@ def test_conformer_trunk_respects_lengths_and_trains():
     tokens.square().sum().backward()
     grads = [p.grad for p in encoder.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert encoder._trunk_padding is None
+    assert encoder._trunk_padding == {}  # no call in flight leaves a mask behind
 
 
 def test_resampling_equals_resampling_by_hand():
@@ -286,3 +286,34 @@ def test_mel_spectrogram_equals_torchaudios():
     wave = torch.randn(3, 4001, dtype=torch.float64)
     expected = encoder.melspec(wave)  # (B, M, F)
     torch.testing.assert_close(encoder.mel_spectrogram(wave), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_conformer_trunk_forward_is_thread_safe():
+    """Concurrent forwards with different lengths each see their own padding mask."""
+    import threading
+
+    torch.manual_seed(0)
+    config = AudioEncoderConfig(
+        embed_dim=16, n_fft=128, hop_length=64, n_mels=8, conv_channels=4, trunk="conformer",
+        conformer={"num_heads": 2, "ffn_dim": 16, "num_layers": 1, "depthwise_conv_kernel_size": 3},
+    )  # fmt: skip
+    encoder = AudioEncoder(config).eval()
+    wave = torch.randn(2, 2000)
+    cases = [torch.tensor([2000, 700]), torch.tensor([900, 2000])]
+    with torch.no_grad():
+        expected = [encoder(wave, lengths)[0] for lengths in cases]
+    failures = []
+
+    def run(index: int) -> None:
+        for _ in range(20):
+            with torch.no_grad():
+                out = encoder(wave, cases[index])[0]
+            if not torch.allclose(out, expected[index], atol=1e-6):
+                failures.append(index)
+
+    threads = [threading.Thread(target=run, args=(i % 2,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == [] and encoder._trunk_padding == {}

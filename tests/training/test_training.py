@@ -88,14 +88,10 @@ def run_cli(*args):
 
 
 def config_in(tmp_path, name):
-    """A copy of configs/<name> writing everything under tmp_path."""
+    """A copy of configs/<name> writing everything under tmp_path (its default_root_dir: the logger,
+    the checkpoints and the predictions follow it)."""
     config = yaml.safe_load((REPO / "configs" / name).read_text())
-    trainer = config["trainer"]
-    trainer["default_root_dir"] = str(tmp_path)
-    trainer["logger"]["init_args"]["save_dir"] = str(tmp_path)
-    for callback in trainer.get("callbacks", []):
-        if "output_path" in callback.get("init_args", {}):
-            callback["init_args"]["output_path"] = str(tmp_path / "predictions.jsonl")
+    config["trainer"]["default_root_dir"] = str(tmp_path)
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
     return str(path)
@@ -107,12 +103,15 @@ def test_demo_config_fits_tests_and_predicts_end_to_end(tmp_path):
         "--data.init_args.val_examples", "16", "--data.init_args.test_examples", "16",
         "--data.init_args.predict_examples", "8", "--data.init_args.batch_size", "8",
     ]  # fmt: skip
-    cli = run_cli("fit", *common, "--trainer.max_epochs", "1")  # 4 steps, then validation
+    cli = run_cli("fit", *common, "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1")  # 4 steps
     assert cli.trainer.global_step == 4
     metrics = cli.trainer.callback_metrics
     assert math.isfinite(float(metrics["train_loss"])) and 0.0 <= float(metrics["val_acc"]) <= 1.0
-    checkpoint = cli.trainer.checkpoint_callback.last_model_path
-    assert Path(checkpoint).is_file()
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"  # RunCheckpoint: the run's folder
+    assert checkpoint.is_file() and (tmp_path / "checkpoints" / "best.ckpt").is_file()
+    assert list(tmp_path.glob("lightning_logs/version_0/metrics.csv"))
+    assert "lr-AdamW" in (tmp_path / "lightning_logs/version_0/metrics.csv").read_text()  # the LR monitor
+    checkpoint = str(checkpoint)
     tested = run_cli("test", *common, "--ckpt_path", checkpoint)
     assert 0.0 <= float(tested.trainer.callback_metrics["test_acc"]) <= 1.0
     run_cli("predict", *common, "--ckpt_path", checkpoint)
