@@ -95,3 +95,7 @@ class RunCheckpoint(ModelCheckpoint):
     def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
         self._default_dirpath(trainer)  # `--ckpt_path last` looks before `setup`
         return super()._find_last_checkpoints(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.fast_dev_run:  # a trial run leaves no checkpoint behind, at its end either
+            super().on_train_end(trainer, pl_module)

@@ -133,3 +133,31 @@ def test_a_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
     atomic_save({"round": -1}, path)
     assert [p.name for p in folder.iterdir()] == ["last.ckpt"]  # temporaries of killed writes removed
     assert not list(folder.glob(f"*{TEMPORARY_SUFFIX}"))
+
+
+def test_fast_dev_run_leaves_no_checkpoint(tmp_path):
+    """A trial run (`--trainer.fast_dev_run true`) writes no last.ckpt, at its end either."""
+    import lightning.pytorch as pl
+
+    from mmlongnet.training.checkpoint import RunCheckpoint
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2)), batch_size=2)
+    for fast_dev_run in (True, False):
+        root = tmp_path / f"fast_dev_run_{fast_dev_run}"
+        trainer = pl.Trainer(
+            default_root_dir=root, fast_dev_run=fast_dev_run, max_steps=2, logger=False,
+            callbacks=[RunCheckpoint(save_last=True)], enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(Tiny(), data)
+        assert (root / "checkpoints" / "last.ckpt").exists() is not fast_dev_run
