@@ -158,11 +158,13 @@ def dilated_attention_forward_op(
     # packed call does not select; where the merged lse is -inf too, +inf makes the weight 0. With
     # no mask and a covering branch, every merged lse is finite.
     lse_safe = lse if key_padding_mask is None and covering else _silence_keyless_rows(lse)
-    out = (torch.empty if covering else torch.zeros)(q.shape, dtype=acc_dtype, device=q.device)
+    # The output accumulates in the input dtype: every merge pass computes in float32 and rounds
+    # once, and 16-bit inputs need no float32 buffer of the output's size nor a final cast.
+    out = (torch.empty if covering else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
     for index, (call, out_call, lse_call) in enumerate(parts):
         weight = torch.exp(lse_call - call.target(lse_safe))  # laid out like the call's target
         _merge(call.target(out), call.place(out_call, 0.0), weight, write=index < covering)
-    return out.to(q.dtype), lse
+    return out, lse
 
 
 @torch.library.custom_op("mmlongnet::dilated_attention_backward", mutates_args=())
@@ -186,7 +188,7 @@ def dilated_attention_backward_op(
         lse = _silence_keyless_rows(lse)
     calls, covering = _calls(q, segment_lengths, dilation_rates)
     allocate = torch.empty if covering else torch.zeros
-    grads = [allocate(q.shape, dtype=lse.dtype, device=q.device) for _ in range(3)]
+    grads = [allocate(q.shape, dtype=q.dtype, device=q.device) for _ in range(3)]  # as the output
     for index, call in enumerate(calls):
         rows = [call.kernel_rows(t) for t in (grad_out, q, k, v, out)]  # 5 x (b, c, h, D)
         lse_rows = call.kernel_rows(lse, float("inf"))  # (b, c, h)
@@ -196,7 +198,7 @@ def dilated_attention_backward_op(
         call_grads = SELECTOR.run(chain, "backward", key, *rows, lse_rows, bias, is_causal, scale)
         for grad, call_grad in zip(grads, call_grads, strict=True):
             _merge(call.target(grad), call.place(call_grad, 0.0), None, write=index < covering)
-    return tuple(grad.to(q.dtype) for grad in grads)
+    return tuple(grads)
 
 
 @dilated_attention_forward_op.register_fake
