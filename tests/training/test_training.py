@@ -1,6 +1,7 @@
 """Training: the optimizer schedule, the classifier's pooling and predictions, every config
 through the CLI, and short end-to-end fits (demo task, byte LM, a manifest)."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -37,6 +38,28 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 def test_optimizer_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         OptimizerConfig(**kwargs)
+
+
+def test_the_optimizer_is_fused_adamw_with_the_reference_update():
+    """One fused AdamW step (decay and no-decay groups) equals the per-parameter AdamW's."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    twin = copy.deepcopy(module)
+    config = OptimizerConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1)
+    optimizer = config.build(module, total_steps=10)["optimizer"]
+    assert optimizer.defaults["fused"] is True
+    groups = [
+        {"params": [twin[0].weight], "weight_decay": 0.1},
+        {"params": [twin[0].bias, *twin[1].parameters()], "weight_decay": 0.0},
+    ]
+    reference = torch.optim.AdamW(groups, lr=1e-2, betas=config.betas, foreach=False)
+    for _ in range(3):
+        for model, opt in ((module, optimizer), (twin, reference)):
+            model(torch.ones(2, 4)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(module.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def small_batch(model):
