@@ -28,25 +28,38 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
-import json
 import math
-import re
-import shlex
 import statistics
 import sys
 import time
 import traceback
 import types
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
+from _common import (  # noqa: E402
+    RESULTS_DIR,
+    cell,
+    environment,
+    error_line,
+    finish_sweep,
+    format_n,
+    free_memory,
+    is_oom,
+    load_json,
+    partial_path,
+    png_path,
+    pyplot,
+    save_figure,
+    save_json,
+    slug,
+    use_repository,
+)
 
 SCHEDULES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     # name: (segment lengths W_i, dilation rates R_i)
@@ -268,7 +281,7 @@ def load_attention() -> types.ModuleType:
     except ModuleNotFoundError as exc:
         if exc.name != "mmlongnet":
             raise
-        sys.path.insert(0, str(REPO_ROOT))
+        use_repository()
         import mmlongnet.attention as attention
     return attention
 
@@ -358,17 +371,6 @@ MEASURES = {
 }
 
 
-def free_cuda() -> None:
-    """Release the tensors of the last measurement and return cached blocks to the device."""
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
-def is_oom(exc: BaseException) -> bool:
-    """True for CUDA out-of-memory errors, including those a kernel library reports as text."""
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 # --------------------------------------------------------------------------------------------
 # Rows and the sweep
 # --------------------------------------------------------------------------------------------
@@ -455,7 +457,7 @@ class Sweep:
             timing = MEASURES[task.kind](task, args.heads, args.batch, args.causal, args.target_ms)
         except Exception as exc:  # noqa: BLE001 - any failure ends this series, not the sweep
             row.status = "oom" if is_oom(exc) else "error"
-            row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            row.error = error_line(exc)
             if row.status == "error":
                 traceback.print_exc()
             self.stopped.add(task.series)
@@ -465,7 +467,7 @@ class Sweep:
             row.tflops = row.flops / row.ms / 1e9
             row.ns_per_token = row.ms * 1e6 / (args.batch * task.n)
             row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
-        free_cuda()
+        free_memory(torch.device("cuda"))
         self.last_seconds[task.series] = time.monotonic() - started
         return self._record(row)
 
@@ -474,7 +476,7 @@ class Sweep:
         self.rows.append(row)
         print(f"[{self.elapsed():6.1f}s] {describe(row)}", flush=True)
         if not self.dry_run and self.json_path is not None:
-            save_json(self.json_path.with_name(self.json_path.name + ".tmp"), self.meta, self.rows)
+            save_json(partial_path(self.json_path), self.meta, self.rows)
         return row
 
 
@@ -520,34 +522,6 @@ def run_sweep(sweep: Sweep, sizes: list[int], backends: list[str], dense_kernels
 # --------------------------------------------------------------------------------------------
 
 
-def save_json(path: Path, meta: dict, rows: list[Row]) -> None:
-    """Write the run's metadata and rows to `path` (through a temporary file, atomically)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
-    partial.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
-    partial.replace(path)
-
-
-def load_json(path: Path) -> tuple[dict, list[Row]]:
-    """Read the metadata and rows saved by `save_json`."""
-    data = json.loads(path.read_text())
-    return data["meta"], [Row.from_dict(row) for row in data["rows"]]
-
-
-def format_n(n: int) -> str:
-    """8192 -> "8K", 1048576 -> "1M"; other values unchanged."""
-    if n % 2**20 == 0:
-        return f"{n // 2**20}M"
-    if n % 2**10 == 0:
-        return f"{n // 2**10}K"
-    return str(n)
-
-
-def _number(value: float | None, fmt: str) -> str:
-    """A table cell: the formatted value, or "-" when missing."""
-    return "-" if value is None else format(value, fmt)
-
-
 def sort_key(row: Row) -> tuple:
     """Rows in reading order: schedules and backends as listed here, then D, mode and N."""
 
@@ -585,11 +559,11 @@ def markdown_tables(rows: list[Row]) -> str:
             base = baselines.get((kernel, r.schedule, r.head_dim, r.mode, r.n))
             base_tflops = base.tflops if base is not None else None
             ratio = r.tflops / base_tflops if r.tflops is not None and base_tflops else None
-            cells += f" {_number(base_tflops, '.1f')} | {_number(ratio, '.2f')} |"
-        ms = _number(r.ms, ".2f") if r.status == "ok" else r.status
+            cells += f" {cell(base_tflops, '.1f')} | {cell(ratio, '.2f')} |"
+        ms = cell(r.ms, ".2f") if r.status == "ok" else r.status
         lines.append(
             f"| {r.schedule} | {r.head_dim} | {r.mode} | {r.backend} | {format_n(r.n)} | {ms} | "
-            f"{_number(r.tflops, '.1f')} |{cells} {_number(r.ns_per_token, '.2f')} |"
+            f"{cell(r.tflops, '.1f')} |{cells} {cell(r.ns_per_token, '.2f')} |"
         )
     full = [r for r in rows if r.kind == "dense_full"]
     if full:
@@ -601,10 +575,10 @@ def markdown_tables(rows: list[Row]) -> str:
             "|---|---|---|---|---|---|",
         ]
         for r in sorted(full, key=sort_key):
-            ms = _number(r.ms, ".2f") if r.status == "ok" else r.status
+            ms = cell(r.ms, ".2f") if r.status == "ok" else r.status
             lines.append(
-                f"| {r.head_dim} | {r.mode} | {format_n(r.n)} | {ms} | {_number(r.tflops, '.1f')} | "
-                f"{_number(r.ns_per_token, '.2f')} |"
+                f"| {r.head_dim} | {r.mode} | {format_n(r.n)} | {ms} | {cell(r.tflops, '.1f')} | "
+                f"{cell(r.ns_per_token, '.2f')} |"
             )
     return "\n".join(lines)
 
@@ -612,11 +586,9 @@ def markdown_tables(rows: list[Row]) -> str:
 def plot_results(meta: dict, rows: list[Row], path: Path) -> None:
     """Two panels at head dim 64 (else the smallest measured): time vs N (log-log) and useful
     TFLOP/s vs N, one line per (schedule, mode, backend), plus the dense baselines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
+
+    plt = pyplot()
 
     ok = [r for r in rows if r.status == "ok"]
     dims = sorted({r.head_dim for r in ok})
@@ -678,15 +650,7 @@ def plot_results(meta: dict, rows: list[Row], path: Path) -> None:
             labels.append(label)
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.02 + 0.03 * math.ceil(len(labels) / 4), 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def png_path(json_path: Path) -> Path:
-    """The PNG beside a results JSON: attention_x.json (or .json.tmp) -> attention_x.png."""
-    name = json_path.name.removesuffix(".tmp").removesuffix(".json")
-    return json_path.with_name(name + ".png")
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -696,14 +660,7 @@ def png_path(json_path: Path) -> Path:
 
 def run_metadata(args: argparse.Namespace) -> dict:
     """Device, library versions, command line and date of this run."""
-    cuda = torch.cuda.is_available()
-    return {
-        "device": torch.cuda.get_device_name() if cuda else "none (dry run)",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    return environment(torch.device("cuda")) | {
         "dtype": "bfloat16",
         "batch": args.batch,
         "heads": args.heads,
@@ -718,7 +675,7 @@ def run_metadata(args: argparse.Namespace) -> dict:
 def default_tag(args: argparse.Namespace) -> str:
     """File-name tag when --tag is not given: the GPU's name, plus backend/causal/quick."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    parts = [re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")]
+    parts = [slug(device)]
     parts += [args.backend] if args.backend != "sdpa" else []
     parts += ["causal"] if args.causal else []
     parts += ["quick"] if args.quick else []
@@ -742,7 +699,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-n", type=int, default=2**21, help="largest N tried (default: 2097152)")
     parser.add_argument("--causal", action="store_true", help="causal attention everywhere")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="directory")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory")
     parser.add_argument("--tag", default=None, help="added to the file names (default: the GPU's name)")
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: N in {8K, 64K}, head dim 64, paper schedule"
@@ -781,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or --plot-only / --dry-run); return the exit status."""
     args = parse_args(argv)
     if args.plot_only is not None:
-        meta, rows = load_json(args.plot_only)
+        meta, rows = load_json(args.plot_only, Row)
         png = png_path(args.plot_only)
         plot_results(meta, rows, png)
         print(markdown_tables(rows))
@@ -818,11 +775,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{len(sweep.rows)} measurements, estimated {sweep.estimated / 60:.1f} min")
         return 0
     meta["wall_seconds"] = round(sweep.elapsed(), 1)
-    save_json(json_path, meta, sweep.rows)
-    json_path.with_name(json_path.name + ".tmp").unlink(missing_ok=True)
-    plot_results(meta, sweep.rows, png_path(json_path))
-    print("\n" + markdown_tables(sweep.rows))
-    print(f"\nresults: {json_path}\nplot: {png_path(json_path)}")
+    finish_sweep(json_path, meta, sweep.rows, plot_results, markdown_tables(sweep.rows))
     return 0
 
 

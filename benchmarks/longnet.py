@@ -34,26 +34,41 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
-import importlib.util
-import json
-import os
-import re
-import shlex
 import statistics
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
+from _common import (  # noqa: E402
+    RESULTS_DIR,
+    cell,
+    device_name,
+    environment,
+    error_line,
+    finish_sweep,
+    format_n,
+    free_memory,
+    is_oom,
+    load_json,
+    load_script,
+    mixed_precision,
+    partial_path,
+    png_path,
+    pyplot,
+    save_figure,
+    save_json,
+    slug,
+    synchronize,
+    use_repository,
+)
 
 KINDS = ("dilated", "dense")
 DEFAULT_SIZES = (8192, 32768, 131072)
@@ -90,21 +105,8 @@ BASE = ModelConfig(768, 12, 12, 3072, (2048, 4096, 8192, 16384, 32768), (1, 2, 4
 TINY = ModelConfig(64, 4, 2, 128, (16, 32), (1, 2))  # --tiny: a smoke test that runs on the CPU
 
 
-def load_module(name: str, path: Path):
-    """Import a file by path under `name` (benchmarks/ is not a package); reuse it if loaded."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while building the classes
-    spec.loader.exec_module(module)
-    return module
-
-
 # The attention benchmark's exact pair counting and FLOP convention, shared so both report alike.
-attention_bench = load_module("benchmark_attention", Path(__file__).resolve().parent / "attention.py")
-format_n = attention_bench.format_n
-is_oom = attention_bench.is_oom
+attention_bench = load_script("attention")
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +147,7 @@ def load_longnet_lm() -> type:
     except ModuleNotFoundError as exc:
         if exc.name != "mmlongnet":
             raise
-        sys.path.insert(0, str(REPO_ROOT))
+        use_repository()
         from mmlongnet.models import LongNetLM
     return LongNetLM
 
@@ -189,13 +191,6 @@ def attention_kernels(kind: str, device: torch.device) -> AbstractContextManager
     return nullcontext()
 
 
-def mixed_precision(device: torch.device) -> AbstractContextManager:
-    """bf16 autocast on CUDA (parameters stay fp32); plain fp32 on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def make_train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -226,12 +221,6 @@ def make_train_step(
         return loss.detach()
 
     return step
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (nothing to wait for on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def choose_runs(warmup_s: float, steps: int) -> int:
@@ -305,14 +294,6 @@ def measure_config(
     return Measurement(times_ms, loss, peak)
 
 
-def free_memory(device: torch.device) -> None:
-    """Collect the last configuration's objects and return cached blocks to the device."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 # --------------------------------------------------------------------------------------------
 # Rows and the sweep
 # --------------------------------------------------------------------------------------------
@@ -355,11 +336,6 @@ def fill_ratios(rows: list[Row], baseline: str = "dense") -> None:
         base = dense.get((row.n, row.batch))
         if row.kind != baseline and row.status == "ok" and base is not None and base.tokens_per_s:
             row.ratio = row.tokens_per_s / base.tokens_per_s
-
-
-def error_line(exc: BaseException) -> str:
-    """The exception's type and first line, short enough for a table cell."""
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
 class Sweep:
@@ -435,7 +411,7 @@ class Sweep:
             return self._record(row)
         started = time.monotonic()
         for checkpointing in (True,) if kind in self.checkpoint_from else (False, True):
-            free_memory(self.device)
+            free_memory(self.device, reset_peak=True)
             try:
                 result = self.measure(kind, n, checkpointing)
             except Exception as exc:  # noqa: BLE001 - a failure ends this kind's series, not the sweep
@@ -459,7 +435,7 @@ class Sweep:
             row.tokens_per_s = row.batch * row.n / (row.ms / 1e3)
             row.tflops = row.flops / row.ms / 1e9
             break
-        free_memory(self.device)
+        free_memory(self.device, reset_peak=True)
         self.last[kind] = (row.flops, time.monotonic() - started)
         return self._record(row)
 
@@ -469,7 +445,7 @@ class Sweep:
         fill_ratios(self.rows, self.baseline)
         print(f"[{self.elapsed():6.1f}s] {self.describe(row)}", flush=True)
         if not self.dry_run and self.json_path is not None:
-            save_json(self.json_path.with_name(self.json_path.name + ".tmp"), self.meta, self.rows)
+            save_json(partial_path(self.json_path), self.meta, self.rows)
         return row
 
 
@@ -481,7 +457,7 @@ def describe(row: Row) -> str:
     checkpointing = "checkpointing" if row.checkpointing else "no checkpointing"
     return (
         f"{what}  {row.ms:10.1f} ms  {row.tokens_per_s:10.0f} tokens/s  {row.tflops:6.1f} TFLOP/s"
-        f"  peak {_number(row.peak_gib, '.1f')} GiB  loss {row.loss:.3f}  ({checkpointing}, {row.runs} runs)"
+        f"  peak {cell(row.peak_gib, '.1f')} GiB  loss {row.loss:.3f}  ({checkpointing}, {row.runs} runs)"
     )
 
 
@@ -496,25 +472,6 @@ def run_sweep(sweep: Sweep, sizes: Sequence[int], kinds: Sequence[str]) -> None:
 # --------------------------------------------------------------------------------------------
 # Output: JSON, markdown, plot
 # --------------------------------------------------------------------------------------------
-
-
-def save_json(path: Path, meta: dict, rows: list[Row]) -> None:
-    """Write the run's metadata and rows to `path` (through a temporary file, atomically)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
-    partial.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
-    partial.replace(path)
-
-
-def load_json(path: Path, row_type: type[Row] = Row) -> tuple[dict, list[Row]]:
-    """Read the metadata and rows saved by `save_json`, as `row_type` rows."""
-    data = json.loads(path.read_text())
-    return data["meta"], [row_type.from_dict(row) for row in data["rows"]]
-
-
-def _number(value: float | None, fmt: str) -> str:
-    """A table cell: the formatted value, or "-" when missing."""
-    return "-" if value is None else format(value, fmt)
 
 
 def sort_key(row: Row) -> tuple:
@@ -540,13 +497,13 @@ def markdown_table(rows: list[Row]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=sort_key):
-        ms = _number(r.ms, ".1f") if r.status == "ok" else r.status
+        ms = cell(r.ms, ".1f") if r.status == "ok" else r.status
         checkpointing = (
             "-" if r.checkpointing is None or r.status != "ok" else "yes" if r.checkpointing else "no"
         )
         lines.append(
-            f"| {r.kind} | {format_n(r.n)} | {checkpointing} | {ms} | {_number(r.tokens_per_s, ',.0f')} | "
-            f"{_number(r.tflops, '.1f')} | {_number(r.peak_gib, '.1f')} | {_number(r.ratio, '.2f')} |"
+            f"| {r.kind} | {format_n(r.n)} | {checkpointing} | {ms} | {cell(r.tokens_per_s, ',.0f')} | "
+            f"{cell(r.tflops, '.1f')} | {cell(r.peak_gib, '.1f')} | {cell(r.ratio, '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -574,11 +531,9 @@ def plot_results(
     Open markers: runs with activation checkpointing. Crosses on the device-memory line: "oom".
     `kinds` are drawn last to first with `styles` (default STYLES); `title` defaults to `caption`.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
+
+    plt = pyplot()
 
     styles = STYLES if styles is None else styles
     fig, (ax_rate, ax_memory) = plt.subplots(1, 2, figsize=(13, 5.5))
@@ -624,15 +579,7 @@ def plot_results(
     ax_memory.set_title("peak memory of a training step")
     fig.suptitle(caption(meta) if title is None else title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def png_path(json_path: Path) -> Path:
-    """The PNG beside a results JSON: longnet_x.json (or .json.tmp) -> longnet_x.png."""
-    name = json_path.name.removesuffix(".tmp").removesuffix(".json")
-    return json_path.with_name(name + ".png")
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -640,28 +587,12 @@ def png_path(json_path: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def environment(args: argparse.Namespace) -> dict:
-    """Device, library versions, command line, date and allocator settings of this run."""
-    device = torch.device(args.device)
-    cuda = device.type == "cuda" and torch.cuda.is_available()
-    return {
-        "device": torch.cuda.get_device_name(device) if cuda else "cpu" if device.type == "cpu" else "none",
-        "device_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else None,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
-    }
-
-
 def run_metadata(args: argparse.Namespace) -> dict:
     """Device, library versions, command line, date and settings of this run."""
     device = torch.device(args.device)
     cuda = device.type == "cuda" and torch.cuda.is_available()
     config = TINY if args.tiny else BASE
-    return environment(args) | {
+    return environment(device) | {
         "model": dataclasses.asdict(config)
         | {"positions": "rope", "dropout": 0.0, "name": "tiny" if args.tiny else "base"},
         "vocab": args.vocab,
@@ -683,10 +614,8 @@ def run_metadata(args: argparse.Namespace) -> dict:
 def default_tag(args: argparse.Namespace) -> str:
     """File-name tag when --tag is not given: the device's name, plus tiny/quick."""
     device = torch.device(args.device)
-    name = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else "cpu"
-    )
-    parts = [re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")]
+    name = device_name(device) if device.type == "cuda" and torch.cuda.is_available() else "cpu"
+    parts = [slug(name)]
     parts += ["tiny"] if args.tiny else []
     parts += ["quick"] if args.quick else []
     return "_".join(parts)
@@ -720,7 +649,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (E=64, 2 layers) for smoke tests")
     parser.add_argument("--quick", action="store_true", help="smoke test: N in {8K, 32K}")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="directory")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory")
     parser.add_argument("--tag", default=None, help="added to the file names (default: the GPU's name)")
     parser.add_argument(
         "--time-budget",
@@ -753,7 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or --plot-only / --dry-run); return the exit status."""
     args = parse_args(argv)
     if args.plot_only is not None:
-        meta, rows = load_json(args.plot_only)
+        meta, rows = load_json(args.plot_only, Row)
         fill_ratios(rows)
         png = png_path(args.plot_only)
         plot_results(meta, rows, png)
@@ -784,11 +713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     meta["wall_seconds"] = round(sweep.elapsed(), 1)
-    save_json(json_path, meta, sweep.rows)
-    json_path.with_name(json_path.name + ".tmp").unlink(missing_ok=True)
-    plot_results(meta, sweep.rows, png_path(json_path))
-    print("\n" + markdown_table(sweep.rows))
-    print(f"\nresults: {json_path}\nplot: {png_path(json_path)}")
+    finish_sweep(json_path, meta, sweep.rows, plot_results, markdown_table(sweep.rows))
     return 0
 
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import math
 import sys
 import warnings
@@ -53,27 +52,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
+from _common import (  # noqa: E402
+    RESULTS_DIR,
+    cell,
+    environment,
+    finish_sweep,
+    load_json,
+    load_script,
+    mixed_precision,
+    png_path,
+    use_repository,
+)
+
 if TYPE_CHECKING:  # imported for real by `mmlongnet_models`, which finds the package
     from mmlongnet.models import MMLongNetConfig, StackConfig
 
-HERE = Path(__file__).resolve().parent
-
-
-def _load_longnet_benchmark():
-    """benchmarks/longnet.py, whose helpers this benchmark shares (benchmarks/ is not a package)."""
-    name = "benchmark_longnet"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "longnet.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while building the classes
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-longnet_bench = _load_longnet_benchmark()
+longnet_bench = load_script("longnet")  # the training-step benchmark this one extends
 attention_bench = longnet_bench.attention_bench
-_number = longnet_bench._number
-REPO_ROOT = longnet_bench.REPO_ROOT
 SEED = longnet_bench.SEED
 LEARNING_RATE = longnet_bench.LEARNING_RATE
 
@@ -102,7 +98,7 @@ def mmlongnet_models():
     except ModuleNotFoundError as exc:
         if exc.name != "mmlongnet":
             raise
-        sys.path.insert(0, str(REPO_ROOT))
+        use_repository()
         import mmlongnet.models as models
     return models
 
@@ -359,7 +355,7 @@ def make_train_step(
     """
 
     def step() -> torch.Tensor:
-        with longnet_bench.mixed_precision(device):
+        with mixed_precision(device):
             logits, fused = model(inputs)  # (B, K), L
         if fused != length:
             raise RuntimeError(f"the fused sequence holds {fused} tokens, the plan {length}")
@@ -493,14 +489,14 @@ def describe(row: Row) -> str:
     what = (
         f"{row.kind:<12} L={row.n:>7} (text {tokens.get('text', '?')}, audio {tokens.get('audio', '?')} = "
         f"{raw.get('audio_seconds', 0) / 60:.1f} min, video {tokens.get('video', '?')} = "
-        f"{raw.get('video_frames', '?')} frames; inputs {_number(row.input_gib, '.2f')} GiB) B={row.batch}"
+        f"{raw.get('video_frames', '?')} frames; inputs {cell(row.input_gib, '.2f')} GiB) B={row.batch}"
     )
     if row.status != "ok":
         return f"{what}  {row.status}" + (f" ({row.error})" if row.error else "")
     checkpointing = "checkpointing" if row.checkpointing else "no checkpointing"
     return (
         f"{what}  {row.ms:9.1f} ms  {row.tokens_per_s:9.0f} tokens/s  {row.tflops:6.1f} TFLOP/s"
-        f"  peak {_number(row.peak_gib, '.1f')} GiB  loss {row.loss:.3f}  ({checkpointing}, {row.runs} runs)"
+        f"  peak {cell(row.peak_gib, '.1f')} GiB  loss {row.loss:.3f}  ({checkpointing}, {row.runs} runs)"
     )
 
 
@@ -536,14 +532,14 @@ def markdown_table(rows: list[Row]) -> str:
     ]
     for r in sorted(rows, key=sort_key):
         tokens = r.tokens or {}
-        ms = _number(r.ms, ".1f") if r.status == "ok" else r.status
+        ms = cell(r.ms, ".1f") if r.status == "ok" else r.status
         checkpointing = (
             "-" if r.checkpointing is None or r.status != "ok" else "yes" if r.checkpointing else "no"
         )
         counts = " | ".join(f"{tokens[m]:,}" if m in tokens else "-" for m in ("text", "audio", "video"))
         lines.append(
-            f"| {r.kind} | {r.n:,} | {counts} | {checkpointing} | {ms} | {_number(r.tokens_per_s, ',.0f')} | "
-            f"{_number(r.tflops, '.1f')} | {_number(r.peak_gib, '.1f')} | {_number(r.ratio, '.2f')} |"
+            f"| {r.kind} | {r.n:,} | {counts} | {checkpointing} | {ms} | {cell(r.tokens_per_s, ',.0f')} | "
+            f"{cell(r.tflops, '.1f')} | {cell(r.peak_gib, '.1f')} | {cell(r.ratio, '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -565,7 +561,7 @@ def run_metadata(args: argparse.Namespace) -> dict:
     """Device, library versions, command line, date and settings of this run."""
     device = torch.device(args.device)
     config = make_config(args)
-    return longnet_bench.environment(args) | {
+    return environment(device) | {
         "model": {
             "name": "tiny" if args.tiny else "base",
             "d_model": config.d_model,
@@ -628,7 +624,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="channels of the audio subsampling convolutions (default: the encoder's, E)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke test: L in {16K, 64K}")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="directory")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory")
     parser.add_argument("--tag", default=None, help="added to the file names (default: the GPU's name)")
     parser.add_argument(
         "--time-budget",
@@ -663,9 +659,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or --plot-only / --dry-run); return the exit status."""
     args = parse_args(argv)
     if args.plot_only is not None:
-        meta, rows = longnet_bench.load_json(args.plot_only, Row)
+        meta, rows = load_json(args.plot_only, Row)
         longnet_bench.fill_ratios(rows, Sweep.baseline)
-        png = longnet_bench.png_path(args.plot_only)
+        png = png_path(args.plot_only)
         plot_results(meta, rows, png)
         print(caption(meta) + "\n\n" + markdown_table(rows))
         print(f"\nplot: {png}")
@@ -694,11 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     meta["wall_seconds"] = round(sweep.elapsed(), 1)
-    longnet_bench.save_json(json_path, meta, sweep.rows)
-    json_path.with_name(json_path.name + ".tmp").unlink(missing_ok=True)
-    plot_results(meta, sweep.rows, longnet_bench.png_path(json_path))
-    print("\n" + markdown_table(sweep.rows))
-    print(f"\nresults: {json_path}\nplot: {longnet_bench.png_path(json_path)}")
+    finish_sweep(json_path, meta, sweep.rows, plot_results, markdown_table(sweep.rows))
     return 0
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,9 +32,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
+from _common import (  # noqa: E402
+    RESULTS_DIR,
+    device_name,
+    init_distributed,
+    median_step_ms,
+    synchronize,
+    use_repository,
+    write_json,
+)
 
+use_repository()
 from mmlongnet.attention import dilated_attention  # noqa: E402
 from mmlongnet.distributed import sharded_dilated_attention  # noqa: E402
 
@@ -52,7 +60,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--longest", type=int, default=6, help="doublings of n to try (0 = skip)")
     parser.add_argument("--device", default="cuda", help="cuda (NCCL) or cpu (gloo)")
     parser.add_argument("--tag", default="local")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     return parser.parse_args()
 
 
@@ -74,24 +82,10 @@ def qkv(n: int, args, device, dtype) -> list[torch.Tensor]:
     ]
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_steps(step, steps: int, device, group=None) -> float:
-    """Median milliseconds of `step()` over `steps` runs after the warm-up, all ranks in step."""
-    times = []
-    for i in range(WARMUP + steps):
-        if group is not False:
-            dist.barrier()
-        sync(device)
-        started = time.perf_counter()
-        step()
-        sync(device)
-        if i >= WARMUP:
-            times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of `step()` over `steps` runs after the warm-up, all ranks in step
+    (rank 0 alone with group=False)."""
+    return median_step_ms(step, steps, device, warmup=WARMUP, barrier=group is not False)
 
 
 def comm_share(step, device) -> float | None:
@@ -100,11 +94,11 @@ def comm_share(step, device) -> float | None:
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    sync(device)
+    synchronize(device)
     started = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
-        sync(device)
+        synchronize(device)
     wall_us = (time.perf_counter() - started) * 1e6
     nccl_us = sum(e.device_time_total for e in prof.key_averages() if "nccl" in e.key.lower())
     return nccl_us / wall_us
@@ -157,7 +151,7 @@ def try_once(size: int, args, device, dtype, world: int, forward_only: bool) -> 
             out = sharded_dilated_attention(*tensors, segments, rates, validate=False)
             if not forward_only:
                 out.backward(torch.ones_like(out))
-        sync(device)
+        synchronize(device)
     except torch.OutOfMemoryError:
         return False
     return True
@@ -177,12 +171,7 @@ def longest(args, device, dtype, world: int, forward_only: bool) -> dict | None:
 
 def main() -> int:
     args = parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    device, rank, world = init_distributed(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = [weak_scaling(args, device, dtype, rank, world)]
     for forward_only in (True, False):
@@ -190,14 +179,13 @@ def main() -> int:
         rows.append({"kind": kind, "P": world, "result": longest(args, device, dtype, world, forward_only)})
     if rank == 0:
         meta = {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "device": device_name(device),
             "world_size": world, "torch": torch.__version__, "dtype": str(dtype), "heads": args.heads,
             "head_dim": args.head_dim, "command": " ".join(sys.argv), "steps": args.steps,
             "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"),
         }  # fmt: skip
-        args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"sharded_{args.tag}.json"
-        path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        write_json(path, {"meta": meta, "rows": rows})
         for row in rows:
             print(json.dumps(row))
         print(f"results: {path}")

@@ -27,20 +27,24 @@ Writes `<out>/tokenized_<tag>.json` (rank 0) and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
+from _common import (  # noqa: E402
+    RESULTS_DIR,
+    device_name,
+    init_distributed,
+    median_step_ms,
+    use_repository,
+    write_json,
+)
 
+use_repository()
 from mmlongnet.distributed import ShardedEmbedding, TargetAttention  # noqa: E402
 
 WARMUP = 2
@@ -56,7 +60,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     parser.add_argument("--device", default="cuda", help="cuda (NCCL) or cpu (gloo)")
     parser.add_argument("--tag", default="local")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     return parser.parse_args()
 
 
@@ -73,24 +77,9 @@ def zipf_batch(V: int, s: float, B: int, L: int, rank: int, device) -> tuple[tor
     return tokens.to(device), lengths.to(device)
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_steps(step, steps: int, device, collective: bool = True) -> float:
     """Median milliseconds of `step()` over `steps` runs after the warm-up."""
-    times = []
-    for i in range(WARMUP + steps):
-        if collective:
-            dist.barrier()
-        sync(device)
-        started = time.perf_counter()
-        step()
-        sync(device)
-        if i >= WARMUP:
-            times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
+    return median_step_ms(step, steps, device, warmup=WARMUP, barrier=collective)
 
 
 def routing_bytes(module: ShardedEmbedding) -> tuple[int, int, int]:
@@ -158,23 +147,17 @@ def run_case(args, V: int, s: float, rank: int, world: int, device) -> dict:
 
 def main() -> int:
     args = parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    device, rank, world = init_distributed(args.device)
     rows = [run_case(args, V, s, rank, world, device) for V in args.vocab for s in args.exponent]
     if rank == 0:
         meta = {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "device": device_name(device),
             "backend": dist.get_backend(), "world_size": world, "torch": torch.__version__,
             "dtype": "float32", "command": " ".join(sys.argv), "steps": args.steps,
             "threads": torch.get_num_threads(),
         }  # fmt: skip
-        args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"tokenized_{args.tag}.json"
-        path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        write_json(path, {"meta": meta, "rows": rows})
         header = (
             f"{'V':>8} {'s':>4} {'tokens':>7} {'distinct':>8} {'dedup MB':>9} {'naive MB':>9} {'x':>5} "
             f"{'dedup ms':>9} {'naive ms':>9} {'TA uniq rows':>12} {'TA full rows':>12} {'TA uniq ms':>10} "

@@ -76,26 +76,41 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
-import json
 import logging
 import re
-import shlex
 import statistics
 import sys
 import time
 import traceback
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from datetime import datetime, timezone
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
+from _common import (  # noqa: E402
+    REPO_ROOT,
+    RESULTS_DIR,
+    cell,
+    command_line,
+    error_line,
+    free_memory,
+    is_oom,
+    mixed_precision,
+    partial_path,
+    png_path,
+    pyplot,
+    save_figure,
+    save_json,
+    slug,
+    synchronize,
+    use_repository,
+    utc_now,
+)
+
+use_repository()
 
 KINDS = ("dilated", "dense")
 DENSE_SEGMENT = 1 << 24  # one segment longer than any sequence: dense attention through the dilated op
@@ -274,17 +289,6 @@ def host_lengths(batch) -> dict[str, list[int]] | None:
 # --------------------------------------------------------------------------------------------
 # One step, and the measurements
 # --------------------------------------------------------------------------------------------
-
-
-def mixed_precision(device: torch.device) -> AbstractContextManager:
-    """bf16 autocast on CUDA (fp32 master weights); plain fp32 on the CPU."""
-    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (nothing to wait for on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclasses.dataclass
@@ -601,23 +605,6 @@ def fill_profile(row: Row, profile: Profile) -> None:
     row.syncs_per_step, row.syncs = profile.syncs_per_step, profile.syncs
 
 
-def free_memory(device: torch.device) -> None:
-    """Collect the last row's objects and return cached blocks to the device."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def is_oom(exc: BaseException) -> bool:
-    """A device out-of-memory error."""
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def error_line(exc: BaseException) -> str:
-    """The exception's type and first line, short enough for a table cell."""
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-
-
 @contextmanager
 def no_trainer_log_warning() -> Iterator[None]:
     """Filter Lightning's warning that `self.log` has no Trainer (the call is a no-op then)."""
@@ -668,11 +655,6 @@ def run_all(
 # --------------------------------------------------------------------------------------------
 
 
-def _number(value: float | None, fmt: str) -> str:
-    """A table cell: the formatted value, or "-" when missing."""
-    return "-" if value is None else format(value, fmt)
-
-
 def describe(row: Row) -> str:
     """One printed line for a row."""
     what = f"{row.row:<8} {row.kind:<7} B={row.batch}"
@@ -680,7 +662,7 @@ def describe(row: Row) -> str:
         return f"{what}  {row.status}" + (f" ({row.error})" if row.error else "")
     return (
         f"{what}  {row.step_ms:9.1f} ms  {row.tokens_per_s:10.0f} tokens/s  "
-        f"busy {_number(row.gpu_busy_share, '.2f')}  syncs/step {_number(row.syncs_per_step, '.1f')}  "
+        f"busy {cell(row.gpu_busy_share, '.2f')}  syncs/step {cell(row.syncs_per_step, '.1f')}  "
         f"shapes {row.distinct_shapes}  loss {row.loss:.3f}"
     )
 
@@ -693,33 +675,21 @@ def markdown_table(rows: Sequence[Row]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        rate = _number(r.steps_per_s, ".2f") if r.status == "ok" else r.status
+        rate = cell(r.steps_per_s, ".2f") if r.status == "ok" else r.status
         lines.append(
-            f"| {r.row} | {r.kind} | {r.batch} | {_number(r.tokens_per_step, ',.0f')} | {rate} | "
-            f"{_number(r.tokens_per_s, ',.0f')} | {_number(r.step_ms_repeated, '.1f')} | "
-            f"{_number(r.peak_gib, '.1f')} | "
-            f"{_number(r.gpu_busy_share, '.2f')} | {_number(r.kernels_per_step, ',.0f')} | "
-            f"{_number(r.launches_per_step, ',.0f')} | {_number(r.syncs_per_step, '.1f')} | "
-            f"{_number(r.distinct_shapes, 'd')} | {_number(r.data_ms, '.1f')} |"
+            f"| {r.row} | {r.kind} | {r.batch} | {cell(r.tokens_per_step, ',.0f')} | {rate} | "
+            f"{cell(r.tokens_per_s, ',.0f')} | {cell(r.step_ms_repeated, '.1f')} | "
+            f"{cell(r.peak_gib, '.1f')} | "
+            f"{cell(r.gpu_busy_share, '.2f')} | {cell(r.kernels_per_step, ',.0f')} | "
+            f"{cell(r.launches_per_step, ',.0f')} | {cell(r.syncs_per_step, '.1f')} | "
+            f"{cell(r.distinct_shapes, 'd')} | {cell(r.data_ms, '.1f')} |"
         )
     return "\n".join(lines)
 
 
-def save_json(path: Path, meta: dict, rows: Sequence[Row]) -> None:
-    """Write the metadata and rows to `path` (through a temporary file, atomically)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
-    partial.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
-    partial.replace(path)
-
-
 def plot_results(meta: dict, rows: Sequence[Row], path: Path) -> None:
     """Two panels of grouped bars per row, dilated beside dense: tokens/s (log) and GPU-busy share."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(dict.fromkeys(r.row for r in rows))
     fig, (ax_rate, ax_busy) = plt.subplots(1, 2, figsize=(12, 4.8))
     width = 0.8 / len(KINDS)
@@ -745,9 +715,7 @@ def plot_results(meta: dict, rows: Sequence[Row], path: Path) -> None:
         f"real training steps, dilated vs dense; {meta.get('device')}; torch {meta.get('torch')}", fontsize=10
     )
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 # --------------------------------------------------------------------------------------------
@@ -775,8 +743,8 @@ def run_metadata(args: argparse.Namespace, device: torch.device) -> dict:
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
         "profiled_steps": args.profile_steps,
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(),
+        "date": utc_now(),
     }
 
 
@@ -811,7 +779,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tag", default=None, help="file names are train_<tag>.{json,png} (default: the device's name)"
     )
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="directory")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory")
     args = parser.parse_args(argv)
     if args.smoke:
         args.rows = args.rows or list(SMOKE_ROWS)
@@ -830,7 +798,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def default_tag(device: torch.device, smoke: bool) -> str:
     """The device's name in lower case (plus "smoke")."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + ("_smoke" if smoke else "")
+    return slug(name) + ("_smoke" if smoke else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -845,14 +813,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = run_metadata(args, device)
     tag = args.tag or default_tag(device, args.smoke) + ("_compiled" if args.compile else "")
     json_path = args.out / f"train_{tag}.json"
-    partial = json_path.with_name(json_path.name + ".tmp")
+    partial = partial_path(json_path)
     started = time.monotonic()
     rows = run_all(args.specs, args, device, partial)
     meta["wall_seconds"] = round(time.monotonic() - started, 1)
     skipped = [f"{r.row}/{r.kind}" for r in rows if r.status == "skipped"]
     save_json(json_path, meta, rows)
     partial.unlink(missing_ok=True)
-    png = json_path.with_suffix(".png")
+    png = png_path(json_path)
     plot_results(meta, rows, png)
     print(f"\nresults: {json_path}\nplot: {png}")
     if skipped:

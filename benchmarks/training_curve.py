@@ -17,6 +17,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
+from _common import pyplot, save_figure  # noqa: E402
+
 
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     """column -> [(step, value)] for every non-empty cell."""
@@ -47,11 +50,7 @@ def summary(series: dict[str, list[tuple[int, float]]]) -> str:
 
 def plot(series: dict[str, list[tuple[int, float]]], out: Path, title: str) -> None:
     """Two panels: losses (train, val) and accuracies (val, test) against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for name, style in (("train_loss", "-"), ("val_loss", "o-")):
         if name in series:
@@ -68,8 +67,7 @@ def plot(series: dict[str, list[tuple[int, float]]], out: Path, title: str) -> N
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    save_figure(fig, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,10 +1,10 @@
 """Saving and loading models as safetensors weights plus a JSON config, nothing pickled.
 
-A module that holds its dataclass config in `self.config` and is built as `cls(config)` (or by
-its own `_from_config`) gets `save_pretrained(directory)` and `from_pretrained(directory)` from
-`Pretrained`. The directory then holds `config.json` ({"class": ..., "config": {...}}) and
-`model.safetensors`. `save_pretrained` writes both into a temporary folder beside the target and
-renames it into place, so a failed or killed write leaves an earlier export whole.
+A module that holds its dataclass config in `self.config` and is built as `cls(config)` gets
+`save_pretrained(directory)` and `from_pretrained(directory)` from `Pretrained`. The directory
+then holds `config.json` ({"class": ..., "config": {...}}) and `model.safetensors`.
+`save_pretrained` writes both into a temporary folder beside the target and renames it into
+place, so a failed or killed write leaves an earlier export whole.
 `from_pretrained` takes a local folder or a Hugging Face Hub id ("owner/name", downloaded with
 `huggingface_hub`, installed by the `hub` extra).
 """
@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -81,11 +82,6 @@ class Pretrained:
 
     config_class: ClassVar[type]
 
-    @classmethod
-    def _from_config(cls: type[T], config: Any) -> T:
-        """Build the module from its config (override when the constructor takes keywords)."""
-        return cls(config)
-
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write `config.json` and `model.safetensors` into `directory`, atomically: into a temporary
         folder beside it first, which then replaces `directory` (its parents are created)."""
@@ -118,10 +114,15 @@ class Pretrained:
 
     @classmethod
     def from_pretrained(
-        cls: type[T], directory: str | Path, *, device: torch.device | str | None = None
+        cls: type[T],
+        directory: str | Path,
+        *,
+        device: torch.device | str | None = None,
+        parallelize: Callable[[T], object] | None = None,
     ) -> T:
         """Rebuild the module from `directory` (see `save_pretrained`), a local folder or a Hub id,
-        and load its weights."""
+        and load its weights. `parallelize` is applied to the built module before its weights are
+        loaded, for an export of one rank's shard (e.g. `lambda m: parallelize_vocabulary(m, group)`)."""
         directory = _resolve(directory)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (directory / name).is_file():
@@ -138,7 +139,9 @@ class Pretrained:
             raise ValueError(
                 f"{directory / CONFIG_FILE}: its config does not fit {cls.__name__}: {error}"
             ) from error
-        module = cls._from_config(config)
+        module = cls(config)
+        if parallelize is not None:
+            parallelize(module)
         try:
             state = load_file(directory / WEIGHTS_FILE)
         except (SafetensorError, OSError, ValueError) as error:

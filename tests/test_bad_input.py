@@ -174,13 +174,28 @@ def test_empty_batch_and_giant_segments_work_like_their_plain_twins(backend):
     torch.testing.assert_close(giant, dilated_attention(q, k, v, [4, 8], [1, 2], backend=backend))
 
 
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tensor", ["q", "k", "v"])
-def test_nan_policy_is_the_same_on_both_backends(tensor):
+def test_nan_policy_is_the_same_on_both_backends(tensor, device):
     """A query row holding NaN outputs NaN, and so does every row that attends to a NaN key or value,
     on the reference and the fused backend alike (see `dilated_attention`'s docstring)."""
-    inputs = dict(zip("qkv", qkv(), strict=True))
+    inputs = {name: t.to(device) for name, t in zip("qkv", qkv(), strict=True)}
     inputs[tensor][0, 3, 0, 1] = math.nan
-    outputs = {b: dilated_attention(*inputs.values(), *SCHEDULE, backend=b) for b in ("reference", "sdpa")}
+    outputs = {
+        b: dilated_attention(*inputs.values(), *SCHEDULE, backend=b).cpu() for b in ("reference", "sdpa")
+    }
     reading = torch.zeros(8, dtype=torch.bool)  # head 0's rows that read position 3
     reading[3 if tensor == "q" else slice(0, 4)] = True
     for out in outputs.values():

@@ -1,6 +1,7 @@
 """Dilated attention: the exact fused op, its dense reference, the modules and the decoding cache."""
 
 from mmlongnet.attention.cache import DilatedKVCache
+from mmlongnet.attention.config import LongNetLayerConfig
 from mmlongnet.attention.dilated import available_backends, backend_status, check_schedule, dilated_attention
 from mmlongnet.attention.modules import DilatedAttention
 from mmlongnet.attention.multihead import MultiheadDilatedAttention, dense_attention
@@ -9,6 +10,7 @@ from mmlongnet.attention.reference import branch_multiplicity, dilated_attention
 __all__ = [
     "DilatedAttention",
     "DilatedKVCache",
+    "LongNetLayerConfig",
     "MultiheadDilatedAttention",
     "available_backends",
     "backend_status",

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from mmlongnet.attention.dilated import check_schedule
+from mmlongnet.attention.merge import accumulation_dtype, merge_lse, merge_output, part_weight
 
 # (query position, key positions (n,)) -> additive score bias (H, n)
 ScoreBias = Callable[[int, torch.Tensor], torch.Tensor]
@@ -85,7 +86,7 @@ class DilatedKVCache:
         batch, _, num_heads, head_dim = q.shape
         t = self.length
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc_dtype = accumulation_dtype(q.dtype)
         lse = q.new_full((batch, num_heads), float("-inf"), dtype=acc_dtype)  # (B, H)
         parts = []
         for (w, r), keys, values in zip(self._branches(), self.keys, self.values, strict=True):
@@ -105,11 +106,11 @@ class DilatedKVCache:
             branch_lse = scores.logsumexp(-1)  # (B, Ho)
             probs = torch.exp(scores - branch_lse[..., None])
             out = torch.einsum("bhn,bnhd->bhd", probs, values[:, : slot + 1, heads].to(acc_dtype))
-            lse[:, heads] = torch.logaddexp(lse[:, heads], branch_lse)
+            merge_lse(lse[:, heads], branch_lse)
             parts.append((heads, out, branch_lse))
         out = q.new_zeros((batch, num_heads, head_dim), dtype=acc_dtype)  # (B, H, D)
         for heads, branch_out, branch_lse in parts:
-            out[:, heads] += branch_out * torch.exp(branch_lse - lse[:, heads])[..., None]
+            merge_output(out[:, heads], branch_out, part_weight(branch_lse, lse[:, heads]))
         self.length = t + 1
         return out.to(q.dtype)[:, None]  # (B, 1, H, D)
 

@@ -11,7 +11,8 @@ Forward: every branch call (one block of segments, one head offset) is one dense
 a strided view of q, k, v. The calls' log-sum-exps are merged first into one (the log of the
 mixture's softmax denominator, eq. 10); then each call's output is merged into the output with
 weight exp(lse_call - lse), in one elementwise pass per call (written by the calls of a branch of
-dilation 1, which cover every row and head once, added by the others).
+dilation 1, which cover every row and head once, added by the others); `mmlongnet.attention.merge`
+holds the merge.
 Backward: each call's kernel backward runs with the MERGED output and log-sum-exp, so its
 probabilities are those of the one softmax over all branches, and dq, dk, dv are exact.
 
@@ -31,6 +32,13 @@ from mmlongnet.attention.flash import DTYPES as FLASH_DTYPES
 from mmlongnet.attention.flash import FlashAttentionUnavailable, flash_install, flash_kernel
 from mmlongnet.attention.geometry import BranchCall, PackedBlock, branch_calls
 from mmlongnet.attention.kernels import SELECTOR, Kernel, kernel_chain
+from mmlongnet.attention.merge import (
+    accumulation_dtype,
+    merge_lse,
+    merge_output,
+    part_weight,
+    silence_keyless_rows,
+)
 from mmlongnet.attention.reference import dilated_attention_reference
 
 BACKENDS = ("auto", "reference", "sdpa", "flash_attn")
@@ -41,8 +49,9 @@ _SDPA_DTYPES = {
 }
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def sdpa_takes(q: torch.Tensor) -> bool:
+    """Whether the "sdpa" backend's kernels take q's device type and dtype."""
+    return q.dtype in _SDPA_DTYPES.get(q.device.type, ())
 
 
 # Inputs of at most this many elements run with packed calls (one per block of segments, all
@@ -99,23 +108,6 @@ def _shape_key(q_rows: torch.Tensor, has_bias: bool, is_causal: bool) -> tuple:
     return (q_rows.dtype, tuple(q_rows.shape), has_bias, is_causal)
 
 
-def _merge(target: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, write: bool) -> None:
-    """target = y * weight (`write`) or target += y * weight, in one pass; target, y (..., D),
-    weight (...) or None for 1."""
-    if weight is None:
-        target.copy_(y) if write else target.add_(y)
-    elif write:
-        torch.mul(y, weight[..., None], out=target)
-    else:
-        target.addcmul_(y, weight[..., None])
-
-
-def _silence_keyless_rows(lse: torch.Tensor) -> torch.Tensor:
-    """Merged log-sum-exp with -inf (a row with no key) turned into +inf, which gives such a row
-    weight exp(lse_call - inf) = 0 in the forward and probability 0 in the backward."""
-    return lse.masked_fill(lse == float("-inf"), float("inf"))
-
-
 @torch.library.custom_op("mmlongnet::dilated_attention_forward", mutates_args=())
 def dilated_attention_forward_op(
     q: torch.Tensor,
@@ -131,7 +123,7 @@ def dilated_attention_forward_op(
     """Raw forward op: (B, N, H, D) x3 -> output (B, N, H, D), merged log-sum-exp (B, N, H)
     (-inf for rows with no key)."""
     batch, seq_len, num_heads, head_dim = q.shape
-    acc_dtype = _accumulation_dtype(q.dtype)
+    acc_dtype = accumulation_dtype(q.dtype)
     calls, covering = _calls(q, segment_lengths, dilation_rates)
     lse = torch.empty((batch, seq_len, num_heads), dtype=acc_dtype, device=q.device)
     if not covering:  # rows and heads no call selects keep lse = -inf
@@ -148,22 +140,18 @@ def dilated_attention_forward_op(
         if padding is not None:  # a row without a key: lse -inf (its output is finite, weighted 0)
             lse_call = lse_call.masked_fill(~_valid_rows(padding, is_causal)[..., None], float("-inf"))
         lse_call = call.place(lse_call, float("-inf"))  # laid out like call.target(lse)
-        lse_view = call.target(lse)
-        if index < covering:
-            lse_view.copy_(lse_call)
-        else:
-            torch.logaddexp(lse_view, lse_call, out=lse_view)
+        merge_lse(call.target(lse), lse_call, first=index < covering)
         parts.append((call, out_call, lse_call))
     # A placed lse_call holds -inf for a row without a key (mask) and for the entries a padded
     # packed call does not select; where the merged lse is -inf too, +inf makes the weight 0. With
     # no mask and a covering branch, every merged lse is finite.
-    lse_safe = lse if key_padding_mask is None and covering else _silence_keyless_rows(lse)
+    lse_safe = lse if key_padding_mask is None and covering else silence_keyless_rows(lse)
     # The output accumulates in the input dtype: every merge pass computes in float32 and rounds
     # once, and 16-bit inputs need no float32 buffer of the output's size nor a final cast.
     out = (torch.empty if covering else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
     for index, (call, out_call, lse_call) in enumerate(parts):
-        weight = torch.exp(lse_call - call.target(lse_safe))  # laid out like the call's target
-        _merge(call.target(out), call.place(out_call, 0.0), weight, write=index < covering)
+        weight = part_weight(lse_call, call.target(lse_safe))  # laid out like the call's target
+        merge_output(call.target(out), call.place(out_call, 0.0), weight, first=index < covering)
     return out, lse
 
 
@@ -185,7 +173,7 @@ def dilated_attention_backward_op(
     """Raw backward op: dq, dk, dv (B, N, H, D) from the merged output and log-sum-exp of the forward."""
     # Without a mask every row a call reads has a key; padding rows of packed calls get lse = +inf.
     if key_padding_mask is not None:
-        lse = _silence_keyless_rows(lse)
+        lse = silence_keyless_rows(lse)
     calls, covering = _calls(q, segment_lengths, dilation_rates)
     allocate = torch.empty if covering else torch.zeros
     grads = [allocate(q.shape, dtype=q.dtype, device=q.device) for _ in range(3)]  # as the output
@@ -197,13 +185,13 @@ def dilated_attention_backward_op(
         key = _shape_key(rows[1], bias is not None, is_causal)
         call_grads = SELECTOR.run(chain, "backward", key, *rows, lse_rows, bias, is_causal, scale)
         for grad, call_grad in zip(grads, call_grads, strict=True):
-            _merge(call.target(grad), call.place(call_grad, 0.0), None, write=index < covering)
+            merge_output(call.target(grad), call.place(call_grad, 0.0), first=index < covering)
     return tuple(grads)
 
 
 @dilated_attention_forward_op.register_fake
 def _forward_fake(q, k, v, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, backend):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_accumulation_dtype(q.dtype))
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
 
 
 @dilated_attention_backward_op.register_fake
@@ -346,7 +334,7 @@ def _resolve_backend(backend: str, q: torch.Tensor, dropout_p: float, has_positi
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
     runs = {"reference": True, "sdpa": q.device.type in _SDPA_DTYPES, "flash_attn": _flash_runs_on(q.device)}
-    sdpa_ok = runs["sdpa"] and q.dtype in _SDPA_DTYPES[q.device.type]
+    sdpa_ok = sdpa_takes(q)
     dense_only = [
         name
         for name, used in (("dropout_p > 0", dropout_p > 0.0), ("position_bias", has_position_bias))
@@ -456,6 +444,8 @@ def dilated_attention(
     out = DilatedAttentionFunction.apply(
         q, k, v, key_padding_mask, segment_lengths, dilation_rates, bool(is_causal), scale, backend
     )
+    if q.device.type != "cpu":  # the CUDA kernels give such rows NaN themselves
+        return out
     # NaN policy (as the reference): a query row holding NaN or inf outputs NaN (PyTorch's CPU flash
     # kernel returns zeros for it); one pass over q, no host sync
     return out.masked_fill(~torch.isfinite(q).all(-1, keepdim=True), float("nan"))

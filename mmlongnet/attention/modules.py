@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from mmlongnet.attention.dilated import BACKENDS, check_schedule, dilated_attention
-from mmlongnet.attention.sharding import current_shard, unsupported_under_shard
 
 
 class DilatedAttention(nn.Module):
@@ -21,10 +20,11 @@ class DilatedAttention(nn.Module):
         attention_dropout: dropout on the attention probabilities, applied in training mode only.
         backend: see `dilated_attention` ("auto", "reference", "sdpa", "flash_attn").
 
-    forward(q, k, v, is_causal=False, key_padding_mask=None) -> (B, N, H, D), with
-    key_padding_mask (B, N) bool, True = padding. Under a `SequenceShard` (see
-    `mmlongnet.attention.sharding`) the inputs are one shard (B, n, H, D) of a longer sequence and
-    the call goes to the shard's collective attention.
+    forward(q, k, v, is_causal=False, key_padding_mask=None, position_bias=None) -> (B, N, H, D),
+    with key_padding_mask (B, N) bool, True = padding, and position_bias (H, N, N) or (B, H, N, N)
+    added to the scores (the dense reference backend only). Single-device code: to run it on one
+    rank's slice of a sequence, `mmlongnet.distributed.parallelize_sequence` swaps it for its
+    sharded twin.
     """
 
     def __init__(
@@ -53,18 +53,11 @@ class DilatedAttention(nn.Module):
         v: torch.Tensor,
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
+        position_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        shard = current_shard()
-        if shard is not None:
-            if self.training and self.attention_dropout > 0.0:
-                raise unsupported_under_shard("attention dropout")
-            return shard.attention(
-                q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal,
-                key_padding_mask=key_padding_mask, softmax_scale=self.softmax_scale,
-            )  # fmt: skip
         return dilated_attention(
             q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal,
-            key_padding_mask=key_padding_mask, softmax_scale=self.softmax_scale,
+            key_padding_mask=key_padding_mask, position_bias=position_bias, softmax_scale=self.softmax_scale,
             dropout_p=self.attention_dropout if self.training else 0.0, backend=self.backend,
         )  # fmt: skip
 

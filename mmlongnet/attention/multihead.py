@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmlongnet.attention.cache import DilatedKVCache
-from mmlongnet.attention.dilated import BACKENDS, check_schedule, dilated_attention
-from mmlongnet.attention.sharding import current_shard, unsupported_under_shard
+from mmlongnet.attention.config import POSITIONS, LongNetLayerConfig, xpos_block_length
+from mmlongnet.attention.dilated import BACKENDS, check_schedule
+from mmlongnet.attention.modules import DilatedAttention
 from mmlongnet.layers.multiway import (
     MultiwayRouting,
     experts_of,
@@ -32,7 +33,6 @@ from mmlongnet.layers.relative_bias import RelativePositionBias
 from mmlongnet.layers.rope import RotaryEmbedding
 from mmlongnet.layers.xpos import XPos
 
-POSITIONS = ("rope", "xpos", "relative")
 PositionsArg = Literal["rope", "xpos", "relative"] | RotaryEmbedding | XPos | RelativePositionBias | None
 
 
@@ -82,16 +82,18 @@ def _positions_module(positions: PositionsArg, head_dim: int, num_heads: int, se
     if positions == "rope":
         return RotaryEmbedding(head_dim)
     if positions == "xpos":
-        block = max(segment_lengths)
-        if any(block % w for w in segment_lengths):
-            raise ValueError(
-                f"positions='xpos' needs every segment length to divide the largest (XPOS is computed "
-                f"relative to blocks of {block} tokens), got segment_lengths={segment_lengths}"
-            )
-        return XPos(head_dim, block_length=block)
+        return XPos(head_dim, block_length=xpos_block_length(segment_lengths))
     if positions == "relative":
         return RelativePositionBias(num_heads)
     raise ValueError(f"positions must be one of {POSITIONS}, a position module or None, got {positions!r}")
+
+
+def _check_role(num_ways: int, gamma_init: float) -> None:
+    """ValueError for what a layer's place in a model sets: its number of experts and its MAGNETO gain."""
+    if isinstance(num_ways, bool) or not isinstance(num_ways, int) or num_ways < 1:
+        raise ValueError(f"num_ways must be a positive int, got {num_ways!r}")
+    if not gamma_init > 0:
+        raise ValueError(f"gamma_init must be positive, got {gamma_init}")
 
 
 class MultiheadDilatedAttention(nn.Module):
@@ -121,10 +123,12 @@ class MultiheadDilatedAttention(nn.Module):
     True = padding, need_weights=False, attn_mask=None, is_causal=False, *, position_offset=0,
     kv_cache=None, modality_ids=None) -> (out (B, N, E), None). `position_offset` is the position of the first
     token (a slice of a longer sequence); `kv_cache` a `DilatedKVCache` for token-by-token decoding.
-    Under a `SequenceShard` (see `mmlongnet.attention.sharding`) query, key and value are one shard
-    (B, n, E) of a longer sequence: the dilated attention goes to the shard's collective attention and
-    the positions start at position_offset + the shard's offset (dense attention, the relative bias,
-    attention dropout and the decoding cache are refused there with a ValueError).
+    With attention="dilated" the attention itself is the submodule `inner_attention`, a
+    `DilatedAttention` (None for "dense"), which `mmlongnet.distributed.parallelize_sequence` swaps
+    for its sharded twin.
+
+    `MultiheadDilatedAttention.from_config(config)` builds the attention of a LongNet layer from a
+    `LongNetLayerConfig` (the blocks of `mmlongnet.models` do).
 
     Weight mapping from `nn.MultiheadAttention` (see `from_multihead_attention`): `in_proj_weight`
     rows [0, E), [E, 2E), [2E, 3E) are `q_proj`, `k_proj`, `v_proj` (or its separate
@@ -163,17 +167,77 @@ class MultiheadDilatedAttention(nn.Module):
             raise ValueError("batch_first must be True: inputs are (B, N, E)")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if gamma_init <= 0:
-            raise ValueError(f"gamma_init must be positive, got {gamma_init}")
         if attention not in ("dilated", "dense"):
             raise ValueError(f"attention must be 'dilated' or 'dense', got {attention!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-        if not isinstance(num_ways, int) or num_ways < 1:
-            raise ValueError(f"num_ways must be a positive int, got {num_ways!r}")
-        factory = {"device": device, "dtype": dtype}
+        _check_role(num_ways, gamma_init)
+        segment_lengths, dilation_rates = check_schedule(segment_lengths, dilation_rates)
+        self._build(
+            embed_dim, num_heads, segment_lengths, dilation_rates, dropout=dropout, bias=bias,
+            layer_norm=layer_norm, layer_norm_eps=layer_norm_eps, gamma_init=gamma_init, kdim=kdim, vdim=vdim,
+            positions=positions, attention=attention, num_ways=num_ways, backend=backend,
+            factory={"device": device, "dtype": dtype},
+        )  # fmt: skip
+
+    @classmethod
+    def from_config(
+        cls,
+        config: LongNetLayerConfig,
+        *,
+        cross_attention: Literal["dilated", "dense"] | None = None,
+        causal: bool = False,
+        num_ways: int = 1,
+        gamma_init: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> MultiheadDilatedAttention:
+        """The self-attention of a LongNet layer, or with `cross_attention` its cross-attention of
+        that kind (no positions): width, heads, schedule, attention dropout, LayerNorm epsilon,
+        positions, attention kind and backend come from `config`, validated when it was made and
+        not checked again. `causal`: a self-attention that only ever runs causally, whose
+        positions="relative" bias then measures distances to past keys only. `num_ways` and
+        `gamma_init` as in the constructor."""
+        _check_role(num_ways, gamma_init)
+        positions = config.positions if cross_attention is None else None
+        if positions == "relative" and causal:
+            positions = RelativePositionBias(config.nhead, bidirectional=False, device=device, dtype=dtype)
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._build(
+            config.d_model, config.nhead, config.segment_lengths, config.dilation_rates,
+            dropout=config.attention_dropout, bias=True, layer_norm=True,
+            layer_norm_eps=config.layer_norm_eps, gamma_init=gamma_init, kdim=None, vdim=None,
+            positions=positions, attention=cross_attention or config.attention, num_ways=num_ways,
+            backend=config.backend,
+            factory={"device": device, "dtype": dtype},
+        )  # fmt: skip
+        return module
+
+    def _build(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        segment_lengths: list[int],
+        dilation_rates: list[int],
+        *,
+        dropout: float,
+        bias: bool,
+        layer_norm: bool,
+        layer_norm_eps: float,
+        gamma_init: float,
+        kdim: int | None,
+        vdim: int | None,
+        positions: PositionsArg,
+        attention: Literal["dilated", "dense"],
+        num_ways: int,
+        backend: str,
+        factory: dict,
+    ) -> None:
+        """Make the projections, norms and positions of arguments already checked (by the
+        constructor, or by the `LongNetLayerConfig` of `from_config`)."""
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
-        self.segment_lengths, self.dilation_rates = check_schedule(segment_lengths, dilation_rates)
+        self.segment_lengths, self.dilation_rates = segment_lengths, dilation_rates
         self.dropout, self.gamma_init, self.attention, self.backend = dropout, gamma_init, attention, backend
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
         self.batch_first = True
@@ -188,6 +252,11 @@ class MultiheadDilatedAttention(nn.Module):
         self.positions = _positions_module(positions, self.head_dim, num_heads, self.segment_lengths)
         if isinstance(self.positions, RelativePositionBias):
             self.positions.to(**factory)
+        self.inner_attention = None
+        if attention == "dilated":
+            self.inner_attention = DilatedAttention(
+                segment_lengths, dilation_rates, attention_dropout=dropout, backend=backend
+            )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -297,17 +366,6 @@ class MultiheadDilatedAttention(nn.Module):
                 f"key and value must have one length M, got {tuple(key.shape)}, {tuple(value.shape)}"
             )
 
-    def _check_shard(self, kv_cache: DilatedKVCache | None) -> None:
-        """ValueError for what cannot run on one shard of a sequence (see `sequence_parallel`)."""
-        if kv_cache is not None:
-            raise unsupported_under_shard("decoding with a kv_cache")
-        if self.attention == "dense":
-            raise unsupported_under_shard("attention='dense' (it would see the local shard only)")
-        if isinstance(self.positions, RelativePositionBias):
-            raise unsupported_under_shard("positions='relative' (its bias is an (H, N, N) tensor)")
-        if self.training and self.dropout > 0.0:
-            raise unsupported_under_shard("attention dropout")
-
     def forward(
         self,
         query: torch.Tensor,
@@ -338,10 +396,6 @@ class MultiheadDilatedAttention(nn.Module):
         v = v.view(batch, key_len, self.num_heads, self.head_dim)  # (B, M, H, D)
         if kv_cache is not None:
             position_offset = kv_cache.length
-        shard = current_shard()
-        if shard is not None:
-            self._check_shard(kv_cache)
-            position_offset = position_offset + shard.position_offset(seq_len)
         position_bias = None
         if isinstance(self.positions, RelativePositionBias):
             where = torch.arange(position_offset, position_offset + seq_len, device=query.device)
@@ -363,17 +417,10 @@ class MultiheadDilatedAttention(nn.Module):
                 q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask,
                 position_bias=position_bias, dropout_p=dropout_p,
             )  # fmt: skip
-        elif shard is not None:
-            out = shard.attention(
-                q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal,
-                key_padding_mask=key_padding_mask,
-            )  # fmt: skip
         else:
-            out = dilated_attention(
-                q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal,
-                key_padding_mask=key_padding_mask, position_bias=position_bias, dropout_p=dropout_p,
-                backend=self.backend,
-            )  # fmt: skip
+            out = self.inner_attention(
+                q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, position_bias=position_bias
+            )  # (B, N, H, D)
             if kv_cache is not None:
                 kv_cache.prefill(k, v)
         out = out.reshape(batch, seq_len, self.embed_dim)  # (B, N, E)

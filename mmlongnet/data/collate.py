@@ -31,11 +31,10 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from mmlongnet.modalities import MODALITIES
 from mmlongnet.modalities.text import ByteTokenizer
 
 __all__ = ["MODALITIES", "Batch", "LengthBuckets", "bucket_length", "collate_samples"]
-
-MODALITIES = ("text", "audio", "video")
 
 
 def bucket_length(n: int, steps_per_octave: int = 4, multiple: int = 1, minimum: int = 1) -> int:

@@ -52,17 +52,33 @@ def gather_sequence(x: torch.Tensor, group: Group = None, dim: int = 1) -> torch
     return gathered.movedim(0, dim)
 
 
-def new_sequence_parallel_groups(sp_size: int) -> tuple[dist.ProcessGroup, list[list[int]]]:
-    """Split the default group into consecutive sequence-parallel groups of `sp_size` ranks.
+def sequence_parallel_layout(world_size: int, sp_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The (D x P) mesh of `world_size` ranks: (sequence-parallel groups, data-parallel groups).
 
-    Ranks [i*sp_size, (i+1)*sp_size) form group i (data parallelism runs across groups). Every rank
-    must call this (it calls `dist.new_group` for every group). Returns this rank's group and the
-    rank lists of all groups.
+    Legend: W = world_size ranks, P = sp_size ranks of a sequence-parallel group, D = W / P.
+    Sequence group d holds the consecutive ranks [d*P, (d+1)*P) (data parallelism runs across
+    these groups); data-parallel group p holds the ranks with sequence rank p, [p, p + P, p + 2P, ...].
+    Raises ValueError unless P is a positive int that divides the world.
     """
-    world = dist.get_world_size()
-    if not isinstance(sp_size, int) or sp_size < 1 or world % sp_size:
-        raise ValueError(f"sp_size must be a positive divisor of the world size {world}, got {sp_size!r}")
-    layout = [list(range(start, start + sp_size)) for start in range(0, world, sp_size)]
+    if isinstance(sp_size, bool) or not isinstance(sp_size, int) or sp_size < 1:
+        raise ValueError(f"sequence_parallel_size must be a positive int, got {sp_size!r}")
+    if world_size % sp_size:
+        raise ValueError(
+            f"sequence_parallel_size={sp_size} must divide the world size {world_size} (devices x nodes); "
+            f"choose one of {[size for size in range(1, world_size + 1) if world_size % size == 0]}"
+        )
+    sequence = [list(range(start, start + sp_size)) for start in range(0, world_size, sp_size)]
+    data = [list(range(offset, world_size, sp_size)) for offset in range(sp_size)]
+    return sequence, data
+
+
+def new_sequence_parallel_groups(sp_size: int) -> tuple[dist.ProcessGroup, list[list[int]]]:
+    """Split the default group into the sequence-parallel groups of `sequence_parallel_layout`.
+
+    Every rank must call this (it calls `dist.new_group` for every group). Returns this rank's group
+    and the rank lists of all groups.
+    """
+    layout, _ = sequence_parallel_layout(dist.get_world_size(), sp_size)
     mine = None
     for ranks in layout:
         group = dist.new_group(ranks)

@@ -34,8 +34,6 @@ may differ between ranks.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mmlongnet.distributed.collectives import Group, group_rank, group_size
-from mmlongnet.layers.embedding_factory import set_vocab_sharded_embedding_factory
+from mmlongnet.modalities.text import TextEncoder
 
 
 def shard_offsets(num_embeddings: int, num_shards: int) -> list[int]:
@@ -300,23 +298,33 @@ class ShardedEmbedding(nn.Module):
         return torch.cat([gathered[p * most : p * most + n] for p, n in enumerate(sizes)])  # (V, E)
 
 
-@contextmanager
-def use_vocab_sharded_embeddings(group: Group = None, *, dedup: bool = True) -> Iterator[None]:
-    """Encoders built inside the block with `embedding="vocab_sharded"` (e.g. `TextEncoder`, hence
-    `MMLongNet`'s text encoder) get a `ShardedEmbedding(V, E, group=group, dedup=dedup)` as their
-    table. The factory is read at build time only: the built modules keep their group afterwards.
+def parallelize_vocabulary(model: nn.Module, group: Group = None, *, dedup: bool = True) -> nn.Module:
+    """Give every `TextEncoder` of `model` (the model itself, or e.g. `MMLongNet`'s text encoder)
+    built with `embedding="vocab_sharded"` its table: a `ShardedEmbedding(V, E, group=group,
+    dedup=dedup)` holding this rank's rows, on the encoder's device and dtype, initialised as the
+    encoder initialises its table. Changes `model` in place and returns it.
 
-        with use_vocab_sharded_embeddings(group):
-            model = MMLongNet(config)        # config.text.embedding == "vocab_sharded"
+        model = parallelize_vocabulary(MMLongNet(config), group)   # config.text.embedding == "vocab_sharded"
+
+    Call it once, on every rank of `group`, after `torch.distributed.init_process_group`; then
+    every rank runs the encoder the same number of times (each lookup is a collective). Raises
+    ValueError when `model` holds no such encoder, or its table is sharded already.
     """
-
-    def factory(num_embeddings: int, embedding_dim: int, *, device=None, dtype=None) -> ShardedEmbedding:
-        return ShardedEmbedding(
-            num_embeddings, embedding_dim, group=group, dedup=dedup, device=device, dtype=dtype
+    encoders = [
+        module for module in model.modules()
+        if isinstance(module, TextEncoder) and module.config.embedding == "vocab_sharded"
+    ]  # fmt: skip
+    if not encoders:
+        raise ValueError(
+            f"{type(model).__name__} holds no TextEncoder with embedding='vocab_sharded': nothing to shard"
         )
-
-    previous = set_vocab_sharded_embedding_factory(factory)
-    try:
-        yield
-    finally:
-        set_vocab_sharded_embedding_factory(previous)
+    for encoder in encoders:
+        if isinstance(encoder.embedding, ShardedEmbedding):
+            raise ValueError("the text encoder's table is vocabulary-sharded already: shard a model once")
+        config, placeholder = encoder.config, encoder.embedding.weight
+        encoder.embedding = ShardedEmbedding(
+            config.vocab_size, config.embed_dim, group=group, dedup=dedup, device=placeholder.device,
+            dtype=placeholder.dtype,
+        )  # fmt: skip
+        encoder.reset_parameters()
+    return model

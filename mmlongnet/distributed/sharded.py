@@ -53,11 +53,17 @@ import torch
 import torch.distributed as dist
 
 from mmlongnet.attention.dilated import (
-    _SDPA_DTYPES,
-    _accumulation_dtype,
     check_schedule,
     dilated_attention_backward_op,
     dilated_attention_forward_op,
+    sdpa_takes,
+)
+from mmlongnet.attention.merge import (
+    accumulation_dtype,
+    merge_lse,
+    merge_output,
+    part_weight,
+    silence_keyless_rows,
 )
 from mmlongnet.distributed.collectives import Group, all_gather, all_gather_no_grad, group_rank, group_size
 
@@ -162,11 +168,6 @@ def block_group(group: Group, block: int) -> Group:
     return cached[block]
 
 
-def _lse_safe(lse: torch.Tensor) -> torch.Tensor:
-    """-inf (no key) -> +inf, so that exp(score - lse) is 0 for such rows."""
-    return lse.masked_fill(lse == _NEG_INF, float("inf"))
-
-
 def _heads_index(index: torch.Tensor, batch: int, head_dim: int | None) -> torch.Tensor:
     """(C, H) row index -> (B, C, H[, D]) expanded for gather/scatter along dim 1."""
     if head_dim is None:
@@ -235,7 +236,8 @@ class _Branch:
 
 
 def _sdpa_takes(q: torch.Tensor) -> bool:
-    return q.dtype in _SDPA_DTYPES.get(q.device.type, ())
+    """Whether the local branches run on the fused op: its "sdpa" kernels take q's device and dtype."""
+    return sdpa_takes(q)
 
 
 class ShardedDilatedAttentionFunction(torch.autograd.Function):
@@ -253,7 +255,7 @@ class ShardedDilatedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, padding, options, *gathered):
         local_w, local_r, branches, is_causal, scale = options
-        acc = _accumulation_dtype(q.dtype)
+        acc = accumulation_dtype(q.dtype)
         batch, local_len, num_heads, _ = q.shape
         lse = torch.full((batch, local_len, num_heads), _NEG_INF, dtype=acc, device=q.device)  # (B, n, H)
         parts = []  # (out (B, n, H, D) normalised by lse_part, lse_part (B, n, H))
@@ -268,15 +270,15 @@ class ShardedDilatedAttentionFunction(torch.autograd.Function):
             k_win, v_win = kv_win.flatten(2, 3).to(acc)  # (B, K, H, D) each
             s = branch.scores(branch.select(q).to(acc), k_win, branch.allowed(is_causal, padding), scale)
             lse_b = torch.logsumexp(s, dim=-1)  # (B, H, C), -inf for entries without a key
-            p = torch.exp(s - _lse_safe(lse_b)[..., None])  # (B, H, C, K)
+            p = torch.exp(s - silence_keyless_rows(lse_b)[..., None])  # (B, H, C, K)
             out_b = torch.einsum("bhck,bkhd->bchd", p, v_win)  # (B, C, H, D)
             lse_b = branch.place(lse_b.transpose(1, 2), lse, _NEG_INF)  # (B, n, H)
             parts.append((branch.place(out_b, q, 0.0), lse_b))
-            lse = torch.logaddexp(lse, lse_b)
-        lse_weights = _lse_safe(lse)
+            merge_lse(lse, lse_b)  # lse is this function's own tensor
+        lse_weights = silence_keyless_rows(lse)
         out = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, n, H, D)
         for out_part, lse_part in parts:
-            out.addcmul_(out_part, torch.exp(lse_part - lse_weights)[..., None])
+            merge_output(out, out_part, part_weight(lse_part, lse_weights))
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, key_padding_mask, padding, out, lse, *gathered)
         ctx.options = options
@@ -299,7 +301,7 @@ class ShardedDilatedAttentionFunction(torch.autograd.Function):
                 torch.zeros_like(k),
                 torch.zeros_like(v),
             )
-        lse_rows = _lse_safe(lse)  # (B, n, H)
+        lse_rows = silence_keyless_rows(lse)  # (B, n, H)
         grads_gathered = []
         for branch, kv in zip(branches, gathered, strict=True):
             kv_win = kv[branch.lo : branch.hi].movedim(0, 2)  # (2, B, Pw, C, H, D)

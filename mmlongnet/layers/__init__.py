@@ -1,9 +1,5 @@
 """Small composable layers: positions (RoPE, XPOS, relative bias), feed-forward, multiway routing."""
 
-from mmlongnet.layers.embedding_factory import (
-    set_vocab_sharded_embedding_factory,
-    vocab_sharded_embedding_factory,
-)
 from mmlongnet.layers.feedforward import FeedForward, make_activation
 from mmlongnet.layers.multiway import MultiwayNetwork, MultiwayRouting
 from mmlongnet.layers.relative_bias import RelativePositionBias, relative_position_bucket
@@ -21,6 +17,4 @@ __all__ = [
     "make_activation",
     "relative_position_bucket",
     "rotary_cos_sin",
-    "set_vocab_sharded_embedding_factory",
-    "vocab_sharded_embedding_factory",
 ]

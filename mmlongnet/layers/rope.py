@@ -30,6 +30,13 @@ def _check_head_dim(head_dim: int) -> None:
         raise ValueError(f"head_dim must be a positive even integer, got {head_dim!r}")
 
 
+def check_rotary(head_dim: int, base: float) -> None:
+    """ValueError unless head_dim is a positive even int and the frequency base is positive."""
+    _check_head_dim(head_dim)
+    if not base > 0:
+        raise ValueError(f"base must be positive, got {base}")
+
+
 def rotation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating dtype is rotated in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -120,6 +127,26 @@ def resolve_positions(
     return positions.to(q.device)
 
 
+def rotary_angles(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    head_dim: int,
+    base: float,
+    positions: torch.Tensor | None,
+    offset: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The positions and rotary angles of self-attention q, k (B, N, H, D).
+
+    Returns (positions, cos, sin): the positions of `resolve_positions` ((N,) or (B, N)) and their
+    cos, sin ((N, D/2) or (B, N, D/2)) in the rotation dtype of q and k together (float64 when
+    either is float64, else float32).
+    """
+    positions = resolve_positions(q, k, head_dim, positions, offset)
+    dtype = torch.promote_types(rotation_dtype(q.dtype), rotation_dtype(k.dtype))
+    cos, sin = rotary_cos_sin(positions, head_dim, base, dtype=dtype)
+    return positions, cos, sin
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding of self-attention queries and keys (rotate-half layout).
 
@@ -136,9 +163,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
         super().__init__()
-        _check_head_dim(head_dim)
-        if not base > 0:
-            raise ValueError(f"base must be positive, got {base}")
+        check_rotary(head_dim, base)
         self.head_dim = head_dim
         self.base = float(base)
 
@@ -149,9 +174,7 @@ class RotaryEmbedding(nn.Module):
         positions: torch.Tensor | None = None,
         offset: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = resolve_positions(q, k, self.head_dim, positions, offset)
-        dtype = torch.promote_types(rotation_dtype(q.dtype), rotation_dtype(k.dtype))
-        cos, sin = rotary_cos_sin(positions, self.head_dim, self.base, dtype=dtype)
+        _, cos, sin = rotary_angles(q, k, self.head_dim, self.base, positions, offset)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def extra_repr(self) -> str:

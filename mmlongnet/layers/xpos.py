@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from mmlongnet.layers.rope import apply_rotary, resolve_positions, rotary_cos_sin, rotation_dtype
+from mmlongnet.layers.rope import apply_rotary, check_rotary, rotary_angles
 
 GAMMA = 0.4
 
@@ -95,10 +95,7 @@ class XPos(nn.Module):
         block_length: int | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
-            raise ValueError(f"head_dim must be a positive even integer, got {head_dim!r}")
-        if not base > 0:
-            raise ValueError(f"base must be positive, got {base}")
+        check_rotary(head_dim, base)
         if not scale_base > 0:
             raise ValueError(f"scale_base must be positive, got {scale_base}")
         if block_length is not None and (not isinstance(block_length, int) or block_length <= 0):
@@ -115,9 +112,8 @@ class XPos(nn.Module):
         positions: torch.Tensor | None = None,
         offset: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = resolve_positions(q, k, self.head_dim, positions, offset)
-        compute = torch.promote_types(rotation_dtype(q.dtype), rotation_dtype(k.dtype))
-        cos, sin = rotary_cos_sin(positions, self.head_dim, self.base, dtype=compute)
+        positions, cos, sin = rotary_angles(q, k, self.head_dim, self.base, positions, offset)
+        compute = cos.dtype  # the rotation dtype of q and k
         exponent = xpos_exponent(positions, self.scale_base, self.block_length)  # (N,) or (B, N)
         log_scale = exponent.unsqueeze(-1) * xpos_log_zeta(self.head_dim, positions.device)  # (.., N, P)
         q_out = _scaled(apply_rotary(q.to(compute), cos, sin), log_scale, q.dtype)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+MODALITIES = ("text", "audio", "video")  # the modality names, in the order the fused sequence holds them
+
 if TYPE_CHECKING:
     from mmlongnet.modalities.audio import AudioEncoder, AudioEncoderConfig, ConformerConfig
     from mmlongnet.modalities.text import ByteTokenizer, HFTokenizer, TextEncoder, TextEncoderConfig
@@ -32,6 +34,7 @@ _MODULE_OF = {
 }
 
 __all__ = [
+    "MODALITIES",
     "AudioEncoder",
     "AudioEncoderConfig",
     "ByteTokenizer",

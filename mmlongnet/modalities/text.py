@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from mmlongnet._config import check_field_types
-from mmlongnet.layers.embedding_factory import vocab_sharded_embedding_factory
 from mmlongnet.modalities._common import (
     check_dropout,
     check_finite,
@@ -221,9 +220,10 @@ class TextEncoderConfig:
     """Raise if the output holds NaN or inf (e.g. after a diverged update); costs a device sync."""
     embedding: Literal["local", "vocab_sharded"] = "local"
     """"local": one `nn.Embedding` holding the whole table on every rank. "vocab_sharded": the table's
-    rows split over the ranks of a group, for large vocabularies; build the encoder inside
-    `mmlongnet.distributed.use_vocab_sharded_embeddings(group)`, and call it on every rank of the group
-    (each lookup is a collective). `save_pretrained` then writes this rank's rows only."""
+    rows split over the ranks of a group, for large vocabularies; the encoder is built without rows,
+    `mmlongnet.distributed.parallelize_vocabulary(model, group)` gives it this rank's, and every rank of
+    the group calls it (each lookup is a collective). `save_pretrained` then writes this rank's rows
+    only."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -242,6 +242,28 @@ class TextEncoderConfig:
             raise ValueError(f"embedding must be 'local' or 'vocab_sharded', got {self.embedding!r}")
 
 
+class UnshardedTable(nn.Module):
+    """The table of a `TextEncoder` with embedding="vocab_sharded" before
+    `mmlongnet.distributed.parallelize_vocabulary` swaps in this rank's rows: it holds none (`weight`
+    (0, E), of the encoder's device and dtype, from which the sharded table takes them) and refuses
+    lookups with a ValueError saying how to shard it."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = nn.Parameter(torch.empty(0, embedding_dim, device=device, dtype=dtype))
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        raise ValueError(
+            "embedding='vocab_sharded': the table is not sharded yet; call "
+            "mmlongnet.distributed.parallelize_vocabulary(model, group) on every rank of the group (after "
+            "torch.distributed.init_process_group) before running the model, or use embedding='local'"
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows=none until parallelize_vocabulary"
+
+
 class TextEncoder(Pretrained, nn.Module):
     """Token ids -> token vectors and padding mask; no positions (the attention applies rotary ones).
 
@@ -249,14 +271,16 @@ class TextEncoder(Pretrained, nn.Module):
         config: `TextEncoderConfig`.
         device, dtype: where and in which dtype the embedding table is created.
 
-    With `config.embedding="vocab_sharded"` the table comes from the factory registered by
-    `mmlongnet.distributed.use_vocab_sharded_embeddings(group)` and holds this rank's rows only; the
-    output and the gradients equal those of a local encoder over the assembled table. Positions
+    With `config.embedding="vocab_sharded"` the encoder is built without rows (an `UnshardedTable`,
+    which refuses lookups); `mmlongnet.distributed.parallelize_vocabulary(encoder, group)` swaps in a
+    table of this rank's rows only, and the output and the gradients then equal those of a local
+    encoder over the assembled table. Positions
     holding `padding_id` (padded or not) read no row, so the padding row gets no gradient, as with
     `nn.Embedding(padding_idx=...)`. The input checks run on each rank before the lookup: a bad batch
     on one rank raises there and leaves the other ranks waiting in the collective until the group's
     timeout. `save_pretrained` / `from_pretrained` save and load this rank's rows: save one directory
-    per rank and load it back under a group of the same size (a different size fails on the shapes).
+    per rank and load it back under a group of the same size (`from_pretrained(dir, parallelize=lambda
+    m: parallelize_vocabulary(m, group))`; a different size fails on the shapes).
 
     Example::
 
@@ -279,8 +303,7 @@ class TextEncoder(Pretrained, nn.Module):
                 config.vocab_size, config.embed_dim, padding_idx=config.padding_id, device=device, dtype=dtype
             )
         else:
-            factory = vocab_sharded_embedding_factory()
-            self.embedding = factory(config.vocab_size, config.embed_dim, device=device, dtype=dtype)
+            self.embedding = UnshardedTable(config.vocab_size, config.embed_dim, device=device, dtype=dtype)
         self.dropout = nn.Dropout(config.dropout)
         self.reset_parameters()
 

@@ -10,8 +10,6 @@ Each block is x + dropout(attention(LN(x))) [+ x + dropout(cross_attention(LN(x)
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import Literal
 
 import torch
@@ -19,15 +17,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmlongnet.attention.cache import DilatedKVCache
-from mmlongnet.attention.dilated import check_schedule
-from mmlongnet.attention.multihead import MultiheadDilatedAttention, PositionsArg
-from mmlongnet.attention.sharding import current_shard, use_shard
-from mmlongnet.layers.feedforward import Activation, FeedForward
+from mmlongnet.attention.config import LongNetLayerConfig
+from mmlongnet.attention.multihead import MultiheadDilatedAttention
+from mmlongnet.layers.feedforward import FeedForward
 from mmlongnet.layers.multiway import MultiwayRouting, maybe_multiway, route, route_chain
-from mmlongnet.layers.relative_bias import RelativePositionBias
 
-LONGNET_SEGMENT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
-LONGNET_DILATION_RATES = (1, 2, 4, 6, 12)  # the LongNet paper's language-model schedule
+# The former positional arguments of the layers, in their order (the keyword convenience).
+_POSITIONAL_FIELDS = ("d_model", "nhead", "dim_feedforward", "segment_lengths", "dilation_rates")
 
 
 def magneto_gamma(num_layers: int) -> float:
@@ -42,18 +38,25 @@ def magneto_encoder_decoder_gammas(num_encoder_layers: int, num_decoder_layers: 
     return math.sqrt(math.log(3 * m) * math.log(2 * n) / 3), math.sqrt(math.log(3 * m))
 
 
-def check_block_args(d_model: int, nhead: int, dim_feedforward: int, dropout: float, **counts: int) -> None:
-    """ValueError naming the field for a bad width, head count, FFN size, dropout or layer count."""
-    if not isinstance(d_model, int) or d_model <= 0:
-        raise ValueError(f"d_model must be a positive int, got {d_model!r}")
-    if not isinstance(nhead, int) or nhead <= 0 or d_model % nhead:
-        raise ValueError(f"nhead must be a positive divisor of d_model={d_model}, got nhead={nhead!r}")
-    if not isinstance(dim_feedforward, int) or dim_feedforward <= 0:
-        raise ValueError(f"dim_feedforward must be a positive int, got {dim_feedforward!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+def layer_config(config: LongNetLayerConfig | int, args: tuple, kwargs: dict) -> LongNetLayerConfig:
+    """`config` itself, or the config that keyword arguments describe: `config` is then d_model,
+    and `args` the next of (nhead, dim_feedforward, segment_lengths, dilation_rates)."""
+    if isinstance(config, LongNetLayerConfig):
+        if args or kwargs:
+            raise TypeError(
+                f"pass a {type(config).__name__} or its fields as arguments, not both; got a config and "
+                f"{sorted(kwargs) or f'{len(args)} positional arguments'}"
+            )
+        return config
+    if len(args) >= len(_POSITIONAL_FIELDS):
+        raise TypeError(f"at most {len(_POSITIONAL_FIELDS)} positional fields {_POSITIONAL_FIELDS}, got more")
+    return LongNetLayerConfig(**dict(zip(_POSITIONAL_FIELDS, (config, *args), strict=False)), **kwargs)
+
+
+def check_num_layers(**counts: int) -> None:
+    """ValueError naming the count that is not a positive int."""
     for name, count in counts.items():
-        if not isinstance(count, int) or count <= 0:
+        if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
             raise ValueError(f"{name} must be a positive int, got {count!r}")
 
 
@@ -62,52 +65,36 @@ class _LongNetBlock(nn.Module):
 
     def __init__(
         self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int,
-        segment_lengths: Sequence[int],
-        dilation_rates: Sequence[int],
-        dropout: float,
-        attention_dropout: float,
-        activation: Activation,
-        layer_norm_eps: float,
-        positions: PositionsArg,
-        gamma_init: float,
-        checkpoint_activations: bool,
-        self_attention: Literal["dilated", "dense"],
+        config: LongNetLayerConfig,
+        *,
+        causal: bool,
         cross_attention: Literal["dilated", "dense"] | None,
         num_ways: int,
-        backend: str,
+        gamma_init: float,
         device,
         dtype,
     ) -> None:
         super().__init__()
-        check_block_args(d_model, nhead, dim_feedforward, dropout)
-        segment_lengths, dilation_rates = check_schedule(segment_lengths, dilation_rates)
         factory = {"device": device, "dtype": dtype}
-        common = dict(
-            dropout=attention_dropout, layer_norm_eps=layer_norm_eps, gamma_init=gamma_init, backend=backend,
-            **factory,
-        )  # fmt: skip
-        self.self_attn_norm = maybe_multiway(nn.LayerNorm(d_model, eps=layer_norm_eps, **factory), num_ways)
-        self.self_attn = MultiheadDilatedAttention(
-            d_model, nhead, segment_lengths, dilation_rates, positions=positions, attention=self_attention,
-            num_ways=num_ways, **common,
-        )  # fmt: skip
+        d_model, eps = config.d_model, config.layer_norm_eps
+        self.self_attn_norm = maybe_multiway(nn.LayerNorm(d_model, eps=eps, **factory), num_ways)
+        self.self_attn = MultiheadDilatedAttention.from_config(
+            config, causal=causal, num_ways=num_ways, gamma_init=gamma_init, **factory
+        )
         self.cross_attn_norm = self.cross_attn = None
         if cross_attention is not None:
-            self.cross_attn_norm = nn.LayerNorm(d_model, eps=layer_norm_eps, **factory)
-            self.cross_attn = MultiheadDilatedAttention(
-                d_model, nhead, segment_lengths, dilation_rates, attention=cross_attention, **common
+            self.cross_attn_norm = nn.LayerNorm(d_model, eps=eps, **factory)
+            self.cross_attn = MultiheadDilatedAttention.from_config(
+                config, cross_attention=cross_attention, gamma_init=gamma_init, **factory
             )
-        self.ffn_norm = maybe_multiway(nn.LayerNorm(d_model, eps=layer_norm_eps, **factory), num_ways)
+        self.ffn_norm = maybe_multiway(nn.LayerNorm(d_model, eps=eps, **factory), num_ways)
         self.ffn = FeedForward(
-            d_model, dim_feedforward, activation, dropout, layer_norm_eps=layer_norm_eps,
+            d_model, config.dim_feedforward, config.activation, config.dropout, layer_norm_eps=eps,
             gamma_init=gamma_init, **factory,
         )  # fmt: skip
         self.ffn = maybe_multiway(self.ffn, num_ways)
-        self.dropout = nn.Dropout(dropout)
-        self.checkpoint_activations = checkpoint_activations
+        self.dropout = nn.Dropout(config.dropout)
+        self.checkpoint_activations = config.checkpoint_activations
 
     def _forward(
         self,
@@ -137,15 +124,7 @@ class _LongNetBlock(nn.Module):
 
     def _run(self, *args) -> torch.Tensor:
         if self.checkpoint_activations and self.training and torch.is_grad_enabled():
-            # The recomputation in backward runs under the sequence shard of the forward (if any),
-            # also when backward is called after the `sequence_parallel` block has been left.
-            shard = current_shard()
-            return checkpoint(
-                self._forward,
-                *args,
-                use_reentrant=False,
-                context_fn=lambda: (nullcontext(), use_shard(shard)),
-            )
+            return checkpoint(self._forward, *args, use_reentrant=False)
         return self._forward(*args)
 
 
@@ -153,19 +132,12 @@ class LongNetEncoderLayer(_LongNetBlock):
     """A LongNet encoder layer: dilated self-attention and FFN, pre-LN with MAGNETO sub-LN.
 
     Args:
-        d_model: E; nhead: heads (E divisible by nhead); dim_feedforward: FFN hidden size.
-        segment_lengths, dilation_rates: the dilated-attention schedule.
-        dropout: residual and FFN-hidden dropout; attention_dropout: on attention probabilities
-            (runs the dense reference attention, so keep 0 for long inputs).
-        activation: "gelu", "relu" or "silu"; layer_norm_eps: LayerNorm epsilon.
-        positions: "rope", "xpos", "relative", a position module, or None (see
-            `MultiheadDilatedAttention`).
-        gamma_init: MAGNETO initialisation gain (the stacks pass the paper's value).
-        checkpoint_activations: recompute this layer in the backward instead of storing activations.
-        self_attention: "dilated", or "dense" for full attention (a baseline).
+        config: a `LongNetLayerConfig`; or, as a convenience, its fields as arguments
+            (`LongNetEncoderLayer(d_model, nhead, dim_feedforward, segment_lengths, dilation_rates,
+            dropout=..., ...)`), which build it.
         num_ways: > 1 makes the projections, FFN and norms multiway experts (one per modality,
             `MultiwayNetwork`) routed by `modality_ids`; the attention itself spans all tokens.
-        backend: the `dilated_attention` backend.
+        gamma_init: MAGNETO initialisation gain (the stacks pass the paper's value).
 
     forward(src (B, N, E), src_key_padding_mask (B, N) bool True = padding, is_causal=False, *,
     position_offset=0, modality_ids (B, N) long when num_ways > 1) -> (B, N, E).
@@ -173,28 +145,17 @@ class LongNetEncoderLayer(_LongNetBlock):
 
     def __init__(
         self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int = 2048,
-        segment_lengths: Sequence[int] = LONGNET_SEGMENT_LENGTHS,
-        dilation_rates: Sequence[int] = LONGNET_DILATION_RATES,
-        dropout: float = 0.1,
-        attention_dropout: float = 0.0,
-        activation: Activation = "gelu",
-        layer_norm_eps: float = 1e-5,
-        positions: PositionsArg = None,
-        gamma_init: float = 1.0,
-        checkpoint_activations: bool = False,
-        self_attention: Literal["dilated", "dense"] = "dilated",
+        config: LongNetLayerConfig | int,
+        *args,
         num_ways: int = 1,
-        backend: str = "auto",
+        gamma_init: float = 1.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **kwargs,
     ) -> None:
         super().__init__(
-            d_model, nhead, dim_feedforward, segment_lengths, dilation_rates, dropout, attention_dropout,
-            activation, layer_norm_eps, positions, gamma_init, checkpoint_activations, self_attention, None,
-            num_ways, backend, device, dtype,
+            layer_config(config, args, kwargs), causal=False, cross_attention=None, num_ways=num_ways,
+            gamma_init=gamma_init, device=device, dtype=dtype,
         )  # fmt: skip
 
     def forward(
@@ -214,10 +175,12 @@ class LongNetEncoderLayer(_LongNetBlock):
 class LongNetDecoderLayer(_LongNetBlock):
     """A LongNet decoder layer: causal dilated self-attention, cross-attention, FFN (pre-LN, sub-LN).
 
-    Args: those of `LongNetEncoderLayer`, plus
+    Args:
+        config: a `LongNetLayerConfig`, or its fields as arguments (see `LongNetEncoderLayer`).
         cross_attention: "dense" (default: every target token attends to all memory tokens, any M),
             "dilated" (memory of the target's length, paired by position), or None (no
             cross-attention: a decoder-only language model's layer).
+        gamma_init: MAGNETO initialisation gain (the stacks pass the paper's value).
 
     forward(tgt (B, N, E), memory (B, M, E) or None, tgt_key_padding_mask (B, N),
     memory_key_padding_mask (B, M), *, position_offset=0, kv_cache=None) -> (B, N, E).
@@ -227,30 +190,19 @@ class LongNetDecoderLayer(_LongNetBlock):
 
     def __init__(
         self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int = 2048,
-        segment_lengths: Sequence[int] = LONGNET_SEGMENT_LENGTHS,
-        dilation_rates: Sequence[int] = LONGNET_DILATION_RATES,
-        dropout: float = 0.1,
-        attention_dropout: float = 0.0,
-        activation: Activation = "gelu",
-        layer_norm_eps: float = 1e-5,
-        positions: PositionsArg = None,
-        gamma_init: float = 1.0,
-        checkpoint_activations: bool = False,
-        self_attention: Literal["dilated", "dense"] = "dilated",
+        config: LongNetLayerConfig | int,
+        *args,
         cross_attention: Literal["dilated", "dense"] | None = "dense",
-        backend: str = "auto",
+        gamma_init: float = 1.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **kwargs,
     ) -> None:
-        if positions == "relative":  # causal: distances to past keys only
-            positions = RelativePositionBias(nhead, bidirectional=False, device=device, dtype=dtype)
+        if cross_attention not in ("dilated", "dense", None):
+            raise ValueError(f"cross_attention must be 'dilated', 'dense' or None, got {cross_attention!r}")
         super().__init__(
-            d_model, nhead, dim_feedforward, segment_lengths, dilation_rates, dropout, attention_dropout,
-            activation, layer_norm_eps, positions, gamma_init, checkpoint_activations, self_attention,
-            cross_attention, 1, backend, device, dtype,
+            layer_config(config, args, kwargs), causal=True, cross_attention=cross_attention, num_ways=1,
+            gamma_init=gamma_init, device=device, dtype=dtype,
         )  # fmt: skip
 
     def forward(

@@ -9,7 +9,6 @@ configuration (768 wide, 12 heads, 12 layers, FFN 3072, segments 2K..32K, rates 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,17 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmlongnet._config import check_field_types
 from mmlongnet.attention.cache import DilatedKVCache
-from mmlongnet.attention.multihead import PositionsArg
-from mmlongnet.layers.feedforward import Activation
+from mmlongnet.attention.config import LongNetLayerConfig
 from mmlongnet.layers.multiway import MultiwayRouting
 from mmlongnet.models.blocks import (
-    LONGNET_DILATION_RATES,
-    LONGNET_SEGMENT_LENGTHS,
     LongNetDecoderLayer,
     LongNetEncoderLayer,
-    check_block_args,
+    check_num_layers,
+    layer_config,
     magneto_encoder_decoder_gammas,
     magneto_gamma,
 )
@@ -38,30 +34,44 @@ from mmlongnet.pretrained import Pretrained
 
 
 class _LayerStack(nn.Module):
-    """`num_layers` layers of `layer_class` and a final LayerNorm (the shared part of the stacks)."""
+    """`num_layers` layers of `layer_class` and a final LayerNorm (the shared part of the stacks).
+
+    Args:
+        num_layers: the layers of the stack.
+        config: a `LongNetLayerConfig`; or its fields as arguments (`d_model, nhead,
+            dim_feedforward=..., ...`, see `LongNetEncoderLayer`), which build it.
+        gamma_init: MAGNETO initialisation gain of every layer (default sqrt(log(2 * num_layers))).
+        layer_options: the role of the layers (`num_ways` of an encoder, `cross_attention` of a
+            decoder), device and dtype: keywords of `layer_class`.
+    """
 
     layer_class: type[nn.Module]
 
     def __init__(
-        self, num_layers: int, d_model: int, nhead: int, *, gamma_init: float | None = None, **layer_kwargs
-    ):
+        self,
+        num_layers: int,
+        config: LongNetLayerConfig | int,
+        *args,
+        gamma_init: float | None,
+        layer_options: dict,
+        **kwargs,
+    ) -> None:
         super().__init__()
-        check_block_args(
-            d_model, nhead, layer_kwargs.get("dim_feedforward", 2048), 0.0, num_layers=num_layers
-        )
+        check_num_layers(num_layers=num_layers)
+        config = layer_config(config, args, kwargs)
         gamma = magneto_gamma(num_layers) if gamma_init is None else gamma_init
         self.layers = nn.ModuleList(
-            self.layer_class(d_model, nhead, gamma_init=gamma, **layer_kwargs) for _ in range(num_layers)
+            self.layer_class(config, gamma_init=gamma, **layer_options) for _ in range(num_layers)
         )
-        factory = {k: layer_kwargs[k] for k in ("device", "dtype") if k in layer_kwargs}
-        self.norm = nn.LayerNorm(d_model, eps=layer_kwargs.get("layer_norm_eps", 1e-5), **factory)
+        factory = {"device": layer_options["device"], "dtype": layer_options["dtype"]}
+        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, **factory)
 
 
 class LongNetEncoder(_LayerStack):
     """A stack of `LongNetEncoderLayer`s with a final LayerNorm.
 
-    Args: num_layers, then the arguments of `LongNetEncoderLayer` (gamma_init defaults to
-    MAGNETO's sqrt(log(2 * num_layers))).
+    Args: num_layers, then a `LongNetLayerConfig` or its fields as arguments; gamma_init (default
+    MAGNETO's sqrt(log(2 * num_layers))), num_ways, device, dtype as keywords.
 
     forward(x (B, N, E), key_padding_mask (B, N) bool True = padding, is_causal=False, *,
     position_offset=0, modality_ids=None) -> (B, N, E); `modality_ids` (B, N) long (or a
@@ -69,6 +79,20 @@ class LongNetEncoder(_LayerStack):
     """
 
     layer_class = LongNetEncoderLayer
+
+    def __init__(
+        self,
+        num_layers: int,
+        config: LongNetLayerConfig | int,
+        *args,
+        gamma_init: float | None = None,
+        num_ways: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> None:
+        options = {"num_ways": num_ways, "device": device, "dtype": dtype}
+        super().__init__(num_layers, config, *args, gamma_init=gamma_init, layer_options=options, **kwargs)
 
     def forward(
         self,
@@ -89,8 +113,9 @@ class LongNetEncoder(_LayerStack):
 class LongNetDecoder(_LayerStack):
     """A stack of `LongNetDecoderLayer`s with a final LayerNorm.
 
-    Args: num_layers, then the arguments of `LongNetDecoderLayer` (gamma_init defaults to
-    MAGNETO's sqrt(log(2 * num_layers))).
+    Args: num_layers, then a `LongNetLayerConfig` or its fields as arguments; gamma_init (default
+    MAGNETO's sqrt(log(2 * num_layers))), cross_attention ("dense", "dilated" or None, see
+    `LongNetDecoderLayer`), device, dtype as keywords.
 
     forward(x (B, N, E), memory (B, M, E) or None, key_padding_mask (B, N),
     memory_key_padding_mask (B, M), *, position_offset=0, kv_caches=None) -> (B, N, E);
@@ -98,6 +123,20 @@ class LongNetDecoder(_LayerStack):
     """
 
     layer_class = LongNetDecoderLayer
+
+    def __init__(
+        self,
+        num_layers: int,
+        config: LongNetLayerConfig | int,
+        *args,
+        gamma_init: float | None = None,
+        cross_attention: Literal["dilated", "dense"] | None = "dense",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> None:
+        options = {"cross_attention": cross_attention, "device": device, "dtype": dtype}
+        super().__init__(num_layers, config, *args, gamma_init=gamma_init, layer_options=options, **kwargs)
 
     def new_caches(self) -> list[DilatedKVCache]:
         """Empty key/value caches, one per layer, for `forward(..., kv_caches=...)`."""
@@ -128,16 +167,40 @@ class LongNetDecoder(_LayerStack):
         return self.norm(x)
 
 
+@dataclass(kw_only=True)
+class LongNetConfig(LongNetLayerConfig):
+    """The arguments of `LongNet`: the layer fields of both stacks, their depths and the
+    cross-attention (keyword-only)."""
+
+    d_model: int = 512
+    """E, the width."""
+    nhead: int = 8
+    """Attention heads."""
+    positions: Literal["rope", "xpos", "relative"] | None = "rope"
+    """Positions of both stacks' self-attention (see `LongNetLayerConfig.positions`)."""
+    num_encoder_layers: int = 6
+    """Encoder layers (N)."""
+    num_decoder_layers: int = 6
+    """Decoder layers (M)."""
+    cross_attention: Literal["dilated", "dense"] = "dense"
+    """"dense" (every target token attends to all memory tokens), or "dilated" (source and target
+    of one length, paired by position)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_num_layers(
+            num_encoder_layers=self.num_encoder_layers, num_decoder_layers=self.num_decoder_layers
+        )
+        if self.cross_attention not in ("dilated", "dense"):
+            raise ValueError(f"cross_attention must be 'dilated' or 'dense', got {self.cross_attention!r}")
+
+
 class LongNet(nn.Module):
     """LongNet encoder-decoder on embeddings, with `nn.Transformer(batch_first=True)`'s call.
 
     Args:
-        d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward: sizes.
-        segment_lengths, dilation_rates: the dilated-attention schedule of both stacks.
-        dropout, attention_dropout, activation, layer_norm_eps, checkpoint_activations, backend:
-            as in `LongNetEncoderLayer`.
-        positions: positions of both stacks' self-attention ("rope" by default).
-        cross_attention: "dense" (default) or "dilated" (source and target of one length).
+        config: a `LongNetConfig` (512 wide, 8 heads, 6 + 6 layers, FFN 2048, RoPE, dense
+            cross-attention); or, as a convenience, its fields as keywords, which build it.
 
     Initialised with MAGNETO's encoder-decoder gains (sqrt(log(3M) log(2N) / 3) for the
     encoder, sqrt(log(3M)) for the decoder).
@@ -148,45 +211,28 @@ class LongNet(nn.Module):
 
     def __init__(
         self,
-        d_model: int = 512,
-        nhead: int = 8,
-        num_encoder_layers: int = 6,
-        num_decoder_layers: int = 6,
-        dim_feedforward: int = 2048,
-        segment_lengths: Sequence[int] = LONGNET_SEGMENT_LENGTHS,
-        dilation_rates: Sequence[int] = LONGNET_DILATION_RATES,
-        dropout: float = 0.1,
-        attention_dropout: float = 0.0,
-        activation: Activation = "gelu",
-        layer_norm_eps: float = 1e-5,
-        positions: PositionsArg = "rope",
-        cross_attention: Literal["dilated", "dense"] = "dense",
-        checkpoint_activations: bool = False,
-        backend: str = "auto",
+        config: LongNetConfig | None = None,
+        *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **kwargs,
     ) -> None:
         super().__init__()
-        check_block_args(
-            d_model, nhead, dim_feedforward, dropout, num_encoder_layers=num_encoder_layers,
-            num_decoder_layers=num_decoder_layers,
-        )  # fmt: skip
-        gamma_encoder, gamma_decoder = magneto_encoder_decoder_gammas(num_encoder_layers, num_decoder_layers)
-        shared = dict(
-            dim_feedforward=dim_feedforward, segment_lengths=segment_lengths, dilation_rates=dilation_rates,
-            dropout=dropout, attention_dropout=attention_dropout, activation=activation,
-            layer_norm_eps=layer_norm_eps, positions=positions, checkpoint_activations=checkpoint_activations,
-            backend=backend, device=device, dtype=dtype,
-        )  # fmt: skip
-        self.encoder = LongNetEncoder(num_encoder_layers, d_model, nhead, gamma_init=gamma_encoder, **shared)
+        if config is None:
+            config = LongNetConfig(**kwargs)
+        elif not isinstance(config, LongNetConfig) or kwargs:
+            raise TypeError(
+                f"pass a LongNetConfig or its fields as keywords, got {type(config).__name__} and "
+                f"{sorted(kwargs)}"
+            )
+        self.config = config
+        gammas = magneto_encoder_decoder_gammas(config.num_encoder_layers, config.num_decoder_layers)
+        factory = {"device": device, "dtype": dtype}
+        self.encoder = LongNetEncoder(config.num_encoder_layers, config, gamma_init=gammas[0], **factory)
         self.decoder = LongNetDecoder(
-            num_decoder_layers,
-            d_model,
-            nhead,
-            gamma_init=gamma_decoder,
-            cross_attention=cross_attention,
-            **shared,
-        )
+            config.num_decoder_layers, config, gamma_init=gammas[1], cross_attention=config.cross_attention,
+            **factory,
+        )  # fmt: skip
 
     def forward(
         self,
@@ -202,115 +248,74 @@ class LongNet(nn.Module):
         return self.decoder(tgt, memory, tgt_key_padding_mask, memory_key_padding_mask)  # (B, N, E)
 
 
-@dataclass
-class LongNetLMConfig:
-    """The arguments of `LongNetLM` (what `LongNetLM.save_pretrained` writes to config.json)."""
+@dataclass(kw_only=True)
+class LongNetLMConfig(LongNetLayerConfig):
+    """The arguments of `LongNetLM` (what `LongNetLM.save_pretrained` writes to config.json): the
+    vocabulary, the layer fields, the depth; the defaults are the LongNet paper's base LM. Only
+    num_tokens is positional."""
 
-    num_tokens: int
+    num_tokens: int = field(kw_only=False)
     """V, the vocabulary size."""
     d_model: int = 768
     """E, the width."""
     nhead: int = 12
     """Attention heads."""
-    num_layers: int = 12
-    """Decoder layers."""
     dim_feedforward: int = 3072
     """FFN hidden size."""
-    segment_lengths: list[int] = field(default_factory=lambda: list(LONGNET_SEGMENT_LENGTHS))
-    """Segment length of each dilated-attention branch."""
-    dilation_rates: list[int] = field(default_factory=lambda: list(LONGNET_DILATION_RATES))
-    """Dilation rate of each branch."""
     dropout: float = 0.0
     """Residual and FFN dropout."""
-    attention_dropout: float = 0.0
-    """Dropout of the attention weights."""
-    activation: Activation = "gelu"
-    """FFN activation."""
-    layer_norm_eps: float = 1e-5
-    """LayerNorm epsilon."""
-    positions: PositionsArg = "rope"
-    """"rope", "xpos", "relative" or None."""
+    positions: Literal["rope", "xpos", "relative"] | None = "rope"
+    """Positions of the causal self-attention (see `LongNetLayerConfig.positions`; "relative"
+    is unidirectional here)."""
+    num_layers: int = 12
+    """Decoder layers."""
     tie_embeddings: bool = False
     """Share the token embedding with the output projection."""
-    checkpoint_activations: bool = False
-    """Recompute each layer in the backward."""
-    attention: Literal["dilated", "dense"] = "dilated"
-    """"dilated", or "dense" (full causal attention)."""
-    backend: str = "auto"
-    """The dilated-attention backend."""
 
     def __post_init__(self) -> None:
-        check_field_types(self)  # the values themselves are checked by `LongNetLM`
+        super().__post_init__()
+        check_num_layers(num_tokens=self.num_tokens, num_layers=self.num_layers)
 
 
 class LongNetLM(Pretrained, nn.Module):
     """Decoder-only LongNet language model (the paper's LM; defaults = its base configuration).
 
     Args:
-        num_tokens: V, the vocabulary size.
-        d_model, nhead, num_layers, dim_feedforward: sizes (768, 12, 12, 3072).
-        segment_lengths, dilation_rates: [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12].
-        dropout, attention_dropout, activation, layer_norm_eps, checkpoint_activations, backend:
-            as in `LongNetEncoderLayer`.
-        positions: "rope" (default), "xpos", "relative" or None.
-        tie_embeddings: share the token embedding with the output projection.
-        attention: "dilated", or "dense" (full causal attention: the baseline LongNet is compared with).
+        config: a `LongNetLMConfig`; or, as a convenience, its fields (`LongNetLM(num_tokens,
+            d_model=..., ...)`), which build it. `attention="dense"` is full causal attention, the
+            baseline LongNet is compared with.
 
     forward(tokens (B, N) long, key_padding_mask (B, N) bool True = padding) -> logits (B, N, V).
 
     `save_pretrained(dir)` / `LongNetLM.from_pretrained(dir or hub id)`: config.json (`LongNetLMConfig`)
-    and model.safetensors; `self.config` holds the arguments.
+    and model.safetensors; `self.config` holds the config.
     """
 
     config_class = LongNetLMConfig
 
-    @classmethod
-    def _from_config(cls, config: LongNetLMConfig) -> LongNetLM:
-        return cls(**dataclasses.asdict(config))
-
     def __init__(
         self,
-        num_tokens: int,
-        d_model: int = 768,
-        nhead: int = 12,
-        num_layers: int = 12,
-        dim_feedforward: int = 3072,
-        segment_lengths: Sequence[int] = LONGNET_SEGMENT_LENGTHS,
-        dilation_rates: Sequence[int] = LONGNET_DILATION_RATES,
-        dropout: float = 0.0,
-        attention_dropout: float = 0.0,
-        activation: Activation = "gelu",
-        layer_norm_eps: float = 1e-5,
-        positions: PositionsArg = "rope",
-        tie_embeddings: bool = False,
-        checkpoint_activations: bool = False,
-        attention: Literal["dilated", "dense"] = "dilated",
-        backend: str = "auto",
+        config: LongNetLMConfig | int | None = None,
+        *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **kwargs,
     ) -> None:
         super().__init__()
-        if not isinstance(num_tokens, int) or num_tokens <= 0:
-            raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
-        check_block_args(d_model, nhead, dim_feedforward, dropout, num_layers=num_layers)
+        if not isinstance(config, LongNetLMConfig):
+            config = LongNetLMConfig(**kwargs) if config is None else LongNetLMConfig(config, **kwargs)
+        elif kwargs:
+            raise TypeError(
+                f"pass a LongNetLMConfig or its fields as keywords, not both; got {sorted(kwargs)}"
+            )
         factory = {"device": device, "dtype": dtype}
-        self.config = LongNetLMConfig(
-            num_tokens, d_model, nhead, num_layers, dim_feedforward, list(segment_lengths),
-            list(dilation_rates), dropout, attention_dropout, activation, layer_norm_eps, positions,
-            tie_embeddings, checkpoint_activations, attention, backend,
-        )  # fmt: skip
-        self.num_tokens, self.d_model = num_tokens, d_model
-        self.embedding = nn.Embedding(num_tokens, d_model, **factory)
-        self.dropout = nn.Dropout(dropout)
-        self.decoder = LongNetDecoder(
-            num_layers, d_model, nhead, dim_feedforward=dim_feedforward, segment_lengths=segment_lengths,
-            dilation_rates=dilation_rates, dropout=dropout, attention_dropout=attention_dropout,
-            activation=activation, layer_norm_eps=layer_norm_eps, positions=positions,
-            checkpoint_activations=checkpoint_activations, self_attention=attention, cross_attention=None,
-            backend=backend, **factory,
-        )  # fmt: skip
-        self.lm_head = nn.Linear(d_model, num_tokens, bias=False, **factory)
-        if tie_embeddings:
+        self.config = config
+        self.num_tokens, self.d_model = config.num_tokens, config.d_model
+        self.embedding = nn.Embedding(config.num_tokens, config.d_model, **factory)
+        self.dropout = nn.Dropout(config.dropout)
+        self.decoder = LongNetDecoder(config.num_layers, config, cross_attention=None, **factory)
+        self.lm_head = nn.Linear(config.d_model, config.num_tokens, bias=False, **factory)
+        if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
         self.reset_parameters()
 

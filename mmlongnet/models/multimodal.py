@@ -14,11 +14,13 @@ Legend: B batch, N_m tokens of modality m, L fused tokens, E embed dim (d_model)
 A modality absent from `inputs` (or None) is missing for the whole batch: its encoder and stack
 do not run. A length of 0 marks one sample as lacking the modality.
 
-Sequence parallel (under `mmlongnet.distributed.sequence_parallel`, P ranks that hold the SAME batch):
-the encoders, modality stacks and packing run replicated, unsharded, on every rank (packing moves
-tokens per sample and needs the whole sequence); the fused sequence is padded to a multiple of P with
-padding tokens, each rank runs the fusion stack on its slice of L/P tokens (the dilated attention
-exchanging keys and values), and the slices are gathered back, differentiably, before pooling. The
+Sequence parallel (after `mmlongnet.distributed.parallelize_sequence(model, group)`, P ranks that
+hold the SAME batch): the encoders, modality stacks and packing run replicated, unsharded, on every
+rank (packing moves tokens per sample and needs the whole sequence); the parallelized fusion stack
+pads the fused sequence to a multiple of P with padding tokens, runs on this rank's slice of L/P
+tokens (the dilated attention exchanging keys and values), and gathers the slices back,
+differentiably, before pooling. The model itself holds no process group: its fusion stack names the
+slice it runs on (`sequence_shard`, (index, P)), from which the batch plan routes the slice. The
 outputs are those of the unsharded model; each rank's parameter gradients hold its slice's share, and
 summed over the P ranks they are P times the unsharded gradients of a loss computed on every rank
 alike (the gather's backward sums over ranks), so averaging over the P ranks gives them exactly.
@@ -35,9 +37,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmlongnet._config import check_field_types
+from mmlongnet.attention.config import LongNetLayerConfig
 from mmlongnet.attention.dilated import check_schedule
-from mmlongnet.attention.sharding import SequenceShard, current_shard, use_shard
-from mmlongnet.layers.multiway import MultiwayRouting
+from mmlongnet.modalities import MODALITIES
 from mmlongnet.modalities._common import check_lengths
 from mmlongnet.modalities.audio import AudioEncoder, AudioEncoderConfig
 from mmlongnet.modalities.text import TextEncoder, TextEncoderConfig
@@ -46,7 +48,6 @@ from mmlongnet.models.longnet import LongNetEncoder
 from mmlongnet.models.packing import FusedLayout, to_device_at_once
 from mmlongnet.pretrained import Pretrained
 
-MODALITIES = ("text", "audio", "video")
 _ENCODERS = {"text": (TextEncoder, TextEncoderConfig), "audio": (AudioEncoder, AudioEncoderConfig),
              "video": (VisionEncoder, VisionEncoderConfig)}  # fmt: skip
 
@@ -147,6 +148,16 @@ class MMLongNetConfig:
             raise ValueError(f"fusion must be 'sequence' or 'feature', got {self.fusion!r}")
         if self.positions not in ("rope", "xpos", None):
             raise ValueError(f"positions must be 'rope', 'xpos' or None, got {self.positions!r}")
+
+    def layer_config(self, stack: StackConfig) -> LongNetLayerConfig:
+        """The layers of `stack`: its schedule, and this config's width, heads, FFN, dropout,
+        activation, positions, checkpointing and backend."""
+        return LongNetLayerConfig(
+            d_model=self.d_model, nhead=self.nhead, dim_feedforward=self.dim_feedforward,
+            segment_lengths=stack.segment_lengths, dilation_rates=stack.dilation_rates, dropout=self.dropout,
+            activation=self.activation, positions=self.positions,
+            checkpoint_activations=self.checkpoint_activations, backend=self.backend,
+        )  # fmt: skip
 
     @property
     def modalities(self) -> list[str]:
@@ -249,11 +260,6 @@ class MMLongNet(Pretrained, nn.Module):
             raise TypeError(f"config must be an MMLongNetConfig, got {type(config).__name__}")
         self.config = config
         factory = {"device": device, "dtype": dtype}
-        layer = dict(
-            dim_feedforward=config.dim_feedforward, dropout=config.dropout, activation=config.activation,
-            positions=config.positions, checkpoint_activations=config.checkpoint_activations,
-            backend=config.backend, **factory,
-        )  # fmt: skip
         self.encoders = nn.ModuleDict()
         self.stacks = nn.ModuleDict()
         for name in config.modalities:
@@ -262,10 +268,7 @@ class MMLongNet(Pretrained, nn.Module):
             self.encoders[name] = encoder_cls(getattr(config, name), **options, **factory)
             stack = getattr(config, f"{name}_stack")
             if stack.num_layers:
-                self.stacks[name] = LongNetEncoder(
-                    stack.num_layers, config.d_model, config.nhead, segment_lengths=stack.segment_lengths,
-                    dilation_rates=stack.dilation_rates, **layer,
-                )  # fmt: skip
+                self.stacks[name] = LongNetEncoder(stack.num_layers, config.layer_config(stack), **factory)
         num_ways = len(config.modalities) if config.fusion == "sequence" else 1
         self.type_embedding = nn.Embedding(len(config.modalities), config.d_model, **factory)
         self.feature_proj = None
@@ -275,9 +278,8 @@ class MMLongNet(Pretrained, nn.Module):
         self.fusion = None
         if fusion.num_layers:
             self.fusion = LongNetEncoder(
-                fusion.num_layers, config.d_model, config.nhead, segment_lengths=fusion.segment_lengths,
-                dilation_rates=fusion.dilation_rates, num_ways=num_ways, **layer,
-            )  # fmt: skip
+                fusion.num_layers, config.layer_config(fusion), num_ways=num_ways, **factory
+            )
         nn.init.normal_(self.type_embedding.weight, std=config.d_model**-0.5)
 
     # --- single modalities -------------------------------------------------------------------
@@ -403,8 +405,8 @@ class MMLongNet(Pretrained, nn.Module):
         """Check a batch and derive, on the host, everything its lengths decide (see `BatchPlan`).
 
         Takes what `forward` takes. Lengths on the CPU (as `collate_samples` leaves them) are read
-        without a device sync; lengths on a device are copied back once. Under sequence sharding
-        (`sequence_parallel`), the multiway routing is of this rank's slice.
+        without a device sync; lengths on a device are copied back once. When the fusion stack runs
+        sequence-sharded (`parallelize_sequence`), the multiway routing is of this rank's slice.
         """
         return self._plan(inputs, lengths, audio_sample_rate, fuse=True)
 
@@ -441,11 +443,10 @@ class MMLongNet(Pretrained, nn.Module):
                 fused_padding=False, valid_tokens=0, audio_sample_rate=audio_sample_rate,
             )  # fmt: skip
         sequence = self.config.fusion == "sequence"
-        shard = current_shard()
         layout = FusedLayout.build(
             token_lengths, [widths[name] for name in order], [self.config.modalities.index(m) for m in order],
             num_ways=len(self.config.modalities) if sequence and self.fusion is not None else 1,
-            shard=None if shard is None else (shard.index, shard.num_shards),
+            shard=getattr(self.fusion, "sequence_shard", None),  # (index, P) of a sharded fusion stack
         )  # fmt: skip
         if sequence:
             fused_padding, valid_tokens = layout.has_padding, layout.valid_tokens
@@ -483,9 +484,7 @@ class MMLongNet(Pretrained, nn.Module):
                 raise ValueError(
                     f"inputs[{name!r}] has size {size}, the plan {plan.sizes[name]}: plan this batch"
                 )
-        shard = current_shard()
-        with use_shard(None):  # encoders and modality stacks see whole sequences, also when sharded
-            streams = {name: self._encode(name, present[name], plan) for name in plan.order}
+        streams = {name: self._encode(name, present[name], plan) for name in plan.order}
         layout = plan.layout
         modality_pooled = {name: _masked_mean(*streams[name]) for name in plan.order}
         modality_present = {name: layout.present[i] for i, name in enumerate(plan.order)}
@@ -499,30 +498,11 @@ class MMLongNet(Pretrained, nn.Module):
             tokens, padding, ids = self._concat_features(streams, plan.order)
         if self.fusion is not None:
             routing = layout.routing if self.config.fusion == "sequence" else None
-            if shard is not None:
-                tokens = self._fuse_sharded(shard, tokens, padding, routing, plan.fused_padding)
-            else:
-                tokens = self.fusion(tokens, padding if plan.fused_padding else None, modality_ids=routing)
+            tokens = self.fusion(tokens, padding if plan.fused_padding else None, modality_ids=routing)
         return MMLongNetOutput(
             tokens=tokens, padding_mask=padding, modality_ids=ids, pooled=_masked_mean(tokens, padding),
             modality_pooled=modality_pooled, modality_present=modality_present,
         )  # fmt: skip
-
-    def _fuse_sharded(
-        self, shard: SequenceShard, tokens, padding, routing: MultiwayRouting | None, has_padding: bool
-    ):
-        """The fusion stack on this shard's slice of the fused sequence, gathered back: (B, L, E).
-        `routing`: the multiway routing of this shard's slice (the plan makes it), or None."""
-        if shard.gather is None:
-            raise ValueError("a sharded MMLongNet needs the shard's gather (sequence_parallel sets one)")
-        length = tokens.shape[1]
-        extra = -length % shard.num_shards  # padding tokens up to a multiple of P
-        if extra:
-            tokens = nn.functional.pad(tokens, (0, 0, 0, extra))  # (B, L', E)
-            padding = nn.functional.pad(padding, (0, extra), value=True)  # (B, L')
-        mask = shard.split(padding) if has_padding or extra else None  # the same choice on every shard
-        local = self.fusion(shard.split(tokens), mask, modality_ids=routing)  # (B, L'/P, E)
-        return shard.gather(local, 1)[:, :length]  # (B, L, E)
 
     def _check_aligned(self, order: tuple[str, ...], widths: dict[str, int], token_lengths: list) -> None:
         """fusion="feature" needs every modality, with equal token widths and lengths (on the host)."""

@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch._dynamo import config as dynamo_config
 
-from mmlongnet.attention.sharding import current_shard
 from mmlongnet.data.collate import Batch
+from mmlongnet.distributed.collectives import Group
+from mmlongnet.distributed.groups import split_sequence
+from mmlongnet.distributed.parallelize import parallelize_sequence
 from mmlongnet.models import LongNetLM, MMLongNet, MMLongNetConfig
 
 __all__ = ["LanguageModel", "MultimodalClassifier", "OptimizerConfig"]
@@ -96,8 +98,8 @@ class CompiledModel:
     One static graph is compiled per input shape, so bucketed lengths matter (up to
     `RECOMPILE_LIMIT` shapes; beyond, torch runs the forward eagerly). On CUDA the mode
     is "reduce-overhead": the forward and backward replay as CUDA graphs, each call marked as a
-    new iteration; elsewhere the default mode. Not under sequence sharding, whose collectives
-    run eagerly.
+    new iteration; elsewhere the default mode. Not with sequence sharding, whose collectives run
+    eagerly (the modules' `parallelize` refuses it).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -106,8 +108,6 @@ class CompiledModel:
         self.graphs = False
 
     def __call__(self, *args, **kwargs):
-        if current_shard() is not None:
-            raise ValueError("compile=True does not run under sequence sharding; leave compile off there")
         if self.forward is None:
             self.graphs = next(self.model.parameters()).device.type == "cuda"
             mode = "reduce-overhead" if self.graphs else None
@@ -118,6 +118,16 @@ class CompiledModel:
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()
         return self.forward(*args, **kwargs)
+
+
+def _parallelize(module: pl.LightningModule, group: Group, validate: bool) -> None:
+    """Shard `module.model`'s sequence over `group`, once (later calls keep the first group)."""
+    if module.sequence_parallel:
+        return
+    if module.compiled is not None:
+        raise ValueError("compile=True does not run with sequence sharding; leave compile off there")
+    parallelize_sequence(module.model, group, validate=validate)
+    module.sequence_parallel = True
 
 
 def _total_steps(module: pl.LightningModule) -> int:
@@ -171,8 +181,14 @@ class MultimodalClassifier(pl.LightningModule):
         self.label_smoothing = label_smoothing
         self.model = MMLongNet(model)
         self.compiled = CompiledModel(self.model) if compile else None
+        self.sequence_parallel = False  # whether `parallelize` has sharded the model
         self.last_batch_tokens = 0  # valid fused tokens of the last batch (for throughput)
         self.head = nn.Sequential(nn.LayerNorm(model.d_model), nn.Linear(model.d_model, num_classes))
+
+    def parallelize(self, group: Group, *, validate: bool = True) -> None:
+        """Shard the fusion stack's sequence over `group` (`parallelize_sequence`; the other ranks
+        of the group hold the same batch). `SequenceParallelStrategy` calls it once, at setup."""
+        _parallelize(self, group, validate)
 
     def features(self, batch: Batch) -> torch.Tensor:
         """The pooled representation the head reads, (B, E)."""
@@ -254,15 +270,15 @@ class LanguageModel(pl.LightningModule):
         model: the `LongNetLM` (given in a config as class_path / init_args).
         optimizer: `OptimizerConfig`.
         compile: run the model compiled whole (`torch.compile(fullgraph=True)`; CUDA graphs on a
-            GPU); not under sequence sharding.
+            GPU); not with sequence sharding.
 
     Batches are (B, N + 1) long token windows: the model reads tokens [:-1] and predicts [1:].
     Logs loss (nats per token) and bits per token.
 
-    Sequence parallel (steps run under a `SequenceShard`, e.g. by `SequenceParallelStrategy`): every
-    rank of a group holds the same windows and takes its slice of the N inputs and the N targets
-    (N must be a multiple of the group size); the loss is the token mean over that slice, so the mean
-    of the loss over the group's equal slices is the full-sequence loss (see the strategy).
+    Sequence parallel (after `parallelize(group)`, which `SequenceParallelStrategy` calls at setup):
+    every rank of a group holds the same windows and takes its slice of the N inputs and the N
+    targets (N must be a multiple of the group size); the loss is the token mean over that slice, so
+    the mean of the loss over the group's equal slices is the full-sequence loss (see the strategy).
     """
 
     def __init__(
@@ -273,7 +289,13 @@ class LanguageModel(pl.LightningModule):
         self.model = model
         self.compiled = CompiledModel(model) if compile else None
         self.optimizer_config = optimizer or OptimizerConfig()
+        self.sequence_parallel = False  # whether `parallelize` has sharded the model
         self.last_batch_tokens = 0  # input tokens of the last batch (for throughput)
+
+    def parallelize(self, group: Group, *, validate: bool = True) -> None:
+        """Shard the LM's sequence over `group` (`parallelize_sequence`): each rank then runs its slice
+        of the windows. `SequenceParallelStrategy` calls it once, at setup."""
+        _parallelize(self, group, validate)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         self.last_batch_tokens = tokens.numel()
@@ -281,9 +303,11 @@ class LanguageModel(pl.LightningModule):
 
     def _step(self, windows: torch.Tensor, stage: str) -> torch.Tensor:
         inputs, targets = windows[:, :-1], windows[:, 1:]  # (B, N), (B, N)
-        shard = current_shard()
+        shard = getattr(self.model.decoder, "sequence_shard", None)  # (p, P) once parallelized
         if shard is not None:  # this rank's slice of positions: (B, n), (B, n)
-            inputs, targets = shard.split(inputs), shard.split(targets)
+            index, num_shards = shard
+            inputs = split_sequence(inputs, num_shards, index)
+            targets = split_sequence(targets, num_shards, index)
         logits = self(inputs)  # (B, N or n, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=stage != "train", batch_size=len(windows))

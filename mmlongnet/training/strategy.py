@@ -5,9 +5,10 @@ B batch, N tokens.
 
 The W ranks form a (D x P) mesh: ranks [d*P, (d+1)*P) are sequence-parallel group d, and rank r has
 data-parallel rank r // P and sequence rank r % P (`sequence_parallel_layout`). The distributed
-sampler runs over the D data-parallel ranks, so the P ranks of one group receive the SAME batch; every
-training / validation / test / predict step runs under `sequence_parallel(group)`, so the package's
-models compute on their slice of the sequence (`LanguageModel` slices its inputs and targets,
+sampler runs over the D data-parallel ranks, so the P ranks of one group receive the SAME batch. At
+setup, before DDP wraps it, the strategy calls the LightningModule's `parallelize(group)` once, which
+shards its model's sequence with `mmlongnet.distributed.parallelize_sequence`: the package's models
+then compute on their slice of the sequence (`LanguageModel` slices its inputs and targets,
 `MMLongNet` shards its fusion stack) with the collective dilated attention.
 
 Why DDP's gradient average is right. Let L_d be the loss of group d's batch on one device and the
@@ -33,35 +34,15 @@ Lightning sums both over all ranks, so each sample counts P times in numerator a
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
+import lightning.pytorch as pl
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 
-from mmlongnet.distributed.context import sequence_parallel
-from mmlongnet.distributed.groups import new_sequence_parallel_groups
+from mmlongnet.distributed.groups import new_sequence_parallel_groups, sequence_parallel_layout
 
 __all__ = ["SequenceParallelStrategy", "sequence_parallel_layout"]
-
-
-def sequence_parallel_layout(world_size: int, sp_size: int) -> tuple[list[list[int]], list[list[int]]]:
-    """The (D x P) mesh of `world_size` ranks: (sequence-parallel groups, data-parallel groups).
-
-    Sequence group d holds the consecutive ranks [d*P, (d+1)*P); data-parallel group p holds the
-    ranks with sequence rank p, [p, p + P, p + 2P, ...]. Raises ValueError unless P divides the world.
-    """
-    if isinstance(sp_size, bool) or not isinstance(sp_size, int) or sp_size < 1:
-        raise ValueError(f"sequence_parallel_size must be a positive int, got {sp_size!r}")
-    if world_size % sp_size:
-        raise ValueError(
-            f"sequence_parallel_size={sp_size} must divide the world size {world_size} (devices x nodes); "
-            f"choose one of {[size for size in range(1, world_size + 1) if world_size % size == 0]}"
-        )
-    sequence = [list(range(start, start + sp_size)) for start in range(0, world_size, sp_size)]
-    data = [list(range(offset, world_size, sp_size)) for offset in range(sp_size)]
-    return sequence, data
 
 
 class SequenceParallelStrategy(DDPStrategy):
@@ -131,29 +112,17 @@ class SequenceParallelStrategy(DDPStrategy):
         self.sequence_group = None
         super().teardown()
 
-    @contextmanager
-    def sharded(self) -> Iterator[None]:
-        """The block in which the module's models see their slice of the sequence (none when P = 1)."""
-        if self.sequence_parallel_size == 1:
-            yield
-            return
-        if self.sequence_group is None:
-            raise RuntimeError("SequenceParallelStrategy: the process groups are not set up yet")
-        with sequence_parallel(self.sequence_group, validate=self.validate):
-            yield
-
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self.sharded():
-            return super().training_step(*args, **kwargs)
-
-    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self.sharded():
-            return super().validation_step(*args, **kwargs)
-
-    def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self.sharded():
-            return super().test_step(*args, **kwargs)
-
-    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self.sharded():
-            return super().predict_step(*args, **kwargs)
+    def setup(self, trainer: pl.Trainer) -> None:
+        """Shard the module's model over this rank's sequence group (P > 1), then DDP's setup."""
+        if self.sequence_parallel_size > 1:
+            if self.sequence_group is None:
+                raise RuntimeError("SequenceParallelStrategy: the process groups are not set up yet")
+            module = self.lightning_module
+            if not callable(getattr(module, "parallelize", None)):
+                raise TypeError(
+                    f"SequenceParallelStrategy needs a LightningModule with parallelize(group, *, validate) "
+                    f"that shards its model (as LanguageModel and MultimodalClassifier have); "
+                    f"{type(module).__name__} has none"
+                )
+            module.parallelize(self.sequence_group, validate=self.validate)
+        super().setup(trainer)

@@ -241,6 +241,7 @@ def test_auto_takes_flash_attn_for_16_bit_inputs_only(flash_on_cpu, monkeypatch)
     assert dilated_module._resolve_backend("auto", q.float(), 0.0, False) == "sdpa"
     with pytest.raises(TypeError, match="backend 'flash_attn' takes dtypes"):
         dilated_module._resolve_backend("flash_attn", q.float(), 0.0, False)
+    monkeypatch.setattr(dilated_module, "_warned_reference", set())  # the warning is once per process
     with pytest.warns(UserWarning, match="dropout_p"):
         assert dilated_module._resolve_backend("auto", q, 0.5, False) == "reference"
 

@@ -1,4 +1,4 @@
-"""Models under `sequence_parallel` on 2 gloo ranks equal the unsharded models, outputs and gradients."""
+"""Models after `parallelize_sequence` on 2 gloo ranks equal the unsharded models, outputs and gradients."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 import torch.distributed as dist
 from distributed_helpers import run_ranks
 
-from mmlongnet.attention import MultiheadDilatedAttention
-from mmlongnet.attention.sharding import SequenceShard, current_shard, use_shard
-from mmlongnet.distributed import sequence_parallel, shard_sequence
+from mmlongnet.attention import DilatedAttention, MultiheadDilatedAttention
+from mmlongnet.distributed import ShardedDilatedAttention, parallelize_sequence, shard_sequence
+from mmlongnet.distributed.parallelize import LocalSlice
 from mmlongnet.models import LongNetEncoderLayer, LongNetLM
 
 TOL = 1e-10
@@ -26,18 +26,21 @@ def _param_grads(model: torch.nn.Module, reduce: bool) -> dict[str, torch.Tensor
 
 
 def _compare(model, run, inputs, grad, reduce_dim=1):
-    """run(model, inputs) unsharded and sharded (backward outside the block); compare outputs and grads."""
+    """run(model, inputs) unsharded, then parallelized (in place) on local inputs; compare outputs and
+    grads."""
     model.zero_grad()
     expected = run(model, inputs)
     (expected * grad).sum().backward()
     expected_grads = _param_grads(model, reduce=False)
     model.zero_grad()
     local_inputs = [None if t is None else shard_sequence(t) for t in inputs]
-    with sequence_parallel() as shard:
-        assert current_shard() is shard
-        out = run(model, local_inputs)
-    assert current_shard() is None
-    (out * shard_sequence(grad)).sum().backward()  # backward after leaving the block
+    names = [name for name, _ in model.named_parameters()]
+    sharded = parallelize_sequence(model)
+    assert sharded is model and [name for name, _ in model.named_parameters()] == names
+    assert not any(isinstance(m, DilatedAttention) for m in model.modules())
+    assert any(isinstance(m, ShardedDilatedAttention) for m in model.modules())
+    out = run(model, local_inputs)
+    (out * shard_sequence(grad)).sum().backward()
     torch.testing.assert_close(out, shard_sequence(expected.detach()), rtol=0, atol=TOL)
     for name, g in _param_grads(model, reduce=True).items():
         torch.testing.assert_close(g, expected_grads[name], rtol=0, atol=TOL, msg=f"grad of {name}")
@@ -71,15 +74,28 @@ def _models(rank: int, world: int) -> None:
     # what cannot run on a shard is refused with a clear error
     dense = MultiheadDilatedAttention(16, 4, [4], [1], attention="dense", dtype=torch.float64)
     h = torch.randn(2, 12, 16, dtype=torch.float64)
-    with sequence_parallel(), pytest.raises(ValueError, match="attention='dense'.*not supported while"):
-        dense(h, h, h)
+    with pytest.raises(ValueError, match="attention='dense'.*not supported when the sequence is sharded"):
+        parallelize_sequence(dense)
+    assert dense(h, h, h)[0].shape == h.shape  # refused before any change: still the unsharded module
 
 
 def test_models_under_sequence_parallel_match_unsharded():
     run_ranks(_models, 2)
 
 
-def test_shard_offsets_positions_and_restores_on_exit():
+def _fake_sharded(attn: MultiheadDilatedAttention, attention, index: int, num_shards: int) -> None:
+    """What `parallelize_sequence` does over a group, with `attention` as the sharded attention."""
+
+    class Fake(ShardedDilatedAttention):
+        def forward(self, q, k, v, is_causal=False, key_padding_mask=None, position_bias=None):
+            return attention(q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal)
+
+    attn.inner_attention = Fake(attn.segment_lengths, attn.dilation_rates)
+    attn.__class__ = type("SequenceParallelMultiheadDilatedAttention", (LocalSlice, type(attn)), {})
+    attn.sequence_group, attn.sequence_shard = None, (index, num_shards)
+
+
+def test_sharded_module_offsets_positions():
     calls = []
 
     def fake_attention(q, k, v, segment_lengths, dilation_rates, **kwargs):
@@ -88,19 +104,32 @@ def test_shard_offsets_positions_and_restores_on_exit():
 
     attn = MultiheadDilatedAttention(8, 2, [4], [1], positions="rope", layer_norm=False, dtype=torch.float64)
     x = torch.randn(1, 4, 8, dtype=torch.float64)
-    with use_shard(SequenceShard(fake_attention, index=2, num_shards=3)):
-        out, _ = attn(x, x, x, is_causal=True)
+    _fake_sharded(attn, fake_attention, index=2, num_shards=3)
+    out, _ = attn(x, x, x, is_causal=True)
     assert calls == [(torch.Size([1, 4, 2, 4]), True)]
-    assert current_shard() is None
     # with attention = identity on v, the output does not depend on positions: compare the q/k
     # rotation instead, at positions 8..11 = index 2 * n 4
     q = torch.randn(1, 4, 2, 4, dtype=torch.float64)
     rotated, _ = attn.positions(q, q, offset=8)
-    with use_shard(SequenceShard(lambda q, k, v, *a, **kw: q, index=2, num_shards=3)):
-        attn.q_proj.weight.data = torch.eye(8, dtype=torch.float64)
-        attn.v_proj.weight.data = torch.eye(8, dtype=torch.float64)
-        attn.out_proj.weight.data = torch.eye(8, dtype=torch.float64)
-        out, _ = attn(q.reshape(1, 4, 8), q.reshape(1, 4, 8), q.reshape(1, 4, 8))
+    attn = MultiheadDilatedAttention(8, 2, [4], [1], positions="rope", layer_norm=False, dtype=torch.float64)
+    _fake_sharded(attn, lambda q, k, v, *a, **kw: q, index=2, num_shards=3)
+    attn.q_proj.weight.data = torch.eye(8, dtype=torch.float64)
+    attn.v_proj.weight.data = torch.eye(8, dtype=torch.float64)
+    attn.out_proj.weight.data = torch.eye(8, dtype=torch.float64)
+    out, _ = attn(q.reshape(1, 4, 8), q.reshape(1, 4, 8), q.reshape(1, 4, 8))
     torch.testing.assert_close(out, rotated.reshape(1, 4, 8), rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="index must be"):
-        SequenceShard(fake_attention, index=3, num_shards=3)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: MultiheadDilatedAttention(8, 2, [4], [1], attention="dense"), "attention='dense'"),
+        (lambda: MultiheadDilatedAttention(8, 2, [4], [1], positions="relative"), "positions='relative'"),
+        (lambda: MultiheadDilatedAttention(8, 2, [4], [1], dropout=0.1), "attention dropout"),
+        (lambda: DilatedAttention([4], [1], attention_dropout=0.1), "attention dropout"),
+        (lambda: torch.nn.Linear(2, 2), "holds no DilatedAttention"),
+    ],
+)
+def test_what_cannot_run_on_a_slice_is_refused_when_wrapping(build, match):
+    with pytest.raises(ValueError, match=match):
+        parallelize_sequence(build())  # refused before any process group is asked

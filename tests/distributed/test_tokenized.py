@@ -22,13 +22,18 @@ from mmlongnet.distributed import (
     TargetAttention,
     TokenizedAttention,
     full_target_attention,
+    parallelize_vocabulary,
     shard_offsets,
     unique_target_attention,
-    use_vocab_sharded_embeddings,
 )
 from mmlongnet.modalities.text import TextEncoder, TextEncoderConfig
 
 E = 5
+
+
+def test_parallelize_vocabulary_needs_a_vocab_sharded_text_encoder():
+    with pytest.raises(ValueError, match="holds no TextEncoder with embedding='vocab_sharded'"):
+        parallelize_vocabulary(TextEncoder(TextEncoderConfig(embed_dim=4)))  # before any process group
 
 
 def test_shard_offsets_give_the_first_ranks_one_more_row():
@@ -253,11 +258,14 @@ def _tokenized_on_ranks(rank: int, world: int, directory: str) -> None:
     # a vocabulary-sharded TextEncoder == a local one over the assembled table (pad id 2, read by no one)
     config = TextEncoderConfig(embed_dim=E, vocab_size=V, padding_id=2)
     local = TextEncoder(config, dtype=dtype)
-    with use_vocab_sharded_embeddings():
-        encoder = TextEncoder(
+    encoder = parallelize_vocabulary(
+        TextEncoder(
             TextEncoderConfig(embed_dim=E, vocab_size=V, padding_id=2, embedding="vocab_sharded"), dtype=dtype
         )
-    assert isinstance(encoder.embedding, ShardedEmbedding)
+    )
+    assert isinstance(encoder.embedding, ShardedEmbedding) and encoder.embedding.weight.dtype == dtype
+    with pytest.raises(ValueError, match="sharded already"):
+        parallelize_vocabulary(encoder)
     full = encoder.embedding.gather_weight()
     with torch.no_grad():
         local.embedding.weight.copy_(full)
@@ -282,9 +290,8 @@ def _tokenized_on_ranks(rank: int, world: int, directory: str) -> None:
         assert grads[0][2 - encoder.embedding.start].abs().max() == 0
 
     # each rank saves and loads back its own rows
-    with use_vocab_sharded_embeddings():
-        encoder.save_pretrained(f"{directory}/rank{rank}")
-        loaded = TextEncoder.from_pretrained(f"{directory}/rank{rank}")
+    encoder.save_pretrained(f"{directory}/rank{rank}")
+    loaded = TextEncoder.from_pretrained(f"{directory}/rank{rank}", parallelize=parallelize_vocabulary)
     torch.testing.assert_close(loaded.embedding.weight, encoder.embedding.weight.float(), rtol=0, atol=0)
 
 

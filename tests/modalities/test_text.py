@@ -219,19 +219,15 @@ class _TableWithLookup(torch.nn.Module):
         return self.weight[ids]
 
 
-def test_text_encoder_vocab_sharded_uses_the_registered_factory():
-    from mmlongnet.layers.embedding_factory import set_vocab_sharded_embedding_factory
-
+def test_text_encoder_vocab_sharded_uses_the_table_swapped_in():
     config = TextEncoderConfig(embed_dim=4, vocab_size=10, padding_id=1, embedding="vocab_sharded")
-    with pytest.raises(ValueError, match="use_vocab_sharded_embeddings"):
-        TextEncoder(config)
+    with pytest.raises(ValueError, match="parallelize_vocabulary"):
+        TextEncoder(config)(torch.tensor([[3, 4]]))  # no rows until the table is sharded
     with pytest.raises(ValueError, match="embedding must be 'local' or 'vocab_sharded', got 'tp'"):
         TextEncoderConfig(embedding="tp")
-    previous = set_vocab_sharded_embedding_factory(_TableWithLookup)
-    try:
-        sharded = TextEncoder(config, dtype=torch.float64)
-    finally:
-        set_vocab_sharded_embedding_factory(previous)
+    sharded = TextEncoder(config, dtype=torch.float64)
+    sharded.embedding = _TableWithLookup(10, 4, dtype=torch.float64)  # what parallelize_vocabulary does
+    sharded.reset_parameters()
     local = TextEncoder(TextEncoderConfig(embed_dim=4, vocab_size=10, padding_id=1), dtype=torch.float64)
     with torch.no_grad():
         local.embedding.weight.copy_(sharded.embedding.weight)

@@ -16,7 +16,7 @@ import yaml
 from lightning.fabric.plugins.environments import LightningEnvironment
 from torch.utils.data import DistributedSampler
 
-from mmlongnet.distributed import new_sequence_parallel_groups, sequence_parallel
+from mmlongnet.distributed import new_sequence_parallel_groups, parallelize_sequence
 from mmlongnet.models import LongNetLM, MMLongNet, MMLongNetConfig
 from mmlongnet.training import LanguageModel, SequenceParallelStrategy
 from mmlongnet.training.strategy import sequence_parallel_layout
@@ -36,6 +36,19 @@ def test_layout_of_a_world_of_4_with_sequence_parallel_2():
         sequence_parallel_layout(4, 3)
     with pytest.raises(ValueError, match="must be a positive int"):
         SequenceParallelStrategy(sequence_parallel_size=0)
+
+
+def test_parallelize_refuses_compile_and_the_strategy_a_module_without_parallelize():
+    lm = LongNetLM(
+        13, d_model=16, nhead=4, num_layers=1, dim_feedforward=32, segment_lengths=[4], dilation_rates=[1]
+    )
+    with pytest.raises(ValueError, match="compile=True does not run with sequence sharding"):
+        LanguageModel(lm, compile=True).parallelize(None)  # before any process group is asked
+    strategy = SequenceParallelStrategy(sequence_parallel_size=2)
+    strategy.sequence_group = object()
+    strategy._lightning_module = torch.nn.Linear(2, 2)  # what `Strategy.connect` sets
+    with pytest.raises(TypeError, match="Linear has none"):
+        strategy.setup(None)
 
 
 def test_sampler_gives_sequence_peers_the_same_indices():
@@ -75,9 +88,9 @@ def _lm(rank: int, world: int) -> None:
     expected.backward()
     expected_grads = {name: p.grad.clone() for name, p in module.named_parameters()}
     module.zero_grad()
-    with sequence_parallel():  # what SequenceParallelStrategy.training_step does
-        loss = module.training_step(windows, 0)
-        assert module.last_batch_tokens == 3 * 16 // world  # this rank's slice only
+    module.parallelize(None)  # what SequenceParallelStrategy.setup does
+    loss = module.training_step(windows, 0)
+    assert module.last_batch_tokens == 3 * 16 // world  # this rank's slice only
     loss.backward()
     mean = loss.detach().clone()
     dist.all_reduce(mean)
@@ -85,13 +98,16 @@ def _lm(rank: int, world: int) -> None:
     assert not torch.allclose(loss, expected)  # a slice's loss, not the full one
     for name, g in _average_grads(module).items():
         torch.testing.assert_close(g, expected_grads[name], rtol=0, atol=TOL, msg=f"grad of {name}")
-    with sequence_parallel(), pytest.raises(ValueError, match="cannot be split evenly over 2 shards"):
+    with pytest.raises(ValueError, match="cannot be split evenly over P=2 ranks"):
         module.training_step(windows[:, :16], 0)  # N = 15
 
 
 def _mmlongnet(rank: int, world: int) -> None:
     torch.manual_seed(0)
     model = MMLongNet(MMLongNetConfig.tiny(), dtype=torch.float64)
+    unsharded = MMLongNet(MMLongNetConfig.tiny(), dtype=torch.float64)
+    unsharded.load_state_dict(model.state_dict())
+    parallelize_sequence(model)
     for batch_size, seed in ((3, 0), (2, 5)):
         inputs, lengths = model.example_inputs(batch_size, seed=seed)
         inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
@@ -101,13 +117,14 @@ def _mmlongnet(rank: int, world: int) -> None:
         def loss_of(out, head=head):  # every fused token (via the pooled mean), and one in particular
             return (out.pooled @ head).square().sum() + out.tokens[:, -1].sum()
 
-        model.zero_grad()
-        expected = model(inputs, lengths)
+        unsharded.zero_grad()
+        expected = unsharded(inputs, lengths)
         loss_of(expected).backward()
-        expected_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        expected_grads = {
+            name: p.grad.clone() for name, p in unsharded.named_parameters() if p.grad is not None
+        }
         model.zero_grad()
-        with sequence_parallel():
-            out = model(inputs, lengths)
+        out = model(inputs, lengths)
         loss_of(out).backward()  # the same loss on every rank of the group
         torch.testing.assert_close(out.tokens, expected.tokens.detach(), rtol=0, atol=TOL)
         torch.testing.assert_close(out.pooled, expected.pooled.detach(), rtol=0, atol=TOL)
@@ -146,13 +163,13 @@ def test_sharded_steps_on_2_ranks_equal_one_process():
 def test_two_process_sequence_parallel_fit_through_the_cli(tmp_path):
     config = yaml.safe_load((REPO / "configs" / "sp_cpu.yaml").read_text())
     trainer = config["trainer"]
-    trainer["default_root_dir"] = str(tmp_path)
-    trainer["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    trainer["default_root_dir"] = str(tmp_path)  # the logger's save_dir follows it
     trainer["callbacks"] = []
     path = tmp_path / "sp_cpu.yaml"
     path.write_text(yaml.safe_dump(config))
     command = [
-        sys.executable, str(REPO / "train.py"), "fit", "--config", str(path), "--trainer.max_steps", "2",
+        sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "demo.yaml"),
+        "--config", str(path), "--trainer.max_steps", "2",
         "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "1",
         "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
         "--data.init_args.train_examples", "8", "--data.init_args.val_examples", "4",
@@ -181,18 +198,18 @@ def test_sequence_parallel_fit_with_a_slice_without_video_does_not_deadlock(tmp_
     wait into a failure within seconds instead of 30 minutes."""
     config = yaml.safe_load((REPO / "configs" / "sp_cpu.yaml").read_text())
     trainer = config["trainer"]
-    trainer["default_root_dir"] = str(tmp_path)
-    trainer["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    trainer["default_root_dir"] = str(tmp_path)  # the logger's save_dir follows it
     trainer["strategy"]["init_args"]["timeout_s"] = 20
     probe = tmp_path / "probe.txt"
     probe_callback = {"class_path": "fused_probe.FusedSliceProbe", "init_args": {"path": str(probe)}}
     trainer["callbacks"] = [probe_callback]
-    config["data"]["init_args"]["dataset"]["modality_mix"] = {"audio": 0.5, "video": 0.5}
+    config["data"] = {"init_args": {"dataset": {"modality_mix": {"audio": 0.5, "video": 0.5}}}}
     path = tmp_path / "sp_cpu.yaml"
     path.write_text(yaml.safe_dump(config))
     steps = 8
     command = [
-        sys.executable, str(REPO / "train.py"), "fit", "--config", str(path),
+        sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "demo.yaml"),
+        "--config", str(path),
         "--trainer.max_steps", str(steps), "--trainer.log_every_n_steps", "1",
         "--trainer.limit_val_batches", "0",
         "--trainer.enable_progress_bar", "false", "--data.init_args.train_examples", "64",

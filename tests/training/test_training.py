@@ -17,6 +17,8 @@ from mmlongnet.training import CLI, MultimodalClassifier, OptimizerConfig
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+# configs that hold only what differs from a base config, given after it: `--config base --config overlay`
+OVERLAYS = {"sp_cpu.yaml": "demo.yaml"}
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -97,13 +99,24 @@ def test_text_pooling_reads_the_fused_text_tokens_and_predictions_name_modalitie
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_config_parses_and_builds_through_the_cli(path, tmp_path):
+    base = ["--config", str(path.parent / OVERLAYS[path.name])] if path.name in OVERLAYS else []
     cli = CLI(
-        args=["--config", str(path), "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+        args=[*base, "--config", str(path), "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
               "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"],
         run=False,
     )  # fmt: skip
     assert cli.model is not None and cli.datamodule is not None
     assert sum(p.numel() for p in cli.model.parameters()) > 0
+
+
+@pytest.mark.parametrize("overlay, base", OVERLAYS.items())
+def test_an_overlay_config_repeats_nothing_of_its_base(overlay, base):
+    """An overlay names no model or data block of its base, and no trainer key with the base's value."""
+    config = yaml.safe_load((REPO / "configs" / overlay).read_text())
+    under = yaml.safe_load((REPO / "configs" / base).read_text())
+    assert not {"model", "data", "seed_everything"} & set(config)
+    repeated = [key for key, value in config["trainer"].items() if under["trainer"].get(key) == value]
+    assert repeated == []
 
 
 def run_cli(*args):
