@@ -1,0 +1,888 @@
+"""Learning at length: does a model with dilated attention use long context, against baselines
+trained for the same time in the same run?
+
+Three experiments, each one run within a wall-clock budget (`--time-budget`, 9 minutes by
+default, start-up and evaluation included). The budget left after start-up is split equally
+between the compared models; each trains for its share (less `--eval-share`, kept for its
+evaluation), one after the other, with the same recipe, and is then evaluated on held-out data.
+The learning rate warms up linearly over `--warmup-steps` steps and then decays on a cosine over
+the model's training *time* (to `--min-lr-ratio` of `--lr`), so every model finishes its schedule
+when its time is up, however fast it steps.
+
+1. `avdigits`: the bundled AV digits task (`mmlongnet.data.AVDigitsDataset`, data/README.md)
+   with K digits per example, K in `--digits` (4 16 64 256 1024: about 17 fused tokens a digit,
+   so ~70 to ~17K fused tokens a sample). A `MultimodalClassifier` (`MMLongNet` + linear head) is
+   trained over a curriculum of K (`--curriculum grow`: the training time is split into one stage
+   per K, and each batch of stage s takes a K drawn uniformly from the first s + 1) and tested at
+   every K. Models: `dilated` (every stack with its dilated schedule), `dense` (every stack one
+   segment of 2^24 tokens at rate 1: full attention over the stack's tokens; trained and tested
+   on K <= `--dense-max-digits`) and `local` (every stack only its shortest segment, at rate 1).
+   Reports test accuracy per K and per question type (`--questions`; first/last/count by default,
+   all five with `--questions first last count after most`).
+2. `recall`: associative recall drawn on the fly (`mmlongnet.data.AssociativeRecall`): key-value
+   pairs spread over sequences of `--lengths` tokens (4K 16K 64K), queries at the end. A causal
+   `LongNetLM` is trained on the query answers over a curriculum of lengths, as above. Models:
+   `dilated`, `local` (one 2K segment: `--local-window`) and `dense` (full causal attention, on
+   lengths <= `--dense-max-length`). Reports accuracy per length and per bucket of the distance
+   between a query and its pair (`--distance-edges`).
+3. `bytes`: a byte-level `LongNetLM` on windows of `--window` bytes (32K) taken inside single
+   files of a text corpus (the Python standard library's sources by default, split by file with
+   `mmlongnet.data.text_files.split_text_files`; only files longer than the window). Models:
+   `dilated` and `local` (one 2K segment), both trained on the same windows. Reports bits per
+   byte on held-out files by position in the window (`--position-edges`: 0-2K, 2K-8K, 8K-32K):
+   a model that uses long context predicts late bytes better than early ones.
+
+Every option has its default in `parse_args` (the one source of truth; `--help` lists them);
+`--smoke` shrinks everything to toy sizes that run on a CPU in seconds (the tests' twin).
+
+Writes `<out>/quality_<experiment>_<tag>.json` (the run's metadata, the options, per model its
+training log and its metrics) and `.png`, and prints a markdown table last.
+
+    python benchmarks/quality.py avdigits --tag h200
+    python benchmarks/quality.py avdigits --questions first last count after most --tag h200_all
+    python benchmarks/quality.py recall --tag h200
+    python benchmarks/quality.py bytes --tag h200
+    python benchmarks/quality.py recall --smoke --device cpu     # toy sizes, seconds on a CPU
+"""
+
+# B batch, N tokens of a sequence, K digits per example, L fused tokens, V vocabulary,
+# W segment length, R dilation rate.
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
+from _common import (  # noqa: E402
+    RESULTS_DIR,
+    cell,
+    device_name,
+    environment,
+    format_n,
+    free_memory,
+    mixed_precision,
+    pyplot,
+    save_figure,
+    slug,
+    write_json,
+)
+
+from mmlongnet import LongNetLM, MMLongNetConfig
+from mmlongnet.data import (
+    AssociativeRecall,
+    AVDigitsConfig,
+    AVDigitsDataset,
+    LengthBuckets,
+    RecallConfig,
+    collate_samples,
+)
+from mmlongnet.data.recall import IGNORE_INDEX
+from mmlongnet.data.text_files import split_text_files, stdlib_directory
+from mmlongnet.modalities.text import ByteTokenizer
+from mmlongnet.training import MultimodalClassifier, OptimizerConfig
+
+EXPERIMENTS = ("avdigits", "recall", "bytes")
+DENSE_SEGMENT = 1 << 24
+"""A segment longer than any sequence here: one segment at rate 1 is full attention."""
+AUDIO_TOKENS_PER_DIGIT = 13
+"""Audio tokens of one spoken digit with its gap (25 tokens/s; measured mean 12.96 at K = 64)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics (pure functions of predictions; the tests check them on cases with known answers)
+
+
+def grouped_accuracy(groups: Sequence, correct: Sequence[bool]) -> dict:
+    """Accuracy per group and over all: {group: {"n", "correct", "accuracy"}, ..., "all": {...}}.
+
+    Args:
+        groups: one group key per prediction (e.g. the question type).
+        correct: whether each prediction was right.
+    """
+    if len(groups) != len(correct):
+        raise ValueError(f"groups and correct differ in length: {len(groups)} and {len(correct)}")
+    table: dict = {}
+    for key in [*sorted(set(groups), key=str), "all"]:
+        hits = [bool(c) for g, c in zip(groups, correct, strict=True) if key == "all" or g == key]
+        table[key] = {
+            "n": len(hits),
+            "correct": sum(hits),
+            "accuracy": sum(hits) / len(hits) if hits else None,
+        }
+    return table
+
+
+def bucket_label(low: int, high: int) -> str:
+    """ "2K-8K" for [2048, 8192); plain numbers below 1K."""
+    return f"{format_n(low) if low else 0}-{format_n(high)}"
+
+
+def accuracy_by_distance(distances: torch.Tensor, correct: torch.Tensor, edges: Sequence[int]) -> list[dict]:
+    """Accuracy of the queries whose distance falls in each bucket [edges[i], edges[i + 1]).
+
+    Args:
+        distances: (n,) long, distance of each query to its pair.
+        correct: (n,) bool, whether its answer was right.
+        edges: increasing bucket edges; distances outside [edges[0], edges[-1]) are left out.
+
+    Returns:
+        one {"bucket", "low", "high", "n", "correct", "accuracy"} per bucket (accuracy None when empty).
+    """
+    rows = []
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        inside = (distances >= low) & (distances < high)  # (n,)
+        n, hits = int(inside.sum()), int((correct & inside).sum())
+        rows.append({"bucket": bucket_label(low, high), "low": low, "high": high, "n": n, "correct": hits,
+                     "accuracy": hits / n if n else None})  # fmt: skip
+    return rows
+
+
+def token_nats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in nats of each target: logits (B, N, V), targets (B, N) -> (B, N) float32."""
+    return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+
+
+def bits_by_position(nats: torch.Tensor, edges: Sequence[int]) -> list[dict]:
+    """Bits per byte in each bucket of positions [edges[i], edges[i + 1]) of the windows.
+
+    Args:
+        nats: (B, N) the loss in nats of every position of B windows (one token = one byte).
+        edges: increasing position edges; the last may exceed N (the bucket is then cut at N).
+
+    Returns:
+        one {"bucket", "low", "high", "tokens", "bits_per_byte"} per bucket (None when empty).
+    """
+    rows = []
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        part = nats[:, low:high]  # (B, <= high - low)
+        bits = float(part.double().mean()) / math.log(2) if part.numel() else None
+        rows.append({"bucket": bucket_label(low, high), "low": low, "high": high, "tokens": part.numel(),
+                     "bits_per_byte": bits})  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Training for a fixed time
+
+
+def lr_factor(step: int, progress: float, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up over steps, then a cosine over the elapsed share of
+    the training time (`progress` in [0, 1]) down to `min_lr_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def curriculum_stage(progress: float, num_stages: int, curriculum: str) -> int:
+    """The index of the last active stage (lengths up to it are drawn) at `progress` in [0, 1]."""
+    if curriculum == "mixed":
+        return num_stages - 1
+    return min(int(progress * num_stages), num_stages - 1)
+
+
+@dataclass
+class TrainLog:
+    """How one model trained: its steps, samples per length, and the loss along the way."""
+
+    seconds: float = 0.0
+    steps: int = 0
+    samples: dict = field(default_factory=dict)
+    """length (K digits or N tokens) -> training samples at it."""
+    curve: list = field(default_factory=list)
+    """[seconds, step, loss] every `log_every` steps."""
+    final_loss: float | None = None
+
+
+def train_for(
+    model: nn.Module,
+    next_batch: Callable[[float, np.random.Generator], tuple[int, object]],
+    loss_fn: Callable[[nn.Module, object], torch.Tensor],
+    seconds: float,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> TrainLog:
+    """Train `model` for `seconds` of wall-clock time (or `--max-steps` steps, if fewer).
+
+    Args:
+        next_batch: (progress in [0, 1], rng) -> (length, batch): the curriculum picks the length.
+        loss_fn: (model, batch) -> scalar loss.
+    """
+    optimizer = OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay).build(model, 1)["optimizer"]
+    rng = np.random.default_rng(args.seed)
+    log, start = TrainLog(), time.perf_counter()
+    model.train()
+    while (elapsed := time.perf_counter() - start) < seconds and log.steps < (args.max_steps or math.inf):
+        progress = max(elapsed / seconds, log.steps / args.max_steps if args.max_steps else 0.0)
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * lr_factor(log.steps, progress, args.warmup_steps, args.min_lr_ratio)
+        length, batch = next_batch(progress, rng)
+        with mixed_precision(device):
+            loss = loss_fn(model, batch)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.steps += 1
+        log.samples[length] = log.samples.get(length, 0) + batch_size_of(batch)
+        if log.steps % args.log_every == 0 or log.steps == 1:
+            log.final_loss = float(loss.detach())  # a host read every log_every steps only
+            log.curve.append([round(time.perf_counter() - start, 2), log.steps, round(log.final_loss, 4)])
+    log.seconds = time.perf_counter() - start
+    return log
+
+
+def batch_size_of(batch) -> int:
+    if isinstance(batch, tuple):  # (Batch, questions)
+        return len(batch[0])
+    return len(batch["tokens"]) if isinstance(batch, dict) else len(batch)
+
+
+def shares(args: argparse.Namespace, start: float, num_models: int) -> tuple[float, float]:
+    """(training seconds, evaluation seconds) of each model: the budget left after start-up, split
+    equally, so that every model trains for the same time."""
+    left = max(0.0, args.time_budget - (time.perf_counter() - start)) / max(1, num_models)
+    return left * (1 - args.eval_share), left * args.eval_share
+
+
+def batch_for(tokens_per_sample: int, args: argparse.Namespace) -> int:
+    """Samples per batch: about `--batch-tokens` tokens, at most `--batch-size`, at least 1."""
+    return max(1, min(args.batch_size, args.batch_tokens // max(1, tokens_per_sample)))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. AV digits against K
+
+
+def av_schedules(args: argparse.Namespace, kind: str) -> dict[str, dict]:
+    """The stacks' schedules of a model kind: dilated (as given), dense, or local."""
+    stacks = {
+        "text_stack": (1, [64], [1]),
+        "audio_stack": (args.modality_layers, args.modality_segments, args.modality_rates),
+        "video_stack": (args.modality_layers, args.modality_segments, args.modality_rates),
+        "fusion_stack": (args.fusion_layers, args.segments, args.rates),
+    }
+    out = {}
+    for name, (layers, segments, rates) in stacks.items():
+        if kind == "dense":
+            segments, rates = [DENSE_SEGMENT], [1]
+        elif kind == "local":
+            segments, rates = [min(segments)], [1]
+        out[name] = {"num_layers": layers, "segment_lengths": list(segments), "dilation_rates": list(rates)}
+    return out
+
+
+def av_model_config(args: argparse.Namespace, kind: str) -> MMLongNetConfig:
+    E = args.d_model
+    return MMLongNetConfig(
+        d_model=E, nhead=args.nhead, dim_feedforward=args.ffn,
+        text={"embed_dim": E},
+        audio={"embed_dim": E, "n_mels": 40, "conv_channels": 32},
+        video={"embed_dim": E, "image_size": 8, "patch_size": args.patch_size, "in_chans": 1},
+        **av_schedules(args, kind),
+    )  # fmt: skip
+
+
+def av_collate(samples: list[dict], buckets: LengthBuckets | None):
+    """(Batch, the question type of each sample)."""
+    return collate_samples(samples, buckets=buckets), [sample["question"] for sample in samples]
+
+
+def av_tokens_per_sample(K: int, args: argparse.Namespace) -> int:
+    """About the fused tokens of a sample with both views: text, audio and video of K digits."""
+    return 40 + K * (AUDIO_TOKENS_PER_DIGIT + (8 // args.patch_size) ** 2)
+
+
+def av_loader(
+    K: int, split: str, examples: int, args: argparse.Namespace, device: torch.device
+) -> DataLoader:
+    config = AVDigitsConfig(num_digits=K, questions=list(args.questions), seed=args.seed + K)
+    dataset = AVDigitsDataset(split, examples, config)
+    buckets = LengthBuckets() if device.type == "cuda" else None  # repeating shapes on a GPU
+    workers = args.workers
+    return DataLoader(
+        dataset, batch_size=batch_for(av_tokens_per_sample(K, args), args), shuffle=False,
+        num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+        collate_fn=partial(av_collate, buckets=buckets),
+    )  # fmt: skip
+
+
+class Curriculum:
+    """Batches from one endless loader per length; `next(progress, rng)` draws a length uniformly
+    among the stages active at `progress` (see `curriculum_stage`) and returns (length, batch)."""
+
+    def __init__(
+        self, lengths: Sequence[int], make_loader: Callable[[int], DataLoader], curriculum: str
+    ) -> None:
+        self.lengths, self.make_loader, self.curriculum = list(lengths), make_loader, curriculum
+        self.iterators: dict[int, Iterator] = {}
+
+    def __call__(self, progress: float, rng: np.random.Generator):
+        stage = curriculum_stage(progress, len(self.lengths), self.curriculum)
+        length = self.lengths[int(rng.integers(stage + 1))]
+        if length not in self.iterators:
+            self.iterators[length] = iter(self.make_loader(length))
+        return length, next(self.iterators[length])
+
+
+def av_loss(module: MultimodalClassifier, batch, device: torch.device) -> torch.Tensor:
+    data, _ = batch
+    data = module.transfer_batch_to_device(data, device, 0)
+    logits = module(data)  # (B, 10)
+    return F.cross_entropy(logits.float(), data.labels.to(device, non_blocking=True))
+
+
+@torch.no_grad()
+def av_evaluate(module, K, args, device, deadline: float) -> dict:
+    """Test accuracy at K digits per question type (stops early at `deadline`)."""
+    module.eval()
+    questions, correct, tokens = [], [], []
+    for data, kinds in av_loader(K, "test", args.eval_examples, args, device):
+        if questions and time.perf_counter() > deadline:  # at least one batch per K
+            break
+        data = module.transfer_batch_to_device(data, device, 0)
+        with mixed_precision(device):
+            predicted = module(data).argmax(-1).cpu()  # (B,)
+        questions += kinds
+        correct += (predicted == data.labels).tolist()
+        tokens.append(module.last_batch_tokens / len(kinds))
+    module.train()
+    table = grouped_accuracy(questions, correct)
+    return {"accuracy": table, "fused_tokens_per_sample": float(np.mean(tokens)) if tokens else None}
+
+
+def run_avdigits(args: argparse.Namespace, device: torch.device, start: float) -> dict:
+    results = {}
+    train_s, eval_s = shares(args, start, len(args.models))
+    for kind in args.models:
+        digits = [K for K in args.digits if kind != "dense" or K <= args.dense_max_digits]
+        torch.manual_seed(args.seed)
+        module = MultimodalClassifier(av_model_config(args, kind), num_classes=10, pooling=args.pooling).to(
+            device
+        )
+        curriculum = Curriculum(
+            digits, lambda K: av_loader(K, "train", 10**7, args, device), args.curriculum
+        )  # fmt: skip
+        log = train_for(module, curriculum, partial(av_loss, device=device), train_s, args, device)
+        deadline = time.perf_counter() + eval_s
+        metrics = {K: av_evaluate(module, K, args, device, deadline) for K in digits}
+        results[kind] = {
+            "parameters": count_parameters(module),
+            "train": dataclasses.asdict(log),
+            "test": metrics,
+        }
+        print(f"[avdigits] {kind}: {log.steps} steps in {log.seconds:.0f} s, " + ", ".join(
+            f"K={K} {m['accuracy']['all']['accuracy']}" for K, m in metrics.items()), flush=True)  # fmt: skip
+        del module, curriculum
+        free_memory(device)
+    return results
+
+
+def avdigits_table(results: dict, args: argparse.Namespace) -> str:
+    questions = list(args.questions)
+    lines = [
+        "| K | fused tokens | model | steps | all | " + " | ".join(questions) + " |",
+        "|---" * (5 + len(questions)) + "|",
+    ]
+    for K in args.digits:
+        for kind, result in results.items():
+            metrics = result["test"].get(K)
+            if metrics is None:
+                continue
+            acc = metrics["accuracy"]
+            tokens = metrics["fused_tokens_per_sample"]
+            cells = [cell((acc.get(q) or {}).get("accuracy"), ".3f") for q in ["all", *questions]]
+            lines.append(
+                f"| {K} | {cell(tokens, ',.0f')} | {kind} | {result['train']['steps']} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Associative recall against distance
+
+
+def recall_config(args: argparse.Namespace, length: int, seed: int) -> RecallConfig:
+    return RecallConfig(
+        length=length, num_pairs=args.pairs, num_queries=args.queries, num_keys=args.num_keys,
+        num_values=args.num_values, num_fillers=args.num_fillers, seed=seed,
+    )  # fmt: skip
+
+
+def lm_for(args: argparse.Namespace, kind: str, vocab: int) -> LongNetLM:
+    """The `LongNetLM` of a model kind: dilated (`--segments`/`--rates`), local (one
+    `--local-window` segment at rate 1) or dense (full causal attention)."""
+    segments, rates = list(args.segments), list(args.rates)
+    if kind == "local":
+        segments, rates = [args.local_window], [1]
+    return LongNetLM(
+        num_tokens=vocab, d_model=args.d_model, nhead=args.nhead, num_layers=args.layers,
+        dim_feedforward=args.ffn, segment_lengths=segments, dilation_rates=rates,
+        attention="dense" if kind == "dense" else "dilated", tie_embeddings=True,
+    )  # fmt: skip
+
+
+def recall_loader(args: argparse.Namespace, length: int, examples: int, seed: int) -> DataLoader:
+    dataset = AssociativeRecall(recall_config(args, length, seed), examples)
+    return DataLoader(dataset, batch_size=batch_for(length, args), num_workers=args.workers,
+                      persistent_workers=args.workers > 0)  # fmt: skip
+
+
+def recall_loss(model: LongNetLM, batch: dict, device: torch.device) -> torch.Tensor:
+    tokens = batch["tokens"].to(device, non_blocking=True)  # (B, N)
+    targets = batch["targets"].to(device, non_blocking=True)  # (B, N)
+    return F.cross_entropy(model(tokens).float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def recall_evaluate(model, length, args, device, deadline: float) -> dict:
+    """Accuracy at `length` tokens over the whole test set and per distance bucket."""
+    model.eval()
+    distances, correct = [], []
+    for batch in recall_loader(args, length, args.eval_sequences, seed=args.seed + 10**6):
+        if distances and time.perf_counter() > deadline:  # at least one batch per length
+            break
+        with mixed_precision(device):
+            predicted = model(batch["tokens"].to(device)).argmax(-1).cpu()  # (B, N)
+        asked = batch["targets"] != IGNORE_INDEX  # (B, N)
+        distances.append(batch["distances"][asked])
+        correct.append((predicted == batch["targets"])[asked])
+    model.train()
+    distances = torch.cat(distances) if distances else torch.zeros(0, dtype=torch.long)
+    correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+    edges = [edge for edge in args.distance_edges if edge < length] + [length]
+    return {
+        "queries": int(correct.numel()),
+        "accuracy": float(correct.float().mean()) if correct.numel() else None,
+        "by_distance": accuracy_by_distance(distances, correct, edges),
+    }
+
+
+def run_recall(args: argparse.Namespace, device: torch.device, start: float) -> dict:
+    vocab = recall_config(args, max(args.lengths), 0).vocab_size
+    results = {}
+    train_s, eval_s = shares(args, start, len(args.models))
+    for kind in args.models:
+        lengths = [n for n in args.lengths if kind != "dense" or n <= args.dense_max_length]
+        torch.manual_seed(args.seed)
+        model = lm_for(args, kind, vocab).to(device)
+        curriculum = Curriculum(
+            lengths, lambda n: recall_loader(args, n, 10**9, seed=args.seed + n), args.curriculum
+        )  # fmt: skip
+        log = train_for(model, curriculum, partial(recall_loss, device=device), train_s, args, device)
+        deadline = time.perf_counter() + eval_s
+        metrics = {n: recall_evaluate(model, n, args, device, deadline) for n in lengths}
+        results[kind] = {
+            "parameters": count_parameters(model),
+            "train": dataclasses.asdict(log),
+            "test": metrics,
+        }
+        print(f"[recall] {kind}: {log.steps} steps in {log.seconds:.0f} s, " + ", ".join(
+            f"N={n} {m['accuracy']}" for n, m in metrics.items()), flush=True)  # fmt: skip
+        del model, curriculum
+        free_memory(device)
+    return results
+
+
+def recall_table(results: dict, args: argparse.Namespace) -> str:
+    edges = list(args.distance_edges) + [max(args.lengths)]
+    labels = [bucket_label(low, high) for low, high in zip(edges[:-1], edges[1:], strict=True)]
+    lines = ["| N | model | steps | all | " + " | ".join(f"d {label}" for label in labels) + " |",
+             "|---" * (4 + len(labels)) + "|"]  # fmt: skip
+    for n in args.lengths:
+        for kind, result in results.items():
+            metrics = result["test"].get(n)
+            if metrics is None:
+                continue
+            by_low = {row["low"]: row["accuracy"] for row in metrics["by_distance"]}
+            cells = [cell(by_low.get(low), ".3f") if low < n else "" for low in edges[:-1]]
+            accuracy = cell(metrics["accuracy"], ".3f")
+            lines.append(
+                f"| {n:,} | {kind} | {result['train']['steps']} | {accuracy} | " + " | ".join(cells) + " |"
+            )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Bytes of real text against position
+
+
+class FileWindows(torch.utils.data.Dataset):
+    """Windows of N + 1 byte ids, each inside one file (files of at most N + 1 bytes are left out).
+
+    Window i draws a file (with probability proportional to its number of windows) and a start
+    from default_rng([seed, i]). `__getitem__(i) -> (N + 1,) long` (ByteTokenizer ids: byte + 3).
+    """
+
+    def __init__(self, files: Sequence[Path], window: int, num_windows: int, seed: int) -> None:
+        offset = ByteTokenizer().offset
+        self.texts = [
+            np.frombuffer(p.read_bytes(), dtype=np.uint8) for p in files if p.stat().st_size > window + 1
+        ]
+        if not self.texts:
+            raise ValueError(f"no file longer than the window of {window + 1} bytes")
+        self.offset, self.window, self.num_windows, self.seed = offset, window, num_windows, seed
+        starts = np.array([len(t) - window - 1 for t in self.texts], dtype=np.float64)  # (files,)
+        self.cdf = np.cumsum(starts) / starts.sum()
+        self.total_bytes = int(sum(len(t) for t in self.texts))
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, index])
+        text = self.texts[
+            min(int(np.searchsorted(self.cdf, rng.random(), side="right")), len(self.texts) - 1)
+        ]
+        start = int(rng.integers(0, len(text) - self.window))
+        return torch.from_numpy(
+            text[start : start + self.window + 1].astype(np.int64) + self.offset
+        )  # (N + 1,)
+
+
+def bytes_corpus(args: argparse.Namespace) -> dict[str, list[Path]]:
+    root = Path(args.root) if args.root else stdlib_directory()
+    return split_text_files(root, args.pattern)
+
+
+def bytes_loader(windows: FileWindows, args: argparse.Namespace) -> DataLoader:
+    return DataLoader(windows, batch_size=batch_for(args.window, args), num_workers=args.workers,
+                      persistent_workers=args.workers > 0)  # fmt: skip
+
+
+def bytes_loss(model: LongNetLM, windows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    windows = windows.to(device, non_blocking=True)  # (B, N + 1)
+    return F.cross_entropy(model(windows[:, :-1]).float().transpose(1, 2), windows[:, 1:])
+
+
+@torch.no_grad()
+def bytes_evaluate(model, windows: FileWindows, args, device, deadline: float) -> dict:
+    model.eval()
+    nats = []
+    for batch in DataLoader(windows, batch_size=batch_for(args.window, args)):
+        if nats and time.perf_counter() > deadline:  # at least one batch
+            break
+        batch = batch.to(device)
+        with mixed_precision(device):
+            logits = model(batch[:, :-1])  # (B, N, V)
+        nats.append(token_nats(logits, batch[:, 1:]).cpu())  # (B, N)
+    model.train()
+    nats = torch.cat(nats) if nats else torch.zeros(0, args.window)
+    return {
+        "windows": len(nats),
+        "bits_per_byte": float(nats.double().mean()) / math.log(2) if nats.numel() else None,
+        "by_position": bits_by_position(nats, args.position_edges),
+    }
+
+
+def run_bytes(args: argparse.Namespace, device: torch.device, start: float) -> dict:
+    files = bytes_corpus(args)
+    train = FileWindows(files["train"], args.window, 10**9, args.seed)
+    test = FileWindows(files["test"] + files["val"], args.window, args.eval_windows, args.seed + 1)
+    results = {"corpus": {"train_files": len(train.texts), "train_bytes": train.total_bytes,
+                          "test_files": len(test.texts), "test_bytes": test.total_bytes}}  # fmt: skip
+    models = {}
+    train_s, eval_s = shares(args, start, len(args.models))
+    for kind in args.models:
+        torch.manual_seed(args.seed)
+        model = lm_for(args, kind, ByteTokenizer().vocab_size).to(device)
+        windows = Curriculum([args.window], lambda n: bytes_loader(train, args), "mixed")
+        log = train_for(model, windows, partial(bytes_loss, device=device), train_s, args, device)
+        metrics = bytes_evaluate(model, test, args, device, time.perf_counter() + eval_s)
+        models[kind] = {
+            "parameters": count_parameters(model),
+            "train": dataclasses.asdict(log),
+            "test": metrics,
+        }
+        buckets = (f"{row['bucket']} {cell(row['bits_per_byte'], '.3f')}" for row in metrics["by_position"])
+        print(f"[bytes] {kind}: {log.steps} steps in {log.seconds:.0f} s, " + ", ".join(buckets), flush=True)
+        del model, windows
+        free_memory(device)
+    return results | {"models": models}
+
+
+def bytes_table(results: dict, args: argparse.Namespace) -> str:
+    edges = list(args.position_edges)
+    labels = [bucket_label(low, high) for low, high in zip(edges[:-1], edges[1:], strict=True)]
+    lines = ["| model | steps | windows | all | " + " | ".join(f"bits/byte {label}" for label in labels)
+             + " | last - first bucket |", "|---" * (5 + len(labels)) + "|"]  # fmt: skip
+    for kind, result in results["models"].items():
+        rows = result["test"]["by_position"]
+        bits = [row["bits_per_byte"] for row in rows]
+        gain = bits[-1] - bits[0] if None not in (bits[0], bits[-1]) else None
+        cells = [str(result["train"]["steps"]), str(result["test"]["windows"])]
+        cells += [cell(b, ".3f") for b in [result["test"]["bits_per_byte"], *bits, gain]]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots, files, the command line
+
+
+def plot(experiment: str, results: dict, args: argparse.Namespace, path: Path) -> None:
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    models = results["models"] if experiment == "bytes" else results
+    for kind, result in models.items():
+        curve = np.array(result["train"]["curve"]).reshape(-1, 3)
+        right.plot(curve[:, 0], curve[:, 2], label=kind)
+        if experiment == "avdigits":
+            Ks = sorted(result["test"])
+            left.plot(
+                Ks, [result["test"][K]["accuracy"]["all"]["accuracy"] or 0 for K in Ks], "o-", label=kind
+            )
+        elif experiment == "recall":
+            for n, metrics in result["test"].items():
+                rows = [row for row in metrics["by_distance"] if row["n"]]
+                left.plot([math.sqrt(max(1, row["low"]) * row["high"]) for row in rows],
+                          [row["accuracy"] for row in rows], "o-", label=f"{kind}, N={n:,}")  # fmt: skip
+        else:
+            rows = result["test"]["by_position"]
+            left.plot([math.sqrt(max(1, row["low"]) * row["high"]) for row in rows],
+                      [row["bits_per_byte"] or math.nan for row in rows], "o-", label=kind)  # fmt: skip
+    chance = {"avdigits": 0.1, "recall": 1 / args.num_values if experiment == "recall" else None}.get(
+        experiment
+    )
+    if chance:
+        left.axhline(chance, color="grey", linestyle=":", label="chance")
+    xlabel = {"avdigits": "K digits per example", "recall": "distance query -> pair (tokens)",
+              "bytes": "position in the window (bytes)"}[experiment]  # fmt: skip
+    left.set(
+        xscale="log", xlabel=xlabel, ylabel="bits per byte" if experiment == "bytes" else "test accuracy"
+    )
+    right.set(xlabel="training seconds", ylabel="training loss", title="training (same time per model)")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    left.set_title(f"quality: {experiment}")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+
+
+def run_metadata(args: argparse.Namespace, device: torch.device) -> dict:
+    options = {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()}
+    return environment(device) | {"experiment": args.experiment, "options": options}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# Per experiment: its defaults (the one source of truth), then --smoke's toy sizes.
+DEFAULTS = {
+    "avdigits": dict(
+        time_budget=540.0,
+        models=["dilated", "dense", "local"], digits=[4, 16, 64, 256, 1024],
+        questions=["first", "last", "count"], dense_max_digits=1024, curriculum="grow", pooling="text",
+        d_model=256, nhead=8, ffn=1024, patch_size=8, fusion_layers=4, modality_layers=1,
+        segments=[256, 1024, 4096, 16384], rates=[1, 2, 4, 8],
+        modality_segments=[256, 1024, 4096], modality_rates=[1, 2, 4],
+        lr=1e-3, warmup_steps=200, batch_size=32, batch_tokens=65536, eval_examples=512,
+    ),
+    "recall": dict(
+        time_budget=540.0,
+        models=["dilated", "local", "dense"], lengths=[4096, 16384, 65536], dense_max_length=16384,
+        curriculum="grow", pairs=64, queries=32, num_keys=512, num_values=64, num_fillers=64,
+        d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
+        segments=[2048, 8192, 32768, 65536], rates=[1, 2, 4, 8],
+        distance_edges=[0, 512, 2048, 8192, 32768],
+        lr=1e-3, warmup_steps=200, batch_size=16, batch_tokens=65536, eval_sequences=64,
+    ),
+    "bytes": dict(
+        time_budget=540.0,
+        models=["dilated", "local"], window=32768, root=None, pattern="*.py",
+        d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
+        segments=[2048, 4096, 8192, 16384, 32768], rates=[1, 2, 4, 8, 16],
+        position_edges=[0, 2048, 8192, 32768],
+        lr=1e-3, warmup_steps=200, batch_size=16, batch_tokens=65536, eval_windows=64,
+    ),
+}  # fmt: skip
+SMOKE = {
+    "avdigits": dict(
+        digits=[2, 4], dense_max_digits=2, d_model=16, nhead=2, ffn=32, fusion_layers=1, segments=[8, 16],
+        rates=[1, 2], modality_segments=[8, 16], modality_rates=[1, 2], batch_size=4, batch_tokens=10**6,
+        eval_examples=8, warmup_steps=2, time_budget=4.0,
+    ),
+    "recall": dict(
+        lengths=[64, 128], dense_max_length=64, pairs=8, queries=4, num_keys=16, num_values=8, num_fillers=4,
+        d_model=16, nhead=2, ffn=32, layers=2, local_window=16, segments=[16, 64, 128], rates=[1, 2, 4],
+        distance_edges=[0, 16, 64], batch_size=4, batch_tokens=256, eval_sequences=4, warmup_steps=2,
+        time_budget=3.0,
+    ),
+    "bytes": dict(
+        window=256, d_model=16, nhead=2, ffn=32, layers=2, local_window=32, segments=[32, 64, 256],
+        rates=[1, 2, 4], position_edges=[0, 32, 128, 256], batch_size=2, batch_tokens=512, eval_windows=4,
+        warmup_steps=2, time_budget=3.0,
+    ),
+}  # fmt: skip
+RUNNERS = {"avdigits": (run_avdigits, avdigits_table), "recall": (run_recall, recall_table),
+           "bytes": (run_bytes, bytes_table)}  # fmt: skip
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("experiment", choices=EXPERIMENTS)
+    common = parser.add_argument_group("every experiment")
+    common.add_argument("--time-budget", type=float, help="seconds for the whole run (default 540)")
+    common.add_argument(
+        "--eval-share", type=float, default=0.15, help="share of each model's time kept for its evaluation"
+    )
+    common.add_argument(
+        "--models",
+        nargs="+",
+        choices=["dilated", "dense", "local"],
+        help="models compared (default per experiment)",
+    )
+    common.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    common.add_argument("--warmup-steps", type=int, help="steps of linear warm-up (default 200)")
+    common.add_argument(
+        "--min-lr-ratio", type=float, default=0.1, help="the cosine over the training time ends at lr * this"
+    )
+    common.add_argument("--weight-decay", type=float, default=0.01)
+    common.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm")
+    common.add_argument(
+        "--batch-size", type=int, help="samples per batch at most (default 32 avdigits, 16 recall and bytes)"
+    )
+    common.add_argument(
+        "--batch-tokens",
+        type=int,
+        help="tokens per batch: batch = min(batch-size, this / tokens per sample) (default 65536)",
+    )
+    common.add_argument(
+        "--curriculum",
+        choices=["grow", "mixed"],
+        help="grow: one stage per length, each adding the next; mixed: all lengths from the start",
+    )
+    common.add_argument("--d-model", type=int, help="width (default 256)")
+    common.add_argument("--nhead", type=int, help="attention heads (default 8)")
+    common.add_argument("--ffn", type=int, help="FFN hidden size (default 1024)")
+    common.add_argument(
+        "--segments",
+        type=int,
+        nargs="+",
+        help="segment lengths of the dilated model (the fusion stack's for avdigits)",
+    )
+    common.add_argument("--rates", type=int, nargs="+", help="dilation rates of the dilated model")
+    common.add_argument("--workers", type=int, help="data-loader workers (default 4 on a GPU, 0 on the CPU)")
+    common.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop each model's training after this many steps too (default: time only)",
+    )
+    common.add_argument(
+        "--log-every", type=int, default=25, help="training loss read back every this many steps"
+    )
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    common.add_argument("--out", type=Path, default=RESULTS_DIR)
+    common.add_argument(
+        "--tag", default=None, help="file tag (default: the device's name; smoke with --smoke)"
+    )
+    common.add_argument("--smoke", action="store_true", help="toy sizes that run on a CPU in seconds")
+    av = parser.add_argument_group("avdigits")
+    av.add_argument("--digits", type=int, nargs="+", help="K digits per example (default 4 16 64 256 1024)")
+    av.add_argument(
+        "--questions",
+        nargs="+",
+        choices=["first", "last", "count", "after", "most"],
+        help="question types (default first last count)",
+    )
+    av.add_argument("--dense-max-digits", type=int, help="largest K of the dense model (default 1024)")
+    av.add_argument(
+        "--pooling",
+        choices=["mean", "text"],
+        help="what the head reads (default text: the question's tokens)",
+    )
+    av.add_argument("--patch-size", type=int, help="video patch size on 8x8 frames (8: one token a frame)")
+    av.add_argument("--fusion-layers", type=int, help="multiway fusion layers (default 4)")
+    av.add_argument("--modality-layers", type=int, help="layers of the audio and video stacks (default 1)")
+    av.add_argument(
+        "--modality-segments",
+        type=int,
+        nargs="+",
+        help="audio and video stack segments (default 256 1024 4096)",
+    )
+    av.add_argument("--modality-rates", type=int, nargs="+", help="their dilation rates (default 1 2 4)")
+    av.add_argument("--eval-examples", type=int, help="test examples per K (default 512)")
+    rc = parser.add_argument_group("recall")
+    rc.add_argument("--lengths", type=int, nargs="+", help="sequence lengths N (default 4096 16384 65536)")
+    rc.add_argument("--dense-max-length", type=int, help="longest N of the dense model (default 16384)")
+    rc.add_argument("--pairs", type=int, help="key-value pairs per sequence (default 64)")
+    rc.add_argument("--queries", type=int, help="queries per sequence (default 32)")
+    rc.add_argument("--num-keys", type=int, help="key ids (default 512)")
+    rc.add_argument("--num-values", type=int, help="value ids; chance = 1 / this (default 64)")
+    rc.add_argument("--num-fillers", type=int, help="filler ids (default 64)")
+    rc.add_argument(
+        "--distance-edges",
+        type=int,
+        nargs="+",
+        help="distance buckets' lower edges (default 0 512 2048 8192 32768)",
+    )
+    rc.add_argument("--eval-sequences", type=int, help="test sequences per length (default 64)")
+    lm = parser.add_argument_group("recall and bytes")
+    lm.add_argument("--layers", type=int, help="decoder layers (default 4)")
+    lm.add_argument("--local-window", type=int, help="the local model's one segment (default 2048)")
+    by = parser.add_argument_group("bytes")
+    by.add_argument("--window", type=int, help="bytes per window (default 32768)")
+    by.add_argument("--root", default=None, help="text directory (default: the standard library's sources)")
+    by.add_argument("--pattern", default=None, help="file pattern (default *.py)")
+    by.add_argument(
+        "--position-edges", type=int, nargs="+", help="position buckets' edges (default 0 2048 8192 32768)"
+    )
+    by.add_argument("--eval-windows", type=int, help="test windows (default 64)")
+    args = parser.parse_args(argv)
+    given = {k for k, v in vars(args).items() if v is not None}
+    defaults = DEFAULTS[args.experiment] | (SMOKE[args.experiment] if args.smoke else {})
+    for name, value in defaults.items():
+        if name not in given:
+            setattr(args, name, value)
+    others = {name for table in DEFAULTS.values() for name in table} - set(defaults)
+    for name in others & {name for name, value in vars(args).items() if value is None}:
+        delattr(args, name)  # options of the other experiments
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.workers is None:
+        args.workers = 4 if torch.device(args.device).type == "cuda" else 0
+    if args.segments is not None and len(args.segments) != len(args.rates):
+        parser.error(f"--segments and --rates differ in length: {args.segments} and {args.rates}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    start = time.perf_counter()
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.tag is None:
+        args.tag = "smoke" if args.smoke else slug(device_name(device))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    run, table = RUNNERS[args.experiment]
+    results = run(args, device, start)
+    meta = run_metadata(args, device) | {"seconds": round(time.perf_counter() - start, 1)}
+    stem = args.out / f"quality_{args.experiment}_{args.tag}"
+    write_json(stem.with_suffix(".json"), {"meta": meta, "results": results})
+    plot(args.experiment, results, args, stem.with_suffix(".png"))
+    print(f"wrote {stem}.json and .png ({meta['seconds']} s)")
+    print(table(results, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

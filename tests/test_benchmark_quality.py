@@ -1,0 +1,168 @@
+"""The learning-at-length benchmark on the CPU: each experiment end to end at toy sizes (a few
+steps, JSON + PNG + table), and its metric on cases with a known answer."""
+
+import json
+import math
+
+import pytest
+import torch
+from benchmark_loader import load_benchmark
+from torch import nn
+
+from mmlongnet.data import AssociativeRecall
+
+bench = load_benchmark("quality")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def smoke(tmp_path, experiment: str, *extra: str) -> dict:
+    argv = [experiment, "--smoke", "--device", "cpu", "--out", str(tmp_path), "--tag", "t",
+            "--max-steps", "2", "--time-budget", "60", *extra]  # fmt: skip
+    assert bench.main(argv) == 0
+    assert (tmp_path / f"quality_{experiment}_t.png").read_bytes()[:8] == PNG
+    assert not (tmp_path / f"quality_{experiment}_t.json.part").exists()
+    return json.loads((tmp_path / f"quality_{experiment}_t.json").read_text())
+
+
+# --- metrics on known answers ---
+
+
+def test_per_question_accuracy_on_a_fixed_table():
+    questions = ["first", "first", "last", "count", "count", "count"]
+    correct = [True, False, True, True, True, False]
+    table = bench.grouped_accuracy(questions, correct)
+    assert table["first"] == {"n": 2, "correct": 1, "accuracy": 0.5}
+    assert table["last"] == {"n": 1, "correct": 1, "accuracy": 1.0}
+    assert table["count"]["accuracy"] == pytest.approx(2 / 3)
+    assert table["all"] == {"n": 6, "correct": 4, "accuracy": pytest.approx(4 / 6)}
+    with pytest.raises(ValueError, match="length"):
+        bench.grouped_accuracy(questions, correct[:-1])
+
+
+def test_accuracy_by_distance_buckets_hand_made_predictions():
+    distances = torch.tensor([1, 10, 100, 600, 3000, 5000, 9000])
+    correct = torch.tensor([True, False, True, True, False, False, True])
+    rows = bench.accuracy_by_distance(distances, correct, [0, 16, 1024, 8192])
+    assert [row["bucket"] for row in rows] == ["0-16", "16-1K", "1K-8K"]
+    assert [(row["n"], row["correct"]) for row in rows] == [(2, 1), (2, 2), (2, 0)]  # 9000 is past the edges
+    assert [row["accuracy"] for row in rows] == [0.5, 1.0, 0.0]
+    empty = bench.accuracy_by_distance(distances, correct, [20000, 30000])
+    assert empty[0]["n"] == 0 and empty[0]["accuracy"] is None
+
+
+def test_bits_per_byte_of_a_uniform_model_is_8_and_of_a_half_sure_one_is_1():
+    targets = torch.randint(0, 256, (3, 40))
+    uniform = torch.zeros(3, 40, 256)  # (B, N, V)
+    rows = bench.bits_by_position(bench.token_nats(uniform, targets), [0, 4, 16, 40])
+    assert [row["bits_per_byte"] for row in rows] == [pytest.approx(8.0)] * 3
+    assert [row["tokens"] for row in rows] == [12, 36, 72]
+    # from position 4 on, the target gets probability 1/2 (the other 255 share the rest): 1 bit
+    half = uniform.clone()
+    half[:, 4:].scatter_(-1, targets[:, 4:, None], math.log(255))
+    rows = bench.bits_by_position(bench.token_nats(half, targets), [0, 4, 16, 40])
+    assert [row["bits_per_byte"] for row in rows] == [pytest.approx(8.0), pytest.approx(1.0, abs=1e-4)] + [
+        pytest.approx(1.0, abs=1e-4)
+    ]  # float32 log-softmax
+
+
+def test_time_schedule_and_curriculum():
+    assert bench.lr_factor(0, 0.0, 10, 0.1) == pytest.approx(0.1)  # warm-up by steps
+    assert bench.lr_factor(10, 0.0, 10, 0.1) == pytest.approx(1.0)
+    assert bench.lr_factor(50, 0.5, 10, 0.1) == pytest.approx(0.55)  # cosine by time
+    assert bench.lr_factor(50, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert [bench.curriculum_stage(p, 3, "grow") for p in (0.0, 0.34, 0.67, 1.0)] == [0, 1, 2, 2]
+    assert bench.curriculum_stage(0.0, 3, "mixed") == 2
+
+
+class RecallOracle(nn.Module):
+    """Answers each token with the token that followed its previous occurrence: perfect recall."""
+
+    def forward(self, tokens):  # (B, N) -> (B, N, V)
+        logits = torch.zeros(*tokens.shape, 200)
+        for b, row in enumerate(tokens.tolist()):
+            after = {}
+            for i, token in enumerate(row):
+                if token in after:
+                    logits[b, i, after[token]] = 1.0
+                if i + 1 < len(row):
+                    after[token] = row[i + 1]
+        return logits
+
+
+def test_recall_evaluation_of_a_perfect_and_a_constant_model():
+    args = bench.parse_args(["recall", "--smoke"])
+    perfect = bench.recall_evaluate(RecallOracle(), 128, args, torch.device("cpu"), deadline=math.inf)
+    assert perfect["queries"] == args.eval_sequences * args.queries
+    assert perfect["accuracy"] == 1.0
+    assert all(row["accuracy"] == 1.0 for row in perfect["by_distance"] if row["n"])
+    assert sum(row["n"] for row in perfect["by_distance"]) == perfect["queries"]
+
+    class Constant(nn.Module):  # always answers value 0
+        def forward(self, tokens):
+            return torch.zeros(*tokens.shape, 200).index_fill_(-1, torch.tensor([0]), 1.0)
+
+    constant = bench.recall_evaluate(Constant(), 128, args, torch.device("cpu"), deadline=math.inf)
+    data = AssociativeRecall(bench.recall_config(args, 128, args.seed + 10**6), args.eval_sequences)
+    answers = torch.cat([s["targets"][s["targets"] >= 0] for s in data])
+    assert constant["accuracy"] == pytest.approx(float((answers == 0).float().mean()))
+
+
+# --- the three experiments end to end ---
+
+
+def test_avdigits_runs_every_model_and_reports_per_k_and_question(tmp_path, capsys, one_thread):
+    data = smoke(tmp_path, "avdigits")
+    results, options = data["results"], data["meta"]["options"]
+    assert set(results) == {"dilated", "dense", "local"} and options["digits"] == [2, 4]
+    for kind, result in results.items():
+        assert result["train"]["steps"] == 2 and result["parameters"] > 0
+        expected = ["2"] if kind == "dense" else ["2", "4"]  # dense up to --dense-max-digits (2 when smoke)
+        assert list(result["test"]) == expected
+        for metrics in result["test"].values():
+            table = metrics["accuracy"]
+            assert table["all"]["n"] == options["eval_examples"]
+            assert sum(table[q]["n"] for q in table if q != "all") == table["all"]["n"]
+            assert set(table) - {"all"} <= {"first", "last", "count"}
+            assert table["all"]["accuracy"] == table["all"]["correct"] / table["all"]["n"]
+    assert "| K | fused tokens | model |" in capsys.readouterr().out
+
+
+def test_avdigits_schedules_of_the_baselines():
+    args = bench.parse_args(["avdigits"])
+    dense, local = bench.av_schedules(args, "dense"), bench.av_schedules(args, "local")
+    assert dense["fusion_stack"]["segment_lengths"] == [bench.DENSE_SEGMENT] and dense["fusion_stack"][
+        "dilation_rates"
+    ] == [1]
+    assert local["fusion_stack"]["segment_lengths"] == [256] and local["audio_stack"]["segment_lengths"] == [
+        256
+    ]
+    assert bench.av_schedules(args, "dilated")["fusion_stack"]["segment_lengths"] == [256, 1024, 4096, 16384]
+
+
+def test_recall_runs_every_model_and_buckets_by_distance(tmp_path, capsys, one_thread):
+    results = smoke(tmp_path, "recall")["results"]
+    assert set(results) == {"dilated", "local", "dense"}
+    assert list(results["dense"]["test"]) == ["64"]  # --dense-max-length 64 in the smoke run
+    for result in results.values():
+        for length, metrics in result["test"].items():
+            rows = metrics["by_distance"]
+            assert rows[-1]["high"] == int(length) and sum(row["n"] for row in rows) == metrics["queries"]
+            assert metrics["queries"] == 4 * 4  # eval sequences x queries
+    assert "| N | model | steps | all |" in capsys.readouterr().out
+
+
+def test_bytes_runs_both_models_and_reports_bits_by_position(tmp_path, capsys, one_thread):
+    corpus = tmp_path / "corpus"
+    for split_probe in range(12):  # files of 1,000 bytes, longer than the 256-byte smoke window
+        (corpus / f"f{split_probe}").mkdir(parents=True)
+        (corpus / f"f{split_probe}" / "a.txt").write_text(f"line {split_probe} of some text\n" * 50)
+    data = smoke(tmp_path, "bytes", "--root", str(corpus), "--pattern", "*.txt")
+    models = data["results"]["models"]
+    assert set(models) == {"dilated", "local"}
+    for result in models.values():
+        test = result["test"]
+        assert [row["bucket"] for row in test["by_position"]] == ["0-32", "32-128", "128-256"]
+        assert [row["tokens"] for row in test["by_position"]] == [test["windows"] * w for w in (32, 96, 128)]
+        assert 0 < test["bits_per_byte"] < 12
+    out = capsys.readouterr().out
+    assert "| model | steps | windows | all |" in out
