@@ -97,15 +97,19 @@ def _kernels(q_rows: torch.Tensor, has_bias: bool, backend: str) -> list[Kernel]
     """The kernels that may run one call on q_rows (b, c, h, D), fastest first: the "sdpa" chain,
     behind the flash-attn kernel on the "flash_attn" backend for a call without a key bias (masked
     calls run on the chain) and of at least FLASH_MIN_WORK."""
-    chain = kernel_chain(q_rows.device, q_rows.dtype, has_bias)
+    chain = kernel_chain(q_rows.device, q_rows.dtype, has_bias, rows=q_rows.shape[1])
     batch, rows, heads, head_dim = q_rows.shape
     if backend == "flash_attn" and not has_bias and batch * rows * rows * heads * head_dim >= FLASH_MIN_WORK:
         chain.insert(0, flash_kernel(q_rows.device, q_rows.dtype))
     return chain
 
 
-def _shape_key(q_rows: torch.Tensor, has_bias: bool, is_causal: bool) -> tuple:
-    return (q_rows.dtype, tuple(q_rows.shape), has_bias, is_causal)
+def _shape_key(rows: list[torch.Tensor], has_bias: bool, is_causal: bool) -> tuple:
+    """What a kernel that plans per input builds its plan for: the q, k, v rows' dtype, shape and
+    strides (cuDNN keys its plans on the strides too: the same shape from another sequence length
+    has other strides and builds another plan), the key bias and causality."""
+    q_rows = rows[0]
+    return (q_rows.dtype, tuple(q_rows.shape), *(t.stride() for t in rows), has_bias, is_causal)
 
 
 @torch.library.custom_op("mmlongnet::dilated_attention_forward", mutates_args=())
@@ -134,7 +138,7 @@ def dilated_attention_forward_op(
         padding = call.key_padding(key_padding_mask, q)  # (b, c) or None
         bias = _key_bias(padding, q.dtype)
         chain = _kernels(rows[0], bias is not None, backend)
-        key = _shape_key(rows[0], bias is not None, is_causal)
+        key = _shape_key(rows, bias is not None, is_causal)
         out_call, lse_call = SELECTOR.run(chain, "forward", key, *rows, bias, is_causal, scale)
         lse_call = lse_call.to(acc_dtype)  # (b, c, h)
         if padding is not None:  # a row without a key: lse -inf (its output is finite, weighted 0)
@@ -182,7 +186,7 @@ def dilated_attention_backward_op(
         lse_rows = call.kernel_rows(lse, float("inf"))  # (b, c, h)
         bias = _key_bias(call.key_padding(key_padding_mask, q), q.dtype)
         chain = _kernels(rows[1], bias is not None, backend)
-        key = _shape_key(rows[1], bias is not None, is_causal)
+        key = _shape_key(rows[1:4], bias is not None, is_causal)
         call_grads = SELECTOR.run(chain, "backward", key, *rows, lse_rows, bias, is_causal, scale)
         for grad, call_grad in zip(grads, call_grads, strict=True):
             merge_output(call.target(grad), call.place(call_grad, 0.0), first=index < covering)

@@ -14,7 +14,9 @@ is +inf gets probability 0 everywhere in the backward: that is how the caller si
 no valid key.
 
 Which kernel of a chain runs a call is `KernelSelector`'s choice: none that builds a plan per
-shape (cuDNN) for a shape seen for the first time.
+shape (cuDNN) for a shape seen for the first time. A call's shape key holds what cuDNN keys its
+plans on: dtype, shape and the strides of q, k and v (rows of one shape over a longer sequence
+have other strides and need another plan).
 """
 
 from __future__ import annotations
@@ -197,16 +199,18 @@ EFFICIENT = Kernel("efficient", _efficient_forward, _efficient_backward, takes_b
 KERNELS = {kernel.name: kernel for kernel in (CPU, CUDNN, CUDA_FLASH, EFFICIENT)}
 
 
-def kernel_chain(device: torch.device, dtype: torch.dtype, has_bias: bool) -> list[Kernel]:
+def kernel_chain(device: torch.device, dtype: torch.dtype, has_bias: bool, rows: int = 2) -> list[Kernel]:
     """The kernels of the "sdpa" backend, fastest first; later ones take shapes the first refuses.
 
     On CUDA: cuDNN attention (fastest measured on H100), then PyTorch's flash kernel (no key
     bias), then its memory-efficient kernel (the only one of the three for float32).
-    `KernelSelector` decides per call which of them runs.
+    `KernelSelector` decides per call which of them runs. cuDNN refuses calls of one row per
+    segment (`rows`; "s_q = s_kv = 1 is not supported"), so it is left out of those.
     """
     if device.type != "cuda":
         return [CPU]
-    chain = [CUDNN, CUDA_FLASH] if dtype in (torch.float16, torch.bfloat16) else []
+    half = dtype in (torch.float16, torch.bfloat16)
+    chain = ([CUDNN] if half and rows > 1 else []) + ([CUDA_FLASH] if half else [])
     chain.append(EFFICIENT)
     return [kernel for kernel in chain if kernel.takes_bias or not has_bias]
 

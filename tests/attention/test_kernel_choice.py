@@ -73,6 +73,8 @@ def test_the_cuda_chain_runs_a_new_shape_on_flash_or_memory_efficient_then_cudnn
     assert names(bf16, ("a",)) == ["cudnn", "cuda_flash", "efficient"]  # its second call
     assert [k.name for k in kernels.KERNELS.values() if k.plans_per_shape] == ["cudnn"]
     assert kernels.kernel_chain(torch.device("cpu"), torch.bfloat16, True) == [kernels.CPU]
+    one_row = kernels.kernel_chain(cuda, torch.bfloat16, has_bias=True, rows=1)  # cuDNN refuses it
+    assert [k.name for k in one_row] == ["efficient"]
 
 
 def test_a_planning_kernel_runs_a_new_shape_that_every_plan_free_kernel_refuses():
@@ -165,8 +167,22 @@ def test_the_op_counts_its_calls_in_the_selector(monkeypatch):
     monkeypatch.setattr(dilated_module, "SELECTOR", selector)
     q, k, v = (torch.randn(1, 16, 2, 4, requires_grad=True) for _ in range(3))
     dilated_attention(q, k, v, [8], [1], backend="sdpa").sum().backward()
-    key = (torch.float32, (2, 8, 2, 4), False, False)  # (B*S, C, H, D): two segments of 8 rows
+    strides = (64, 8, 4, 1)  # rows of q, k and v: (B*S, C, H, D) over (1, 16, 2, 4) storage
+    key = (torch.float32, (2, 8, 2, 4), strides, strides, strides, False, False)  # two segments of 8 rows
     assert selector.calls == {("forward", key): 1, ("backward", key): 1}
+
+
+def test_the_same_shape_with_other_strides_is_another_shape_to_plan_for(monkeypatch):
+    """cuDNN keys its plans on the strides too. The tail call of a sequence one row longer than
+    a whole number of segments has rows (B, 1, H, D) for any length, over storage whose batch
+    stride is the sequence's: the selector counts such calls apart, so one never promotes another."""
+    selector = KernelSelector()
+    monkeypatch.setattr(dilated_module, "SELECTOR", selector)
+    for seq_len in (9, 17):  # segment 8: one or two whole segments, then a tail of one row
+        q, k, v = (torch.randn(2, seq_len, 2, 4) for _ in range(3))
+        dilated_attention(q, k, v, [8], [1], backend="sdpa")
+    tails = [key for method, key in selector.calls if key[1] == (2, 1, 2, 4)]
+    assert [key[2] for key in tails] == [(72, 8, 4, 1), (136, 8, 4, 1)]  # batch stride 9 or 17 rows
 
 
 # --- kernel contract: a row whose keys are all padding gets a finite output -------------------
