@@ -57,7 +57,14 @@ Columns of the table (JSON fields in brackets):
   synchronisation after the step left out;
 - shapes [distinct_shapes, shapes]: distinct input shapes over every step run (warm-up, timed,
   profiled); each new shape may cost kernel plans or compilation;
-- data ms [data_ms]: median host time to take the next batch from the loader.
+- data ms [data_ms]: median host time to take the next batch from the loader;
+- [warmup_steps, passed_over]: untimed steps run first, and loader batches passed over.
+
+`--compile` runs the modules' `compile` option: one graph per input shape (length bucket),
+replayed as CUDA graphs after its third run (compile, warm-up, record). Compiling takes ~80-110 s
+per shape on the H200 for the AV model, so a compiled row runs the batches of its first
+`--shapes` (default 2) distinct shapes only, passing over the others, and its warm-up goes on
+until each of them has run three times: the timed steps are the steady state a long run reaches.
 On the CPU (`--smoke`) the profiler records CPU activity only and the GPU fields are null.
 
 Writes `<out>/train_<tag>.json` (rows also to `.json.tmp` as they come) and `<out>/train_<tag>.png`
@@ -67,6 +74,7 @@ Writes `<out>/train_<tag>.json` (rows also to `.json.tmp` as they come) and `<ou
     python benchmarks/train.py --rows av1024 lm128k --steps 10
     python benchmarks/train.py --rows av:512:8 lm:65536:2      # task:digits-or-window:batch
     python benchmarks/train.py --smoke                         # tiny rows, 2 steps; runs on the CPU
+    python benchmarks/train.py --compile --kinds dilated --rows av16 av1024 --tag h200_compiled
 """
 
 # B batch, N tokens of a window (LM), L fused tokens of a sample (AV digits), W segment length,
@@ -260,6 +268,33 @@ def endless(datamodule) -> Iterator:
         yield from datamodule.train_dataloader()
 
 
+class ShapeFilter:
+    """Batches of at most `limit` distinct input shapes (all when None): the first `limit` shapes
+    the loader yields; a batch of another shape is passed over and counted in `passed_over`."""
+
+    def __init__(self, batches: Iterator, limit: int | None):
+        self.batches, self.limit = batches, limit
+        self.allowed: list[str] = []
+        self.passed_over = 0
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        for batch in self.batches:
+            key = shape_key(batch)
+            if key not in self.allowed:
+                if self.limit is not None and len(self.allowed) >= self.limit:
+                    self.passed_over += 1
+                    continue
+                self.allowed.append(key)
+            return batch
+        raise StopIteration
+
+    def close(self) -> None:
+        self.batches.close()
+
+
 def tensor_shapes(obj) -> tuple:
     """The shapes of every tensor in a batch (tensor, dataclass, mapping or sequence), in order."""
     if isinstance(obj, torch.Tensor):
@@ -354,6 +389,22 @@ def run_steps(trainee: Trainee, batches: Iterator, count: int, first: int) -> Ti
         timed.loss = float(loss)
     timed.lengths = timed.lengths or None
     return timed
+
+
+COMPILED_RUNS = 3  # runs of a shape before its CUDA graphs replay: compile, warm-up, record
+
+
+def warm_each_shape(trainee: Trainee, batches: ShapeFilter, warm: Timed, limit: int | None) -> Timed:
+    """More warm-up steps until each of the `limit` shapes (or each shape seen so far) has run
+    `COMPILED_RUNS` times, so that no timed step compiles or records (at most 64 more steps)."""
+    for _ in range(64):
+        counts = [warm.shapes.count(shape) for shape in batches.allowed]
+        if counts and min(counts) >= COMPILED_RUNS and (limit is None or len(counts) >= limit):
+            break
+        more = run_steps(trainee, batches, 1, len(warm.times_ms))
+        for field in ("times_ms", "tokens", "data_ms", "shapes"):
+            getattr(warm, field).extend(getattr(more, field))
+    return warm
 
 
 def peak_memory_gib(device: torch.device) -> float | None:
@@ -538,6 +589,8 @@ class Row:
     profiled_step_ms: float | None = None
     distinct_shapes: int | None = None  # over every step run (warm-up, timed, profiled)
     shapes: list[str] | None = None
+    warmup_steps: int | None = None  # untimed steps run first (more with --compile: each shape's)
+    passed_over: int | None = None  # loader batches of a shape beyond --shapes, not run
     loss: float | None = None  # of the last timed step
     times_ms: list[float] | None = None
     tokens: list[int] | None = None
@@ -557,9 +610,11 @@ def measure(spec: RowSpec, kind: str, args: argparse.Namespace, device: torch.de
     )
     module, datamodule, clip = build(spec, kind, device, args.workers, args.compile)
     trainee = Trainee(module, *optimizers(module), clip, device)
-    batches = endless(datamodule)
+    batches = ShapeFilter(endless(datamodule), args.shapes)
     try:
         warm = run_steps(trainee, batches, args.warmup, 0)
+        if args.compile:  # until every shape replays its CUDA graphs: compile, warm, record
+            warm = warm_each_shape(trainee, batches, warm, args.shapes)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         timed = run_steps(trainee, batches, args.steps, args.warmup)
@@ -571,6 +626,7 @@ def measure(spec: RowSpec, kind: str, args: argparse.Namespace, device: torch.de
         batches.close()  # ends the loader's workers
     fill_timing(row, timed, warm.shapes)
     fill_profile(row, summarize_profile(events, device.type == "cuda"))
+    row.warmup_steps, row.passed_over = len(warm.times_ms), batches.passed_over
     shapes = warm.shapes + timed.shapes + profiled_shapes
     row.distinct_shapes, row.shapes = len(set(shapes)), sorted(set(shapes))
     return row
@@ -766,6 +822,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the modules' compile option: the model under torch.compile(fullgraph=True), CUDA graphs "
         "on a GPU",
     )
+    parser.add_argument(
+        "--shapes", type=int, default=None,
+        help="run batches of at most this many distinct input shapes, the first the loader yields, "
+        "passing over the others (default: all; with --compile: 2, each compiled and recorded in "
+        "the warm-up)",
+    )  # fmt: skip
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps (default 3)")
@@ -791,6 +853,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(str(exc))
     if args.warmup < 0 or args.steps < 1 or args.profile_steps < 1:
         parser.error("need --warmup >= 0, --steps >= 1 and --profile-steps >= 1")
+    if args.shapes is None and args.compile:
+        args.shapes = 2
+    if args.shapes is not None and args.shapes < 1:
+        parser.error(f"--shapes must be >= 1, got {args.shapes}")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return args
 

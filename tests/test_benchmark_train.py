@@ -224,3 +224,39 @@ def test_steps_on_shapes_seen_before_are_timed_apart():
     assert row.step_ms_repeated == 12.0  # the median of 10, 12 and 14 ms
     bench.fill_timing(row, bench.Timed([5.0], [1], [0.1], None, ["d"], 1.0))
     assert row.new_shape_steps == 1 and row.step_ms_repeated is None
+
+
+def test_the_shape_filter_keeps_the_first_shapes_and_counts_the_rest():
+    sizes = [3, 3, 5, 7, 3, 9, 5]
+    batches = bench.ShapeFilter(iter(torch.zeros(1, n) for n in sizes), limit=2)
+    assert [batch.shape[1] for batch in batches] == [3, 3, 5, 3, 5]
+    assert batches.allowed == ["1x3", "1x5"] and batches.passed_over == 2
+    everything = bench.ShapeFilter(iter(torch.zeros(1, n) for n in sizes), limit=None)
+    assert len(list(everything)) == len(sizes) and everything.passed_over == 0
+
+
+class CountingTrainee:
+    """A trainee whose step only records the batch's width (no model): for the warm-up logic."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.widths = []
+
+    def step(self, batch, index):
+        self.widths.append(batch.shape[1])
+        return torch.zeros(())
+
+    def tokens(self):
+        return 1
+
+
+def test_a_compiled_warm_up_runs_each_kept_shape_three_times():
+    sizes = [3, 3, 5, 7, 3, 9, 5, 3, 11, 5, 5, 3]
+    batches = bench.ShapeFilter(iter(torch.zeros(1, n) for n in sizes), limit=2)
+    trainee = CountingTrainee()
+    warm = bench.run_steps(trainee, batches, 1, 0)
+    warm = bench.warm_each_shape(trainee, batches, warm, limit=2)
+    # 7, 9 and 11 are passed over; the warm-up stops once width 5 has run its third time
+    assert trainee.widths == [3, 3, 5, 3, 5, 3, 5] and warm.shapes.count("1x5") == 3
+    assert len(warm.times_ms) == 7 and batches.passed_over == 3

@@ -401,16 +401,22 @@ class MMLongNet(Pretrained, nn.Module):
         lengths: dict[str, torch.Tensor] | None = None,
         *,
         audio_sample_rate: int | None = None,
+        always_masked: bool = False,
     ) -> BatchPlan:
         """Check a batch and derive, on the host, everything its lengths decide (see `BatchPlan`).
 
         Takes what `forward` takes. Lengths on the CPU (as `collate_samples` leaves them) are read
         without a device sync; lengths on a device are copied back once. When the fusion stack runs
         sequence-sharded (`parallelize_sequence`), the multiway routing is of this rank's slice.
+        `always_masked`: every stack runs with its padding mask even where the batch holds no
+        padding (outputs unchanged), so that every batch of a length bucket takes the same path:
+        one compiled graph per bucket instead of one per combination of padded stacks.
         """
-        return self._plan(inputs, lengths, audio_sample_rate, fuse=True)
+        return self._plan(inputs, lengths, audio_sample_rate, fuse=True, always_masked=always_masked)
 
-    def _plan(self, inputs, lengths, audio_sample_rate: int | None, fuse: bool) -> BatchPlan:
+    def _plan(
+        self, inputs, lengths, audio_sample_rate: int | None, fuse: bool, always_masked: bool = False
+    ) -> BatchPlan:
         """`plan_batch`; without `fuse`, only the modalities' part (for encoding them alone)."""
         present, lengths, batch = self._check_inputs(inputs, lengths)
         order = tuple(name for name in self.config.modalities if name in present)
@@ -432,7 +438,8 @@ class MMLongNet(Pretrained, nn.Module):
             widths[name] = encoder.output_lengths(sizes[name], **kwargs)
             token_lengths.append(encoder.output_lengths(host[name], **kwargs))  # (B,)
         stack_padding = {
-            name: bool((n.numpy() < widths[name]).any()) for name, n in zip(order, token_lengths, strict=True)
+            name: always_masked or bool((n.numpy() < widths[name]).any())
+            for name, n in zip(order, token_lengths, strict=True)
         }
         device = self.type_embedding.weight.device
         if not fuse:
@@ -449,7 +456,7 @@ class MMLongNet(Pretrained, nn.Module):
             shard=getattr(self.fusion, "sequence_shard", None),  # (index, P) of a sharded fusion stack
         )  # fmt: skip
         if sequence:
-            fused_padding, valid_tokens = layout.has_padding, layout.valid_tokens
+            fused_padding, valid_tokens = always_masked or layout.has_padding, layout.valid_tokens
         else:
             self._check_aligned(order, widths, token_lengths)
             fused_padding, valid_tokens = stack_padding[order[0]], int(token_lengths[0].numpy().sum())

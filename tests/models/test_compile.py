@@ -59,6 +59,40 @@ def test_mmlongnet_compiles_whole_and_never_recompiles_within_a_bucket():
     assert sum(counters["recompiles"].values()) == 0
 
 
+def test_always_masked_plans_give_one_graph_for_padded_and_unpadded_batches_of_a_bucket():
+    """A batch that fills its buckets exactly has no padding, so its stacks would run unmasked
+    (another graph); `always_masked` plans run every batch masked, with unchanged outputs."""
+    torch.manual_seed(0)
+    model = MMLongNet(MMLongNetConfig.tiny()).eval()
+    generator = torch.Generator().manual_seed(1)
+
+    def batch(audio: list[int], frames: list[int], text: list[int]):
+        samples = [
+            {"id": str(i), "text": "x" * t, "audio": torch.randn(a, generator=generator),
+             "video": torch.randn(f, 3, 16, 16, generator=generator)}
+            for i, (a, f, t) in enumerate(zip(audio, frames, text, strict=True))
+        ]  # fmt: skip
+        return collate_samples(samples, buckets=LengthBuckets())
+
+    full = batch([6400] * 3, [4] * 3, [64] * 3)  # each modality exactly one bucket long
+    padded = batch([6400, 5300, 6000], [4, 1, 3], [64, 20, 50])
+    assert full.inputs["audio"].shape == padded.inputs["audio"].shape  # one bucket
+    default = model.plan_batch(full.inputs, full.lengths)
+    assert not default.fused_padding and not any(default.stack_padding.values())
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True, backend=BACKEND)
+    for b in (full, padded, full):
+        plan = model.plan_batch(b.inputs, b.lengths, always_masked=True)
+        assert plan.fused_padding and all(plan.stack_padding.values())
+        got = compiled(b.inputs, plan=plan)
+        want = model(b.inputs, b.lengths)
+        torch.testing.assert_close(got.tokens, want.tokens, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.pooled, want.pooled, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sum(counters["recompiles"].values()) == 0
+
+
 def test_language_model_compiles_whole():
     torch.manual_seed(0)
     lm = LongNetLM(61, d_model=32, nhead=4, num_layers=2, dim_feedforward=64, segment_lengths=[8, 16],
