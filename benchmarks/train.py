@@ -64,7 +64,8 @@ Columns of the table (JSON fields in brackets):
 replayed as CUDA graphs after its third run (compile, warm-up, record). Compiling takes ~80-110 s
 per shape on the H200 for the AV model, so a compiled row runs the batches of its first
 `--shapes` (default 2) distinct shapes only, passing over the others, and its warm-up goes on
-until each of them has run three times: the timed steps are the steady state a long run reaches.
+until each shape it has run has run three times: the timed steps on those shapes are the steady
+state a long run reaches (a kept shape first met in a timed step is reported apart, as above).
 On the CPU (`--smoke`) the profiler records CPU activity only and the GPU fields are null.
 
 Writes `<out>/train_<tag>.json` (rows also to `.json.tmp` as they come) and `<out>/train_<tag>.png`
@@ -394,12 +395,13 @@ def run_steps(trainee: Trainee, batches: Iterator, count: int, first: int) -> Ti
 COMPILED_RUNS = 3  # runs of a shape before its CUDA graphs replay: compile, warm-up, record
 
 
-def warm_each_shape(trainee: Trainee, batches: ShapeFilter, warm: Timed, limit: int | None) -> Timed:
-    """More warm-up steps until each of the `limit` shapes (or each shape seen so far) has run
-    `COMPILED_RUNS` times, so that no timed step compiles or records (at most 64 more steps)."""
+def warm_each_shape(trainee: Trainee, batches: ShapeFilter, warm: Timed) -> Timed:
+    """More warm-up steps until each shape run so far has run `COMPILED_RUNS` times (at most 64
+    more steps), so that no timed step on those shapes compiles or records. A shape that first
+    comes in a timed step counts among the row's `new_shape_steps`."""
     for _ in range(64):
         counts = [warm.shapes.count(shape) for shape in batches.allowed]
-        if counts and min(counts) >= COMPILED_RUNS and (limit is None or len(counts) >= limit):
+        if counts and min(counts) >= COMPILED_RUNS:
             break
         more = run_steps(trainee, batches, 1, len(warm.times_ms))
         for field in ("times_ms", "tokens", "data_ms", "shapes"):
@@ -614,7 +616,7 @@ def measure(spec: RowSpec, kind: str, args: argparse.Namespace, device: torch.de
     try:
         warm = run_steps(trainee, batches, args.warmup, 0)
         if args.compile:  # until every shape replays its CUDA graphs: compile, warm, record
-            warm = warm_each_shape(trainee, batches, warm, args.shapes)
+            warm = warm_each_shape(trainee, batches, warm)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         timed = run_steps(trainee, batches, args.steps, args.warmup)

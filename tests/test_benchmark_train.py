@@ -256,7 +256,10 @@ def test_a_compiled_warm_up_runs_each_kept_shape_three_times():
     batches = bench.ShapeFilter(iter(torch.zeros(1, n) for n in sizes), limit=2)
     trainee = CountingTrainee()
     warm = bench.run_steps(trainee, batches, 1, 0)
-    warm = bench.warm_each_shape(trainee, batches, warm, limit=2)
+    warm = bench.warm_each_shape(trainee, batches, warm)
     # 7, 9 and 11 are passed over; the warm-up stops once width 5 has run its third time
     assert trainee.widths == [3, 3, 5, 3, 5, 3, 5] and warm.shapes.count("1x5") == 3
     assert len(warm.times_ms) == 7 and batches.passed_over == 3
+    single = bench.ShapeFilter(iter(torch.zeros(1, 4) for _ in range(100)), limit=2)
+    warm = bench.warm_each_shape(trainee, single, bench.run_steps(trainee, single, 1, 0))
+    assert len(warm.times_ms) == 3  # a loader of one shape: three runs, not 64 waiting for another
