@@ -217,12 +217,14 @@ class BatchPlan:
     device_lengths: dict[str, torch.Tensor]
     """The same lengths on the model's device (what a compiled forward reads)."""
     stack_padding: dict[str, bool]
-    """Per present modality, whether its tokens hold padding (its stack then runs masked)."""
+    """Per present modality, whether its stack runs masked: its tokens hold padding, or the plan
+    was made `always_masked`."""
     layout: FusedLayout | None
     """The fused sequence: packing, padding mask, modality ids, multiway routing (on the device);
     None in a plan for encoding modalities alone."""
     fused_padding: bool
-    """Whether the fused sequence holds padding (the fusion stack then runs masked)."""
+    """Whether the fusion stack runs masked: the fused sequence holds padding, or the plan was made
+    `always_masked`."""
     valid_tokens: int
     """Valid fused tokens of the batch."""
     audio_sample_rate: int | None = None
