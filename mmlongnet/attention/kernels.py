@@ -199,18 +199,21 @@ EFFICIENT = Kernel("efficient", _efficient_forward, _efficient_backward, takes_b
 KERNELS = {kernel.name: kernel for kernel in (CPU, CUDNN, CUDA_FLASH, EFFICIENT)}
 
 
-def kernel_chain(device: torch.device, dtype: torch.dtype, has_bias: bool, rows: int = 2) -> list[Kernel]:
+def kernel_chain(
+    device: torch.device, dtype: torch.dtype, has_bias: bool, rows: int | None = None
+) -> list[Kernel]:
     """The kernels of the "sdpa" backend, fastest first; later ones take shapes the first refuses.
 
     On CUDA: cuDNN attention (fastest measured on H100), then PyTorch's flash kernel (no key
     bias), then its memory-efficient kernel (the only one of the three for float32).
-    `KernelSelector` decides per call which of them runs. cuDNN refuses calls of one row per
-    segment (`rows`; "s_q = s_kv = 1 is not supported"), so it is left out of those.
+    `KernelSelector` decides per call which of them runs. `rows`: the call's rows per segment,
+    when known; cuDNN refuses calls of one row ("s_q = s_kv = 1 is not supported"), so it is left
+    out of those.
     """
     if device.type != "cuda":
         return [CPU]
     half = dtype in (torch.float16, torch.bfloat16)
-    chain = ([CUDNN] if half and rows > 1 else []) + ([CUDA_FLASH] if half else [])
+    chain = ([CUDNN] if half and rows != 1 else []) + ([CUDA_FLASH] if half else [])
     chain.append(EFFICIENT)
     return [kernel for kernel in chain if kernel.takes_bias or not has_bias]
 
