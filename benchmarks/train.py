@@ -58,7 +58,9 @@ Columns of the table (JSON fields in brackets):
 - shapes [distinct_shapes, shapes]: distinct input shapes over every step run (warm-up, timed,
   profiled); each new shape may cost kernel plans or compilation;
 - data ms [data_ms]: median host time to take the next batch from the loader;
-- [warmup_steps, passed_over]: untimed steps run first, and loader batches passed over.
+- [warmup_steps, passed_over]: untimed steps run first, and loader batches passed over;
+- [first_run_ms]: per input shape, the host time of its first step (warm-up or timed): the cost
+  of its kernel plans or, with `--compile`, of compiling its graph.
 
 `--compile` runs the modules' `compile` option: one graph per input shape (length bucket),
 replayed as CUDA graphs after its third run (compile, warm-up, record). Compiling takes ~80-110 s
@@ -392,6 +394,15 @@ def run_steps(trainee: Trainee, batches: Iterator, count: int, first: int) -> Ti
     return timed
 
 
+def first_runs(times_ms: Sequence[float], shapes: Sequence[str]) -> dict[str, float]:
+    """Per input shape, the host time of the first step that ran it: the step that builds its
+    kernel plans or, compiled, compiles its graph."""
+    first: dict[str, float] = {}
+    for ms, shape in zip(times_ms, shapes, strict=True):
+        first.setdefault(shape, ms)
+    return first
+
+
 COMPILED_RUNS = 3  # runs of a shape before its CUDA graphs replay: compile, warm-up, record
 
 
@@ -593,6 +604,7 @@ class Row:
     shapes: list[str] | None = None
     warmup_steps: int | None = None  # untimed steps run first (more with --compile: each shape's)
     passed_over: int | None = None  # loader batches of a shape beyond --shapes, not run
+    first_run_ms: dict[str, float] | None = None  # per shape, its first step (plans; compiling)
     loss: float | None = None  # of the last timed step
     times_ms: list[float] | None = None
     tokens: list[int] | None = None
@@ -629,6 +641,7 @@ def measure(spec: RowSpec, kind: str, args: argparse.Namespace, device: torch.de
     fill_timing(row, timed, warm.shapes)
     fill_profile(row, summarize_profile(events, device.type == "cuda"))
     row.warmup_steps, row.passed_over = len(warm.times_ms), batches.passed_over
+    row.first_run_ms = first_runs(warm.times_ms + timed.times_ms, warm.shapes + timed.shapes)
     shapes = warm.shapes + timed.shapes + profiled_shapes
     row.distinct_shapes, row.shapes = len(set(shapes)), sorted(set(shapes))
     return row

@@ -54,6 +54,7 @@ def test_smoke_run_trains_every_row_and_writes_json_png_table(tmp_path, capsys, 
         assert row["data_ms"] >= 0 and row["profiled_step_ms"] > 0
         assert math.isfinite(row["loss"])
         assert row["distinct_shapes"] == len(row["shapes"]) >= 1
+        assert set(row["first_run_ms"]) <= set(row["shapes"]) and min(row["first_run_ms"].values()) > 0
         # no GPU: the device fields stay empty rather than zero
         for field in (
             "peak_gib",
@@ -224,6 +225,13 @@ def test_steps_on_shapes_seen_before_are_timed_apart():
     assert row.step_ms_repeated == 12.0  # the median of 10, 12 and 14 ms
     bench.fill_timing(row, bench.Timed([5.0], [1], [0.1], None, ["d"], 1.0))
     assert row.new_shape_steps == 1 and row.step_ms_repeated is None
+
+
+def test_first_runs_are_the_first_step_of_each_shape():
+    assert bench.first_runs([900.0, 5.0, 800.0, 6.0, 4.0], ["a", "a", "b", "b", "a"]) == {
+        "a": 900.0,
+        "b": 800.0,
+    }
 
 
 def test_the_shape_filter_keeps_the_first_shapes_and_counts_the_rest():
