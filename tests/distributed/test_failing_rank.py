@@ -56,6 +56,9 @@ def _block_groups_die_with_their_parent() -> None:
     assert sharded_module.block_group(group, 1) is None  # blocks of one rank: no group, but cached
     assert group in sharded_module._BLOCK_GROUPS
     count = len(sharded_module._BLOCK_GROUPS)
+    # every rank has finished connecting the group before any rank tears it down (else a fast rank
+    # closes its sockets while a slow one is still connecting: "Connection closed by peer")
+    dist.barrier(group=group)
     dist.destroy_process_group(group)
     del group
     gc.collect()
