@@ -311,7 +311,10 @@ def av_loader(
 ) -> DataLoader:
     config = AVDigitsConfig(num_digits=K, questions=list(args.questions), seed=args.seed + K)
     dataset = AVDigitsDataset(split, examples, config)
-    buckets = LengthBuckets() if device.type == "cuda" else None  # repeating shapes on a GPU
+    if args.compile and split == "train":  # one shape per K: one compiled graph
+        buckets = LengthBuckets(audio_minimum=dataset.longest_audio(), video_minimum=K)
+    else:
+        buckets = LengthBuckets() if device.type == "cuda" else None  # repeating shapes on a GPU
     workers = args.workers
     return DataLoader(
         dataset, batch_size=batch_for(av_tokens_per_sample(K, args), args), shuffle=False,
@@ -370,13 +373,14 @@ def run_avdigits(args: argparse.Namespace, device: torch.device, start: float) -
     for kind in args.models:
         digits = [K for K in args.digits if kind != "dense" or K <= args.dense_max_digits]
         torch.manual_seed(args.seed)
-        module = MultimodalClassifier(av_model_config(args, kind), num_classes=10, pooling=args.pooling).to(
-            device
-        )
+        module = MultimodalClassifier(
+            av_model_config(args, kind), num_classes=10, pooling=args.pooling, compile=args.compile
+        ).to(device)
         curriculum = Curriculum(
             digits, lambda K: av_loader(K, "train", 10**7, args, device), args.curriculum
         )  # fmt: skip
         log = train_for(module, curriculum, partial(av_loss, device=device), train_s, args, device)
+        module.compiled = None  # tested eagerly: compiling the test shapes would cost more than it saves
         deadline = time.perf_counter() + eval_s
         metrics = {K: av_evaluate(module, K, args, device, deadline) for K in digits}
         results[kind] = {
@@ -689,6 +693,7 @@ DEFAULTS = {
         time_budget=540.0,
         models=["dilated", "dense", "local"], digits=[4, 16, 64, 256, 1024],
         questions=["first", "last", "count"], dense_max_digits=1024, curriculum="grow", pooling="text",
+        compile=False,
         d_model=256, nhead=8, ffn=1024, patch_size=8, fusion_layers=4, modality_layers=1,
         segments=[256, 1024, 4096, 16384], rates=[1, 2, 4, 8],
         modality_segments=[256, 1024, 4096], modality_rates=[1, 2, 4],
@@ -811,6 +816,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=["mean", "text"],
         help="what the head reads (default text: the question's tokens)",
     )
+    av.add_argument(
+        "--compile", action="store_true", default=None,
+        help="train compiled (CUDA graphs on a GPU): audio and video are padded to one shape per K, "
+        "one graph each; a compile costs ~1-2 minutes of the model's training time",
+    )  # fmt: skip
     av.add_argument("--patch-size", type=int, help="video patch size on 8x8 frames (8: one token a frame)")
     av.add_argument("--fusion-layers", type=int, help="multiway fusion layers (default 4)")
     av.add_argument("--modality-layers", type=int, help="layers of the audio and video stacks (default 1)")

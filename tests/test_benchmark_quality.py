@@ -139,6 +139,15 @@ def test_avdigits_schedules_of_the_baselines():
     assert bench.av_schedules(args, "dilated")["fusion_stack"]["segment_lengths"] == [256, 1024, 4096, 16384]
 
 
+def test_avdigits_compiled_training_pads_every_batch_of_a_k_to_one_shape():
+    args = bench.parse_args(["avdigits", "--smoke", "--device", "cpu", "--compile", "--batch-size", "2"])
+    loader = bench.av_loader(8, "train", 40, args, torch.device("cpu"))
+    shapes = {tuple((name, tuple(x.shape)) for name, x in batch.inputs.items()) for batch, _ in loader}
+    assert len(shapes) <= 3  # one per set of modalities present (a batch of 2 may lack one)
+    assert len({dict(shape)["audio"] for shape in shapes if "audio" in dict(shape)}) == 1
+    assert len({dict(shape)["video"] for shape in shapes if "video" in dict(shape)}) == 1
+
+
 def test_recall_runs_every_model_and_buckets_by_distance(tmp_path, capsys, one_thread):
     results = smoke(tmp_path, "recall")["results"]
     assert set(results) == {"dilated", "local", "dense"}

@@ -347,6 +347,14 @@ class AVDigitsDataset(Dataset):
     def __len__(self) -> int:
         return self.num_examples
 
+    def longest_audio(self) -> int:
+        """The most waveform samples an example of this split can have: K of its longest clip and
+        K - 1 of the longest gap. Audio padded to it (`LengthBuckets(audio_minimum=...)`) gives
+        every batch of this dataset one shape."""
+        K, cfg = self.config.num_digits, self.config
+        longest_gap = round(cfg.gap_seconds[1] * cfg.sample_rate)
+        return K * int(self.pool.clip_length.max()) + (K - 1) * longest_gap
+
     def __getitem__(self, index: int) -> dict:
         if not -self.num_examples <= index < self.num_examples:
             raise IndexError(f"index {index} out of range for {self.num_examples} examples")

@@ -336,6 +336,15 @@ def test_audio_length_and_noise(arrays):
     assert noise.abs().max().item() <= math.sqrt(3) * 0.5 * dataset.speech_rms * (1 + 1e-5)  # uniform
 
 
+def test_longest_audio_bounds_every_example(arrays):
+    config = AVDigitsConfig(num_digits=6, modality_mix={"audio": 1.0}, gap_seconds=(0.05, 0.2))
+    dataset = AVDigitsDataset("val", 200, config)
+    lengths = [len(dataset[i]["audio"]) for i in range(200)]
+    clips = np.diff(arrays["clip_offsets"])[arrays["clip_split"] == 1]  # the val split's clips
+    assert dataset.longest_audio() == 6 * clips.max() + 5 * round(0.2 * 16000)
+    assert max(lengths) <= dataset.longest_audio()
+
+
 def test_sample_rate_resamples_the_clips(arrays):
     config = AVDigitsConfig(num_digits=4, modality_mix={"audio": 1.0}, noise=0.0, gap_seconds=(0.1, 0.1))
     at_16k = AVDigitsDataset("test", 3, config)
