@@ -697,7 +697,7 @@ DEFAULTS = {
         d_model=256, nhead=8, ffn=1024, patch_size=8, fusion_layers=4, modality_layers=1,
         segments=[256, 1024, 4096, 16384], rates=[1, 2, 4, 8],
         modality_segments=[256, 1024, 4096], modality_rates=[1, 2, 4],
-        lr=1e-3, warmup_steps=200, batch_size=32, batch_tokens=65536, eval_examples=512,
+        lr=3e-4, warmup_steps=200, batch_size=32, batch_tokens=65536, eval_examples=512,
     ),
     "recall": dict(
         time_budget=540.0,
@@ -755,7 +755,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=["dilated", "dense", "local"],
         help="models compared (default per experiment)",
     )
-    common.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    common.add_argument("--lr", type=float, help="peak learning rate (default 3e-4 for avdigits, else 1e-3)")
     common.add_argument("--warmup-steps", type=int, help="steps of linear warm-up (default 200)")
     common.add_argument(
         "--min-lr-ratio", type=float, default=0.1, help="the cosine over the training time ends at lr * this"
