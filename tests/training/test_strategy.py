@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DistributedSampler
 
 from mmlongnet.distributed import new_sequence_parallel_groups, parallelize_sequence
@@ -51,7 +52,10 @@ def test_parallelize_refuses_compile_and_the_strategy_a_module_without_paralleli
         strategy.setup(None)
 
 
-def test_sampler_gives_sequence_peers_the_same_indices():
+def test_sampler_gives_sequence_peers_the_same_indices(monkeypatch):
+    # `set_global_rank` also sets Lightning's process-wide rank (`rank_zero_only.rank`): put it
+    # back afterwards, or later tests in this process would log nothing, as if not rank 0.
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     indices = {}
     for rank in range(4):
         environment = LightningEnvironment()
