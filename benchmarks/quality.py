@@ -94,6 +94,7 @@ from mmlongnet.data.recall import IGNORE_INDEX
 from mmlongnet.data.text_files import split_text_files, stdlib_directory
 from mmlongnet.modalities.text import ByteTokenizer
 from mmlongnet.training import MultimodalClassifier, OptimizerConfig
+from mmlongnet.training.module import CompiledModel
 
 EXPERIMENTS = ("avdigits", "recall", "bytes")
 DENSE_SEGMENT = 1 << 24
@@ -214,13 +215,17 @@ def train_for(
     seconds: float,
     args: argparse.Namespace,
     device: torch.device,
+    forward: Callable | None = None,
 ) -> TrainLog:
     """Train `model` for `seconds` of wall-clock time (or `--max-steps` steps, if fewer).
 
     Args:
         next_batch: (progress in [0, 1], rng) -> (length, batch): the curriculum picks the length.
-        loss_fn: (model, batch) -> scalar loss.
+        loss_fn: (forward, batch) -> scalar loss.
+        forward: what runs the model (default `model` itself; `CompiledModel(model)` with
+            `--compile`).
     """
+    forward = forward or model
     optimizer = OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay).build(model, 1)["optimizer"]
     rng = np.random.default_rng(args.seed)
     log, start = TrainLog(), time.perf_counter()
@@ -231,7 +236,7 @@ def train_for(
             group["lr"] = args.lr * lr_factor(log.steps, progress, args.warmup_steps, args.min_lr_ratio)
         length, batch = next_batch(progress, rng)
         with mixed_precision(device):
-            loss = loss_fn(model, batch)
+            loss = loss_fn(forward, batch)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
@@ -444,13 +449,14 @@ def lm_for(args: argparse.Namespace, kind: str, vocab: int) -> LongNetLM:
 def recall_loader(args: argparse.Namespace, length: int, examples: int, seed: int) -> DataLoader:
     dataset = AssociativeRecall(recall_config(args, length, seed), examples)
     return DataLoader(dataset, batch_size=batch_for(length, args), num_workers=args.workers,
-                      persistent_workers=args.workers > 0)  # fmt: skip
+                      persistent_workers=args.workers > 0, pin_memory=args.device == "cuda")  # fmt: skip
 
 
-def recall_loss(model: LongNetLM, batch: dict, device: torch.device) -> torch.Tensor:
+def recall_loss(forward: Callable, batch: dict, device: torch.device) -> torch.Tensor:
+    """`forward`: the `LongNetLM` or its `CompiledModel`."""
     tokens = batch["tokens"].to(device, non_blocking=True)  # (B, N)
     targets = batch["targets"].to(device, non_blocking=True)  # (B, N)
-    return F.cross_entropy(model(tokens).float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(forward(tokens).float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX)
 
 
 @torch.no_grad()
@@ -488,7 +494,9 @@ def run_recall(args: argparse.Namespace, device: torch.device, start: float) -> 
         curriculum = Curriculum(
             lengths, lambda n: recall_loader(args, n, 10**9, seed=args.seed + n), args.curriculum
         )  # fmt: skip
-        log = train_for(model, curriculum, partial(recall_loss, device=device), train_s, args, device)
+        forward = CompiledModel(model) if args.compile else model  # one graph per length
+        loss_fn = partial(recall_loss, device=device)
+        log = train_for(model, curriculum, loss_fn, train_s, args, device, forward)
         deadline = time.perf_counter() + eval_s
         metrics = {n: recall_evaluate(model, n, args, device, deadline) for n in lengths}
         results[kind] = {
@@ -498,7 +506,7 @@ def run_recall(args: argparse.Namespace, device: torch.device, start: float) -> 
         }
         print(f"[recall] {kind}: {log.steps} steps in {log.seconds:.0f} s, " + ", ".join(
             f"N={n} {m['accuracy']}" for n, m in metrics.items()), flush=True)  # fmt: skip
-        del model, curriculum
+        del model, forward, curriculum
         free_memory(device)
     return results
 
@@ -566,12 +574,13 @@ def bytes_corpus(args: argparse.Namespace) -> dict[str, list[Path]]:
 
 def bytes_loader(windows: FileWindows, args: argparse.Namespace) -> DataLoader:
     return DataLoader(windows, batch_size=batch_for(args.window, args), num_workers=args.workers,
-                      persistent_workers=args.workers > 0)  # fmt: skip
+                      persistent_workers=args.workers > 0, pin_memory=args.device == "cuda")  # fmt: skip
 
 
-def bytes_loss(model: LongNetLM, windows: torch.Tensor, device: torch.device) -> torch.Tensor:
+def bytes_loss(forward: Callable, windows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`forward`: the `LongNetLM` or its `CompiledModel`."""
     windows = windows.to(device, non_blocking=True)  # (B, N + 1)
-    return F.cross_entropy(model(windows[:, :-1]).float().transpose(1, 2), windows[:, 1:])
+    return F.cross_entropy(forward(windows[:, :-1]).float().transpose(1, 2), windows[:, 1:])
 
 
 @torch.no_grad()
@@ -606,7 +615,9 @@ def run_bytes(args: argparse.Namespace, device: torch.device, start: float) -> d
         torch.manual_seed(args.seed)
         model = lm_for(args, kind, ByteTokenizer().vocab_size).to(device)
         windows = Curriculum([args.window], lambda n: bytes_loader(train, args), "mixed")
-        log = train_for(model, windows, partial(bytes_loss, device=device), train_s, args, device)
+        forward = CompiledModel(model) if args.compile else model  # one graph: every window is N bytes
+        loss_fn = partial(bytes_loss, device=device)
+        log = train_for(model, windows, loss_fn, train_s, args, device, forward)
         metrics = bytes_evaluate(model, test, args, device, time.perf_counter() + eval_s)
         models[kind] = {
             "parameters": count_parameters(model),
@@ -615,7 +626,7 @@ def run_bytes(args: argparse.Namespace, device: torch.device, start: float) -> d
         }
         buckets = (f"{row['bucket']} {cell(row['bits_per_byte'], '.3f')}" for row in metrics["by_position"])
         print(f"[bytes] {kind}: {log.steps} steps in {log.seconds:.0f} s, " + ", ".join(buckets), flush=True)
-        del model, windows
+        del model, forward, windows
         free_memory(device)
     return results | {"models": models}
 
@@ -702,7 +713,7 @@ DEFAULTS = {
     "recall": dict(
         time_budget=540.0,
         models=["dilated", "local", "dense"], lengths=[4096, 16384, 65536], dense_max_length=16384,
-        curriculum="grow", pairs=64, queries=32, num_keys=512, num_values=64, num_fillers=64,
+        curriculum="grow", compile=False, pairs=64, queries=32, num_keys=512, num_values=64, num_fillers=64,
         d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
         segments=[2048, 8192, 32768, 65536], rates=[1, 2, 4, 8],
         distance_edges=[0, 512, 2048, 8192, 32768],
@@ -710,7 +721,7 @@ DEFAULTS = {
     ),
     "bytes": dict(
         time_budget=540.0,
-        models=["dilated", "local"], window=32768, root=None, pattern="*.py",
+        models=["dilated", "local"], window=32768, root=None, pattern="*.py", compile=False,
         d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
         segments=[2048, 4096, 8192, 16384, 32768], rates=[1, 2, 4, 8, 16],
         position_edges=[0, 2048, 8192, 32768],
@@ -795,6 +806,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     common.add_argument(
         "--log-every", type=int, default=25, help="training loss read back every this many steps"
     )
+    common.add_argument(
+        "--compile", action="store_true", default=None,
+        help="train compiled (CUDA graphs on a GPU), one graph per input shape: avdigits pads audio and "
+        "video to one shape per K, recall has one per length, bytes one; each compile costs ~1-2 "
+        "minutes of the model's training time on a GPU; testing runs eagerly",
+    )  # fmt: skip
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     common.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -816,11 +833,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=["mean", "text"],
         help="what the head reads (default text: the question's tokens)",
     )
-    av.add_argument(
-        "--compile", action="store_true", default=None,
-        help="train compiled (CUDA graphs on a GPU): audio and video are padded to one shape per K, "
-        "one graph each; a compile costs ~1-2 minutes of the model's training time",
-    )  # fmt: skip
     av.add_argument("--patch-size", type=int, help="video patch size on 8x8 frames (8: one token a frame)")
     av.add_argument("--fusion-layers", type=int, help="multiway fusion layers (default 4)")
     av.add_argument("--modality-layers", type=int, help="layers of the audio and video stacks (default 1)")

@@ -160,6 +160,20 @@ def test_recall_runs_every_model_and_buckets_by_distance(tmp_path, capsys, one_t
     assert "| N | model | steps | all |" in capsys.readouterr().out
 
 
+def test_compiled_recall_training_takes_the_eager_steps(tmp_path, one_thread):
+    """--compile runs the same model through torch.compile: the same losses, step by step."""
+    curves = {}
+    for tag, extra in (("eager", []), ("compiled", ["--compile"])):
+        argv = ["recall", "--smoke", "--device", "cpu", "--out", str(tmp_path), "--tag", tag,
+                "--models", "dilated", "--lengths", "64", "--max-steps", "2", "--log-every", "1",
+                "--time-budget", "600", *extra]  # fmt: skip
+        assert bench.main(argv) == 0
+        data = json.loads((tmp_path / f"quality_recall_{tag}.json").read_text())
+        curves[tag] = [loss for _, _, loss in data["results"]["dilated"]["train"]["curve"]]
+    assert len(curves["compiled"]) == 2
+    assert curves["compiled"] == pytest.approx(curves["eager"], abs=1e-3)
+
+
 def test_bytes_runs_both_models_and_reports_bits_by_position(tmp_path, capsys, one_thread):
     corpus = tmp_path / "corpus"
     for split_probe in range(12):  # files of 1,000 bytes, longer than the 256-byte smoke window
