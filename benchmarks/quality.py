@@ -26,8 +26,9 @@ when its time is up, however fast it steps.
    lengths <= `--dense-max-length`). Reports accuracy per length and per bucket of the distance
    between a query and its pair (`--distance-edges`).
 3. `bytes`: a byte-level `LongNetLM` on windows of `--window` bytes (32K) taken inside single
-   files of a text corpus (the Python standard library's sources by default, split by file with
-   `mmlongnet.data.text_files.split_text_files`; only files longer than the window). Models:
+   files of a text corpus (the Python standard library's and torch's sources by default, split
+   by file with `mmlongnet.data.text_files.split_text_files`; only files longer than the
+   window). Models:
    `dilated` and `local` (one 2K segment), both trained on the same windows. Reports bits per
    byte on held-out files by position in the window (`--position-edges`: 0-2K, 2K-8K, 8K-32K):
    a model that uses long context predicts late bytes better than early ones.
@@ -99,6 +100,8 @@ from mmlongnet.training.module import CompiledModel
 EXPERIMENTS = ("avdigits", "recall", "bytes")
 DENSE_SEGMENT = 1 << 24
 """A segment longer than any sequence here: one segment at rate 1 is full attention."""
+TORCH_SOURCES = Path(torch.__file__).parent
+"""The installed torch package's directory: Python sources present wherever this package runs."""
 AUDIO_TOKENS_PER_DIGIT = 13
 """Audio tokens of one spoken digit with its gap (25 tokens/s; measured mean 12.96 at K = 64)."""
 
@@ -174,6 +177,29 @@ def bits_by_position(nats: torch.Tensor, edges: Sequence[int]) -> list[dict]:
         rows.append({"bucket": bucket_label(low, high), "low": low, "high": high, "tokens": part.numel(),
                      "bits_per_byte": bits})  # fmt: skip
     return rows
+
+
+def window_gains(nats: torch.Tensor, edges: Sequence[int]) -> torch.Tensor:
+    """Per window, bits per byte in the last position bucket minus in the first: (B, N) -> (B,)
+    float64 (negative: the window's late bytes are predicted better than its early ones)."""
+    first, last = nats[:, edges[0] : edges[1]], nats[:, edges[-2] : edges[-1]]
+    return (last.double().mean(1) - first.double().mean(1)) / math.log(2)
+
+
+def mean_and_error(values: Sequence[float]) -> dict:
+    """{"n", "mean", "stderr"} of `values` (stderr: sample standard deviation / sqrt(n); None
+    below two values)."""
+    x = np.asarray(values, dtype=np.float64)
+    mean = float(x.mean()) if x.size else None
+    stderr = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else None
+    return {"n": int(x.size), "mean": mean, "stderr": stderr}
+
+
+def paired_gain_difference(gains: Sequence[float], baseline: Sequence[float]) -> dict:
+    """How much more one model's late-minus-early gain is than a baseline's on the same windows:
+    mean and standard error over the windows both were tested on (the first min(len) of each)."""
+    n = min(len(gains), len(baseline))
+    return mean_and_error(np.asarray(gains[:n]) - np.asarray(baseline[:n]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,8 +594,16 @@ class FileWindows(torch.utils.data.Dataset):
 
 
 def bytes_corpus(args: argparse.Namespace) -> dict[str, list[Path]]:
-    root = Path(args.root) if args.root else stdlib_directory()
-    return split_text_files(root, args.pattern)
+    """split -> files of every `--root` directory (default: the standard library's and torch's
+    Python sources, there wherever this package runs), each file once."""
+    roots = [Path(root) for root in args.root] if args.root else [stdlib_directory(), TORCH_SOURCES]
+    splits, seen = {}, set()
+    for root in roots:
+        for split, files in split_text_files(root, args.pattern).items():
+            fresh = [path for path in files if path.resolve() not in seen]
+            seen.update(path.resolve() for path in fresh)
+            splits.setdefault(split, []).extend(fresh)
+    return splits
 
 
 def bytes_loader(windows: FileWindows, args: argparse.Namespace) -> DataLoader:
@@ -596,10 +630,13 @@ def bytes_evaluate(model, windows: FileWindows, args, device, deadline: float) -
         nats.append(token_nats(logits, batch[:, 1:]).cpu())  # (B, N)
     model.train()
     nats = torch.cat(nats) if nats else torch.zeros(0, args.window)
+    gains = window_gains(nats, args.position_edges).tolist()
     return {
         "windows": len(nats),
         "bits_per_byte": float(nats.double().mean()) / math.log(2) if nats.numel() else None,
         "by_position": bits_by_position(nats, args.position_edges),
+        "gain": mean_and_error(gains),
+        "window_gains": gains,
     }
 
 
@@ -628,6 +665,10 @@ def run_bytes(args: argparse.Namespace, device: torch.device, start: float) -> d
         print(f"[bytes] {kind}: {log.steps} steps in {log.seconds:.0f} s, " + ", ".join(buckets), flush=True)
         del model, forward, windows
         free_memory(device)
+    if {"dilated", "local"} <= set(models):  # the same test windows, in the same order
+        results["dilated_gain_minus_local"] = paired_gain_difference(
+            models["dilated"]["test"]["window_gains"], models["local"]["test"]["window_gains"]
+        )
     return results | {"models": models}
 
 
@@ -635,15 +676,24 @@ def bytes_table(results: dict, args: argparse.Namespace) -> str:
     edges = list(args.position_edges)
     labels = [bucket_label(low, high) for low, high in zip(edges[:-1], edges[1:], strict=True)]
     lines = ["| model | steps | windows | all | " + " | ".join(f"bits/byte {label}" for label in labels)
-             + " | last - first bucket |", "|---" * (5 + len(labels)) + "|"]  # fmt: skip
+             + " | last - first bucket (± s.e.) |", "|---" * (5 + len(labels)) + "|"]  # fmt: skip
     for kind, result in results["models"].items():
-        rows = result["test"]["by_position"]
-        bits = [row["bits_per_byte"] for row in rows]
-        gain = bits[-1] - bits[0] if None not in (bits[0], bits[-1]) else None
+        bits = [row["bits_per_byte"] for row in result["test"]["by_position"]]
         cells = [str(result["train"]["steps"]), str(result["test"]["windows"])]
-        cells += [cell(b, ".3f") for b in [result["test"]["bits_per_byte"], *bits, gain]]
-        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+        cells += [cell(b, ".3f") for b in [result["test"]["bits_per_byte"], *bits]]
+        lines.append(f"| {kind} | " + " | ".join(cells) + f" | {plus_minus(result['test']['gain'])} |")
+    if "dilated_gain_minus_local" in results:
+        difference = results["dilated_gain_minus_local"]
+        lines.append(f"\ndilated's last - first bucket minus local's, paired over {difference['n']} test "
+                     f"windows: {plus_minus(difference)} bits/byte (below 0: the dilated model gains more "
+                     "from long context)")  # fmt: skip
     return "\n".join(lines)
+
+
+def plus_minus(estimate: dict) -> str:
+    """Formats a `mean_and_error` dict as "-0.042 ± 0.004" (the standard error; "-" where unknown)."""
+    error = f" ± {estimate['stderr']:.3f}" if estimate["stderr"] is not None else ""
+    return cell(estimate["mean"], ".3f") + error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -725,7 +775,7 @@ DEFAULTS = {
         d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
         segments=[2048, 4096, 8192, 16384, 32768], rates=[1, 2, 4, 8, 16],
         position_edges=[0, 2048, 8192, 32768],
-        lr=1e-3, warmup_steps=200, batch_size=16, batch_tokens=65536, eval_windows=64,
+        lr=1e-3, warmup_steps=200, batch_size=16, batch_tokens=65536, eval_windows=256,
     ),
 }  # fmt: skip
 SMOKE = {
@@ -864,12 +914,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     lm.add_argument("--local-window", type=int, help="the local model's one segment (default 2048)")
     by = parser.add_argument_group("bytes")
     by.add_argument("--window", type=int, help="bytes per window (default 32768)")
-    by.add_argument("--root", default=None, help="text directory (default: the standard library's sources)")
+    by.add_argument(
+        "--root", nargs="+", default=None,
+        help="text directories (default: the standard library's and torch's Python sources)",
+    )  # fmt: skip
     by.add_argument("--pattern", default=None, help="file pattern (default *.py)")
     by.add_argument(
         "--position-edges", type=int, nargs="+", help="position buckets' edges (default 0 2048 8192 32768)"
     )
-    by.add_argument("--eval-windows", type=int, help="test windows (default 64)")
+    by.add_argument("--eval-windows", type=int, help="test windows (default 256)")
     args = parser.parse_args(argv)
     given = {k for k, v in vars(args).items() if v is not None}
     defaults = DEFAULTS[args.experiment] | (SMOKE[args.experiment] if args.smoke else {})

@@ -4,6 +4,7 @@ steps, JSON + PNG + table), and its metric on cases with a known answer."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from benchmark_loader import load_benchmark
@@ -63,6 +64,21 @@ def test_bits_per_byte_of_a_uniform_model_is_8_and_of_a_half_sure_one_is_1():
     assert [row["bits_per_byte"] for row in rows] == [pytest.approx(8.0), pytest.approx(1.0, abs=1e-4)] + [
         pytest.approx(1.0, abs=1e-4)
     ]  # float32 log-softmax
+
+
+def test_window_gains_and_their_paired_difference_on_known_windows():
+    nats = torch.zeros(3, 40)
+    nats[:, :4] = math.log(2) * torch.tensor([[2.0], [3.0], [4.0]])  # first bucket: 2, 3, 4 bits
+    nats[:, 16:] = math.log(2)  # last bucket: 1 bit in every window
+    gains = bench.window_gains(nats, [0, 4, 16, 40])
+    assert gains.tolist() == pytest.approx([-1.0, -2.0, -3.0])
+    assert bench.mean_and_error(gains.tolist()) == {"n": 3, "mean": pytest.approx(-2.0),
+                                                   "stderr": pytest.approx(1 / math.sqrt(3))}  # fmt: skip
+    assert bench.mean_and_error([0.5])["stderr"] is None
+    # paired over the windows both were tested on: the baseline's third window is missing
+    difference = bench.paired_gain_difference([-1.0, -2.0, -3.0], [-1.0, -1.0])
+    assert difference == {"n": 2, "mean": pytest.approx(-0.5), "stderr": pytest.approx(0.5)}
+    assert bench.plus_minus(difference) == "-0.500 ± 0.500"
 
 
 def test_time_schedule_and_curriculum():
@@ -187,5 +203,11 @@ def test_bytes_runs_both_models_and_reports_bits_by_position(tmp_path, capsys, o
         assert [row["bucket"] for row in test["by_position"]] == ["0-32", "32-128", "128-256"]
         assert [row["tokens"] for row in test["by_position"]] == [test["windows"] * w for w in (32, 96, 128)]
         assert 0 < test["bits_per_byte"] < 12
+        bits = [row["bits_per_byte"] for row in test["by_position"]]
+        assert test["gain"]["n"] == test["windows"] == len(test["window_gains"])
+        assert test["gain"]["mean"] == pytest.approx(bits[-1] - bits[0], abs=1e-9)  # equal-length windows
+    dilated, local = (models[kind]["test"]["window_gains"] for kind in ("dilated", "local"))
+    difference = data["results"]["dilated_gain_minus_local"]
+    assert difference["mean"] == pytest.approx(float(np.mean(dilated) - np.mean(local)), abs=1e-9)
     out = capsys.readouterr().out
     assert "| model | steps | windows | all |" in out
