@@ -342,8 +342,10 @@ def av_loader(
 ) -> DataLoader:
     config = AVDigitsConfig(num_digits=K, questions=list(args.questions), seed=args.seed + K)
     dataset = AVDigitsDataset(split, examples, config)
-    if args.compile and split == "train":  # one shape per K: one compiled graph
-        buckets = LengthBuckets(audio_minimum=dataset.longest_audio(), video_minimum=K)
+    if args.compile and split == "train":  # one shape per K (nearly always): one compiled graph
+        buckets = LengthBuckets(
+            audio_minimum=dataset.likely_longest_audio(), video_minimum=K, steps_per_octave=16
+        )
     else:
         buckets = LengthBuckets() if device.type == "cuda" else None  # repeating shapes on a GPU
     workers = args.workers

@@ -355,6 +355,24 @@ class AVDigitsDataset(Dataset):
         longest_gap = round(cfg.gap_seconds[1] * cfg.sample_rate)
         return K * int(self.pool.clip_length.max()) + (K - 1) * longest_gap
 
+    def likely_longest_audio(self, sigmas: float = 6.0) -> int:
+        """A waveform length an example exceeds only with negligible probability: the mean length of
+        K clips and K - 1 gaps plus `sigmas` standard deviations, every clip taken as if from the
+        digit whose clips are longest on average (and from the most spread), at most
+        `longest_audio()`. Padding audio to it (`LengthBuckets(audio_minimum=...)`) gives nearly
+        every batch one shape, with far less padding than `longest_audio()` once K is more than a
+        few (0.81x it at K = 16, 0.65x at K = 256); a longer batch pads to its own bucket."""
+        K, cfg, pool = self.config.num_digits, self.config, self.pool
+        per_digit = [
+            pool.clip_length[pool.clip_order[start : start + count]].astype(np.float64)
+            for start, count in zip(pool.clip_start.tolist(), pool.clip_count.tolist(), strict=True)
+        ]  # 10 x (clips of the digit,)
+        clip_mean, clip_var = max(x.mean() for x in per_digit), max(x.var() for x in per_digit)
+        low, high = (seconds * cfg.sample_rate for seconds in cfg.gap_seconds)  # gaps: uniform
+        mean = K * clip_mean + (K - 1) * (low + high) / 2
+        std = math.sqrt(K * clip_var + (K - 1) * (high - low) ** 2 / 12)
+        return min(self.longest_audio(), math.ceil(mean + sigmas * std))
+
     def __getitem__(self, index: int) -> dict:
         if not -self.num_examples <= index < self.num_examples:
             raise IndexError(f"index {index} out of range for {self.num_examples} examples")

@@ -345,6 +345,16 @@ def test_longest_audio_bounds_every_example(arrays):
     assert max(lengths) <= dataset.longest_audio()
 
 
+def test_likely_longest_audio_bounds_sampled_examples_with_less_padding():
+    config = AVDigitsConfig(num_digits=16, modality_mix={"audio": 1.0}, questions=["first", "count"])
+    dataset = AVDigitsDataset("train", 1000, config)
+    longest = max(len(dataset[i]["audio"]) for i in range(1000))
+    assert longest <= dataset.likely_longest_audio() < 0.9 * dataset.longest_audio()
+    assert dataset.likely_longest_audio(sigmas=0.0) < dataset.likely_longest_audio()
+    one = AVDigitsDataset("train", 1, AVDigitsConfig(num_digits=1, questions=["first"]))  # capped
+    assert one.likely_longest_audio() == one.longest_audio()
+
+
 def test_sample_rate_resamples_the_clips(arrays):
     config = AVDigitsConfig(num_digits=4, modality_mix={"audio": 1.0}, noise=0.0, gap_seconds=(0.1, 0.1))
     at_16k = AVDigitsDataset("test", 3, config)
