@@ -54,7 +54,10 @@ class RecallConfig:
     num_pairs: int = 64
     """P, key-value pairs in the context (at most num_keys, and fitting in the context)."""
     num_queries: int = 32
-    """Q, queries after the separator (at most num_pairs)."""
+    """Q, queries after the separator (at most num_pairs). Keep it well below num_pairs: asked
+    about every pair, a model can answer the last queries by elimination (the context's values
+    not yet answered) without matching keys, and settles there (a small model reached 0.93 on
+    the last of 8 queries of 8 pairs and 0.30 on the first)."""
     num_keys: int = 512
     """Key ids to draw the P distinct keys of a sequence from."""
     num_values: int = 64
