@@ -57,17 +57,22 @@ def sdpa_takes(q: torch.Tensor) -> bool:
 # Inputs of at most this many elements run with packed calls (one per block of segments, all
 # head offsets together): there the host's launch overhead, not the GPU, sets the pace.
 PACK_MAX_ELEMENTS = 1 << 24
+# Without a key padding mask, the offsets of a branch of a high rate go into the kernel's head
+# dimension (diagonal calls: fewer and fuller kernel calls, no copy).
+DIAGONAL_CALLS = True
 
 
 def _calls(
-    q: torch.Tensor, segment_lengths: list[int], dilation_rates: list[int]
+    q: torch.Tensor, segment_lengths: list[int], dilation_rates: list[int], masked: bool
 ) -> tuple[list[BranchCall | PackedBlock], int]:
     """The op's kernel calls, those of a branch of dilation 1 first, and how many of them that is
-    (0 without such a branch): its calls cover every row and head of q exactly once."""
+    (0 without such a branch): its calls cover every row and head of q exactly once. `masked`:
+    a key padding mask is given (diagonal calls take none)."""
     _, seq_len, num_heads, _ = q.shape
     pack = q.numel() <= PACK_MAX_ELEMENTS
+    diagonal = DIAGONAL_CALLS and not masked
     branches = sorted(zip(segment_lengths, dilation_rates, strict=True), key=lambda branch: branch[1] != 1)
-    calls = [branch_calls(seq_len, num_heads, w, r, pack=pack) for w, r in branches]
+    calls = [branch_calls(seq_len, num_heads, w, r, pack=pack, diagonal=diagonal) for w, r in branches]
     covering = len(calls[0]) if branches[0][1] == 1 else 0
     return [call for branch in calls for call in branch], covering
 
@@ -128,7 +133,7 @@ def dilated_attention_forward_op(
     (-inf for rows with no key)."""
     batch, seq_len, num_heads, head_dim = q.shape
     acc_dtype = accumulation_dtype(q.dtype)
-    calls, covering = _calls(q, segment_lengths, dilation_rates)
+    calls, covering = _calls(q, segment_lengths, dilation_rates, key_padding_mask is not None)
     lse = torch.empty((batch, seq_len, num_heads), dtype=acc_dtype, device=q.device)
     if not covering:  # rows and heads no call selects keep lse = -inf
         lse.fill_(float("-inf"))
@@ -178,7 +183,7 @@ def dilated_attention_backward_op(
     # Without a mask every row a call reads has a key; padding rows of packed calls get lse = +inf.
     if key_padding_mask is not None:
         lse = silence_keyless_rows(lse)
-    calls, covering = _calls(q, segment_lengths, dilation_rates)
+    calls, covering = _calls(q, segment_lengths, dilation_rates, key_padding_mask is not None)
     allocate = torch.empty if covering else torch.zeros
     grads = [allocate(q.shape, dtype=q.dtype, device=q.device) for _ in range(3)]  # as the output
     for index, call in enumerate(calls):

@@ -10,6 +10,13 @@ segment) with t mod R == o, for queries and keys alike. All heads with the same 
 the same rows, so one dense kernel call covers one (block of equal segments, offset) pair: a
 zero-copy strided view `(B, S, C, Ho, D)` of the `(B, N, H, D)` input (`BranchCall`).
 
+A branch of rate R >= 2 over H heads is R such calls, of ceil(H/R) heads each. Where that is
+many small calls (R near or above H), its offsets go into the kernel's head dimension instead: call
+head e of a "diagonal" call reads row offset o0 + e and head h0 + e, which is again one strided view
+(the head stride is one row plus one head), so that one call covers up to R offsets with no copy,
+ceil(H/R) calls in all (twice that where W % R splits the offsets by row count). Its keys differ per
+head, so it takes no key padding mask.
+
 Short inputs are bound by the host's kernel-launch overhead rather than by the GPU; there all
 offsets of a block go into ONE call (`PackedBlock`): the rows are gathered into a copy
 `(B*S*O, C, G, D)`, padded where L or H is not a multiple of R; padded rows are masked as keys,
@@ -33,10 +40,11 @@ PACK_MIN_OFFSETS = 3  # pack a block only when that saves at least two kernel ca
 
 @dataclass(frozen=True)
 class BranchCall:
-    """One dense attention call of a branch: `num_segments` equal segments, one head offset.
+    """One dense attention call of a branch: `num_segments` equal segments, one strided view.
 
-    The call reads rows `start + s*segment_stride + j*dilation + offset` for s < num_segments,
-    j < rows, and heads `offset, offset + dilation, ...` below the head count.
+    Kernel head e of the call reads rows `start + s*segment_stride + j*dilation + offset (+ e if
+    diagonal)` for s < num_segments, j < rows, and head `offset + e*dilation` (per offset) or
+    `first_head + e` (diagonal), for e < heads.
     """
 
     start: int
@@ -46,6 +54,8 @@ class BranchCall:
     offset: int
     rows: int
     heads: int
+    diagonal: bool = False
+    first_head: int = -1  # the diagonal call's head of e = 0; per offset it is `offset`
 
     def kernel_rows(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """(B, N, H, *rest) -> (B*S, C, Ho, *rest), a view (`fill` is not needed)."""
@@ -53,7 +63,11 @@ class BranchCall:
 
     def key_padding(self, mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
         """(B, N) bool padding mask -> (B*S, C), or None without a mask (`like` is not needed)."""
-        return None if mask is None else branch_view(mask, self, has_heads=False).flatten(0, 1)
+        if mask is None:
+            return None
+        if self.diagonal:
+            raise ValueError("a diagonal call's heads read different rows: it takes no key padding mask")
+        return branch_view(mask, self, has_heads=False).flatten(0, 1)
 
     def target(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, H, *rest) -> (B, S, C, Ho, *rest), a view sharing x's storage."""
@@ -160,14 +174,45 @@ class PackedBlock:
         return padded[:, :, : self.length, : self.num_heads]
 
 
+def _diagonal_calls(
+    start: int, num_segments: int, segment_length: int, length: int, num_heads: int, dilation_rate: int
+) -> list[BranchCall]:
+    """A block's offsets as diagonal calls: per group of R heads, the offsets whose rows count
+    alike (offsets below length % R select one row more than the others)."""
+    r, calls = dilation_rate, []
+    longer = length % r  # offsets [0, longer) select ceil(length / r) rows, the others floor
+    for first_head in range(0, num_heads, r):
+        used = min(r, num_heads - first_head, length)  # offsets of this group that select a row
+        for low, high in ((0, min(longer, used)), (longer, used)) if longer else ((0, used),):
+            if low < high:
+                calls.append(BranchCall(
+                    start=start, num_segments=num_segments, segment_stride=segment_length,
+                    dilation=r, offset=low, rows=-(-(length - low) // r), heads=high - low,
+                    diagonal=True, first_head=first_head + low,
+                ))  # fmt: skip
+    return calls
+
+
+DIAGONAL_OVER_PACKED = 2  # where a block may be packed, go diagonal only in this many calls or fewer
+
+
 def branch_calls(
-    seq_len: int, num_heads: int, segment_length: int, dilation_rate: int, *, pack: bool = False
+    seq_len: int,
+    num_heads: int,
+    segment_length: int,
+    dilation_rate: int,
+    *,
+    pack: bool = False,
+    diagonal: bool = False,
 ) -> list[BranchCall | PackedBlock]:
     """The kernel calls that make up one branch over a sequence of `seq_len` tokens.
 
     Full segments form one block; a shorter last segment (`seq_len % segment_length`) forms a
     second block of one segment. Offsets that no head uses, or that select no row, are skipped.
-    With `pack`, a block of at least `PACK_MIN_OFFSETS` offsets is one `PackedBlock` call.
+    Each block is, in this order of preference: diagonal calls (with `diagonal`, where they are
+    fewer than the per-offset calls, and with `pack` at most `DIAGONAL_OVER_PACKED` of them), one
+    `PackedBlock` (with `pack`, a block of at least `PACK_MIN_OFFSETS` offsets), or one call per
+    offset.
     """
     full = seq_len // segment_length
     blocks = []
@@ -178,6 +223,12 @@ def branch_calls(
     calls: list[BranchCall | PackedBlock] = []
     for start, num_segments, length in blocks:
         offsets = min(dilation_rate, num_heads, length)
+        if diagonal:
+            diagonals = _diagonal_calls(start, num_segments, segment_length, length, num_heads, dilation_rate)
+            packable = pack and offsets >= PACK_MIN_OFFSETS
+            if len(diagonals) < offsets and not (packable and len(diagonals) > DIAGONAL_OVER_PACKED):
+                calls.extend(diagonals)
+                continue
         if pack and offsets >= PACK_MIN_OFFSETS:
             calls.append(
                 PackedBlock(start, num_segments, segment_length, length, dilation_rate, offsets, num_heads)
@@ -202,7 +253,7 @@ def branch_view(x: torch.Tensor, call: BranchCall, *, has_heads: bool = True) ->
     """The rows (and heads) of `call` as a strided view of `x`, sharing its storage.
 
     x: (B, N, H, *rest) -> (B, S, C, Ho, *rest) when `has_heads`, else (B, N, *rest) -> (B, S, C, *rest)
-    (the latter for per-token tensors such as the key padding mask).
+    (the latter for per-token tensors such as the key padding mask, of per-offset calls).
     """
     stride = x.stride()
     size = [x.shape[0], call.num_segments, call.rows]
@@ -211,8 +262,12 @@ def branch_view(x: torch.Tensor, call: BranchCall, *, has_heads: bool = True) ->
     rest = 2
     if has_heads:
         size.append(call.heads)
-        strides.append(call.dilation * stride[2])
-        offset += call.offset * stride[2]
+        if call.diagonal:  # head e: one row and one head further per e
+            strides.append(stride[1] + stride[2])
+            offset += call.first_head * stride[2]
+        else:
+            strides.append(call.dilation * stride[2])
+            offset += call.offset * stride[2]
         rest = 3
     size += x.shape[rest:]
     strides += stride[rest:]

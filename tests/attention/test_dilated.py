@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from mmlongnet.attention import DilatedAttention, dilated_attention
 from mmlongnet.attention import dilated as dilated_module
+from mmlongnet.attention import geometry
 from mmlongnet.attention.geometry import BranchCall, PackedBlock, branch_calls
 from mmlongnet.attention.kernels import KernelSelector
 
@@ -85,6 +86,53 @@ def test_packed_rows_are_the_per_offset_rows_and_place_inverts_them(length, head
     assert packed.is_padded == (length % rate != 0 or heads % rate != 0)
     selected = torch.arange(length)[:, None] % rate == torch.arange(heads)[None, :] % rate  # (L, H)
     torch.testing.assert_close(placed, x * selected.repeat(2, 1)[..., None], rtol=0, atol=0)
+
+
+def _selected(calls, seq_len, heads):
+    """{(row, head): times selected} over the calls, with each kernel head's rows checked: one
+    offset (row within its segment mod R == head mod R), consecutive rows R apart."""
+    x = torch.arange(seq_len * heads).reshape(1, seq_len, heads, 1)  # x[0, t, h] = t * heads + h
+    seen = {}
+    for call in calls:
+        view = call.target(x)[0, ..., 0]  # (S, C, Ho)
+        rows, head = view // heads, view % heads
+        starts = call.start + call.segment_stride * torch.arange(view.shape[0])[:, None, None]
+        assert (((rows - starts) % call.dilation) == (head % call.dilation)).all()
+        assert (head == head[:, :1, :]).all()  # a kernel head reads one head in every row
+        assert (rows.diff(dim=1) == call.dilation).all()
+        for row, h in zip(rows.flatten().tolist(), head.flatten().tolist(), strict=True):
+            seen[row, h] = seen.get((row, h), 0) + 1
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "heads", "length", "rate"),
+    [(64, 12, 32, 12), (70, 12, 32, 12), (61, 6, 20, 4), (45, 2, 12, 6), (50, 5, 7, 3), (40, 16, 40, 16)],
+)
+def test_diagonal_calls_select_each_offsets_rows_and_heads_once(seq_len, heads, length, rate):
+    per_offset = branch_calls(seq_len, heads, length, rate)
+    diagonal = branch_calls(seq_len, heads, length, rate, diagonal=True)
+    assert any(c.diagonal for c in diagonal) == (len(diagonal) < len(per_offset))
+    expected = _selected(per_offset, seq_len, heads)
+    assert set(expected.values()) == {1}
+    assert _selected(diagonal, seq_len, heads) == expected
+    forced = geometry._diagonal_calls(0, seq_len // length, length, length, heads, rate)
+    full = {key: n for key, n in expected.items() if key[0] < seq_len // length * length}
+    assert _selected(forced, seq_len, heads) == full  # the full block's offsets, diagonal or not
+
+
+def test_diagonal_calls_replace_many_offsets_but_take_no_mask():
+    calls = branch_calls(64, 12, 32, 12, diagonal=True)  # 32 % 12 = 8: offsets 0-7 and 8-11
+    assert [(c.diagonal, c.offset, c.heads, c.rows) for c in calls] == [(True, 0, 8, 3), (True, 8, 4, 2)]
+    assert len(branch_calls(64, 12, 32, 12)) == 12
+    assert not any(c.diagonal for c in branch_calls(64, 16, 32, 4, diagonal=True))  # 4 groups, 4 offsets
+    with pytest.raises(ValueError, match="no key padding mask"):
+        calls[0].key_padding(torch.zeros(1, 64, dtype=torch.bool), None)
+    q = torch.zeros(1, 64, 12, 8)
+    unmasked, _ = dilated_module._calls(q, [8, 32], [1, 12], masked=False)
+    masked, _ = dilated_module._calls(q, [8, 32], [1, 12], masked=True)
+    assert any(getattr(c, "diagonal", False) for c in unmasked)
+    assert not any(getattr(c, "diagonal", False) for c in masked)
 
 
 def test_rows_without_keys_output_zero_and_pass_no_gradient():
