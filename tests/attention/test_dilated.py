@@ -4,9 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmlongnet.attention import DilatedAttention, dilated_attention
+from mmlongnet.attention import DilatedAttention, dilated_attention, geometry
 from mmlongnet.attention import dilated as dilated_module
-from mmlongnet.attention import geometry
 from mmlongnet.attention.geometry import BranchCall, PackedBlock, branch_calls
 from mmlongnet.attention.kernels import KernelSelector
 
