@@ -109,6 +109,18 @@ def _kernels(q_rows: torch.Tensor, has_bias: bool, backend: str) -> list[Kernel]
     return chain
 
 
+def _rows_of(call: BranchCall | PackedBlock, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+    """The call's kernel rows of each tensor (B, N, H, D) as views a kernel can write the results
+    into, or None where they are copies (a `PackedBlock`'s gathered rows; segments of several
+    samples that one batch dim cannot address)."""
+    rows = [call.kernel_rows(t) for t in tensors]
+    storage = [
+        (r.untyped_storage().data_ptr(), t.untyped_storage().data_ptr())
+        for r, t in zip(rows, tensors, strict=True)
+    ]
+    return rows if all(a == b for a, b in storage) else None
+
+
 def _shape_key(rows: list[torch.Tensor], has_bias: bool, is_causal: bool) -> tuple:
     """What a kernel that plans per input builds its plan for: the q, k, v rows' dtype, shape and
     strides (cuDNN keys its plans on the strides too: the same shape from another sequence length
@@ -137,6 +149,9 @@ def dilated_attention_forward_op(
     lse = torch.empty((batch, seq_len, num_heads), dtype=acc_dtype, device=q.device)
     if not covering:  # rows and heads no call selects keep lse = -inf
         lse.fill_(float("-inf"))
+    # The output accumulates in the input dtype: every merge pass computes in float32 and rounds
+    # once, and 16-bit inputs need no float32 buffer of the output's size nor a final cast.
+    out = (torch.empty if covering else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
     parts = []
     for index, call in enumerate(calls):
         rows = [call.kernel_rows(t) for t in (q, k, v)]  # 3 x (b, c, h, D)
@@ -144,23 +159,25 @@ def dilated_attention_forward_op(
         bias = _key_bias(padding, q.dtype)
         chain = _kernels(rows[0], bias is not None, backend)
         key = _shape_key(rows, bias is not None, is_causal)
-        out_call, lse_call = SELECTOR.run(chain, "forward", key, *rows, bias, is_causal, scale)
+        # a covering call's output may go straight to its rows of `out` (scaled there by the merge)
+        into = _rows_of(call, [out]) if index < covering else None
+        out_call, lse_call = SELECTOR.run(
+            chain, "forward", key, *rows, bias, is_causal, scale, into[0] if into else None
+        )
         lse_call = lse_call.to(acc_dtype)  # (b, c, h)
         if padding is not None:  # a row without a key: lse -inf (its output is finite, weighted 0)
             lse_call = lse_call.masked_fill(~_valid_rows(padding, is_causal)[..., None], float("-inf"))
         lse_call = call.place(lse_call, float("-inf"))  # laid out like call.target(lse)
         merge_lse(call.target(lse), lse_call, first=index < covering)
-        parts.append((call, out_call, lse_call))
+        parts.append((call, None if into and out_call is into[0] else out_call, lse_call))
     # A placed lse_call holds -inf for a row without a key (mask) and for the entries a padded
     # packed call does not select; where the merged lse is -inf too, +inf makes the weight 0. With
     # no mask and a covering branch, every merged lse is finite.
     lse_safe = lse if key_padding_mask is None and covering else silence_keyless_rows(lse)
-    # The output accumulates in the input dtype: every merge pass computes in float32 and rounds
-    # once, and 16-bit inputs need no float32 buffer of the output's size nor a final cast.
-    out = (torch.empty if covering else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
     for index, (call, out_call, lse_call) in enumerate(parts):
         weight = part_weight(lse_call, call.target(lse_safe))  # laid out like the call's target
-        merge_output(call.target(out), call.place(out_call, 0.0), weight, first=index < covering)
+        part = None if out_call is None else call.place(out_call, 0.0)  # None: already in `out`
+        merge_output(call.target(out), part, weight, first=index < covering)
     return out, lse
 
 
@@ -192,9 +209,12 @@ def dilated_attention_backward_op(
         bias = _key_bias(call.key_padding(key_padding_mask, q), q.dtype)
         chain = _kernels(rows[1], bias is not None, backend)
         key = _shape_key(rows[1:4], bias is not None, is_causal)
-        call_grads = SELECTOR.run(chain, "backward", key, *rows, lse_rows, bias, is_causal, scale)
-        for grad, call_grad in zip(grads, call_grads, strict=True):
-            merge_output(call.target(grad), call.place(call_grad, 0.0), first=index < covering)
+        # a covering call's gradients may go straight to their rows of the gradients
+        into = _rows_of(call, grads) if index < covering else None
+        call_grads = SELECTOR.run(chain, "backward", key, *rows, lse_rows, bias, is_causal, scale, into)
+        for grad, call_grad, written in zip(grads, call_grads, into or (None,) * 3, strict=True):
+            if call_grad is not written:
+                merge_output(call.target(grad), call.place(call_grad, 0.0), first=index < covering)
     return tuple(grads)
 
 

@@ -40,8 +40,8 @@ MIN_CAPABILITY = {FLASH_ATTN_4: (9, 0), FLASH_ATTN_2: (8, 0)}
 DTYPES = (torch.float16, torch.bfloat16)
 
 # Parameters the adapters pass by name; a release that renames one is refused up front.
-_FA4_FORWARD = ("q", "k", "v", "softmax_scale", "causal", "return_lse")
-_FA4_BACKWARD = ("q", "k", "v", "out", "dout", "lse", "softmax_scale", "causal")
+_FA4_FORWARD = ("q", "k", "v", "softmax_scale", "causal", "return_lse", "out")
+_FA4_BACKWARD = ("q", "k", "v", "out", "dout", "lse", "softmax_scale", "causal", "dq", "dk", "dv")
 _FA2_FORWARD = ("q", "k", "v", "dropout_p", "softmax_scale", "causal", "window_size_left",
                 "window_size_right", "softcap", "alibi_slopes", "return_softmax")  # fmt: skip
 _FA2_BACKWARD = ("dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv", "dropout_p",
@@ -102,17 +102,18 @@ def _refusal(package: str, error: Exception) -> RuntimeError:
 def _flash4_kernel(interface) -> Kernel:
     fwd, bwd = interface._flash_attn_fwd, interface._flash_attn_bwd
 
-    def forward(q, k, v, bias, is_causal, scale):
+    def forward(q, k, v, bias, is_causal, scale, into=None):
         try:
-            out, lse = fwd(q, k, v, softmax_scale=scale, causal=is_causal, return_lse=True)[:2]
+            out, lse = fwd(q, k, v, softmax_scale=scale, causal=is_causal, return_lse=True, out=into)[:2]
         except (AssertionError, NotImplementedError, ValueError) as error:
             raise _refusal(FLASH_ATTN_4, error) from error
         return out, lse.transpose(1, 2)  # lse (b, h, c) -> (b, c, h)
 
-    def backward(dout, q, k, v, out, lse, bias, is_causal, scale):
+    def backward(dout, q, k, v, out, lse, bias, is_causal, scale, into=None):
+        dq, dk, dv = into or (None, None, None)
         try:
             lse = lse.transpose(1, 2).contiguous()  # (b, c, h) -> (b, h, c)
-            grads = bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=is_causal)
+            grads = bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=is_causal, dq=dq, dk=dk, dv=dv)
         except (AssertionError, NotImplementedError, ValueError) as error:
             raise _refusal(FLASH_ATTN_4, error) from error
         return tuple(grads[:3])
@@ -126,15 +127,15 @@ def _flash4_kernel(interface) -> Kernel:
 def _flash2_kernel(interface) -> Kernel:
     fwd, bwd = interface._flash_attn_forward, interface._flash_attn_backward
 
-    def forward(q, k, v, bias, is_causal, scale):
+    def forward(q, k, v, bias, is_causal, scale, into=None):
         out, lse = fwd(
             q, k, v, dropout_p=0.0, softmax_scale=scale, causal=is_causal, window_size_left=-1,
             window_size_right=-1, softcap=0.0, alibi_slopes=None, return_softmax=False,
         )[:2]  # fmt: skip
         return out, lse.transpose(1, 2)  # lse (b, h, c) -> (b, c, h)
 
-    def backward(dout, q, k, v, out, lse, bias, is_causal, scale):
-        grads = [torch.empty_like(t) for t in (q, k, v)]  # the kernel writes its gradients here
+    def backward(dout, q, k, v, out, lse, bias, is_causal, scale, into=None):
+        grads = list(into or (torch.empty_like(t) for t in (q, k, v)))  # the kernel writes them here
         bwd(
             dout.contiguous(), q, k, v, out.contiguous(), lse.transpose(1, 2).contiguous(), *grads,
             dropout_p=0.0, softmax_scale=scale, causal=is_causal, window_size_left=-1,

@@ -7,6 +7,11 @@ and a log-sum-exp from outside — the MERGED ones of all branches — so that i
 branch's probabilities as part of the one softmax over all branches, which makes dq, dk, dv
 exact for the mixture (the scheme of ring attention).
 
+`into`, the last argument of both, is None or buffers the result may be written to: the output
+(b, c, h, D) for the forward, (dq, dk, dv) for the backward, strided views of the op's own
+output and gradients. A kernel that can write there (flash-attn's) does so and returns them; the
+others ignore them and return new tensors, which the caller copies.
+
 `bias` is an additive key bias (b, c) in the input dtype (0 for a key, -inf for padding) or None.
 A row whose keys are all padding gets a finite output from the forward (its log-sum-exp there is
 unspecified: the caller sets it to -inf, which weights that output by 0). A row whose log-sum-exp
@@ -75,7 +80,7 @@ def _lse_rows_last(lse: torch.Tensor, rows: int) -> torch.Tensor:
 # --- CPU: PyTorch's flash-attention CPU kernel -------------------------------------------------
 
 
-def _cpu_forward(q, k, v, bias, is_causal, scale):
+def _cpu_forward(q, k, v, bias, is_causal, scale, into=None):
     qh, kh, vh = _heads_first(q, k, v)
     out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
         qh, kh, vh, 0.0, is_causal, attn_mask=_expanded_bias(bias, qh.shape[1], qh.shape[2]), scale=scale
@@ -83,7 +88,7 @@ def _cpu_forward(q, k, v, bias, is_causal, scale):
     return out.transpose(1, 2), _lse_rows_last(lse, qh.shape[2])
 
 
-def _cpu_backward(dout, q, k, v, out, lse, bias, is_causal, scale):
+def _cpu_backward(dout, q, k, v, out, lse, bias, is_causal, scale, into=None):
     qh, kh, vh = _heads_first(q, k, v)
     douth, outh = _dense_heads_first(dout, out)
     grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -108,7 +113,7 @@ def _cuda_empty(like: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=torch.int64, device=like.device)
 
 
-def _cudnn_forward(q, k, v, bias, is_causal, scale):
+def _cudnn_forward(q, k, v, bias, is_causal, scale, into=None):
     qh, kh, vh = _heads_first(q, k, v)
     result = aten._scaled_dot_product_cudnn_attention(
         qh, kh, vh, _expanded_bias(bias, qh.shape[1], qh.shape[2]), True, 0.0, is_causal, False, scale=scale
@@ -116,7 +121,7 @@ def _cudnn_forward(q, k, v, bias, is_causal, scale):
     return result[0].transpose(1, 2), _lse_rows_last(result[1], qh.shape[2])
 
 
-def _cudnn_backward(dout, q, k, v, out, lse, bias, is_causal, scale):
+def _cudnn_backward(dout, q, k, v, out, lse, bias, is_causal, scale, into=None):
     qh, kh, vh = _heads_first(q, k, v)
     douth, outh = _dense_heads_first(dout, out)
     rows = qh.shape[2]
@@ -142,13 +147,13 @@ def _cudnn_backward(dout, q, k, v, out, lse, bias, is_causal, scale):
     return tuple(g.transpose(1, 2) for g in grads)
 
 
-def _flash_forward(q, k, v, bias, is_causal, scale):
+def _flash_forward(q, k, v, bias, is_causal, scale, into=None):
     qh, kh, vh = _heads_first(q, k, v)
     result = aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, is_causal, False, scale=scale)
     return result[0].transpose(1, 2), _lse_rows_last(result[1], qh.shape[2])
 
 
-def _flash_backward(dout, q, k, v, out, lse, bias, is_causal, scale):
+def _flash_backward(dout, q, k, v, out, lse, bias, is_causal, scale, into=None):
     qh, kh, vh = _heads_first(q, k, v)
     douth, outh = _dense_heads_first(dout, out)
     rows = qh.shape[2]
@@ -170,7 +175,7 @@ def _aligned_bias(bias: torch.Tensor | None, heads: int) -> torch.Tensor | None:
     return _expanded_bias(padded[:, :rows], heads, rows)
 
 
-def _efficient_forward(q, k, v, bias, is_causal, scale):
+def _efficient_forward(q, k, v, bias, is_causal, scale, into=None):
     qh, kh, vh = _heads_first(q, k, v)
     result = aten._scaled_dot_product_efficient_attention(
         qh, kh, vh, _aligned_bias(bias, qh.shape[1]), True, 0.0, is_causal, scale=scale
@@ -178,7 +183,7 @@ def _efficient_forward(q, k, v, bias, is_causal, scale):
     return result[0].transpose(1, 2), _lse_rows_last(result[1], qh.shape[2])
 
 
-def _efficient_backward(dout, q, k, v, out, lse, bias, is_causal, scale):
+def _efficient_backward(dout, q, k, v, out, lse, bias, is_causal, scale, into=None):
     qh, kh, vh = _heads_first(q, k, v)
     douth, outh = _dense_heads_first(dout, out)
     rows = qh.shape[2]

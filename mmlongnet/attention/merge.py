@@ -49,7 +49,7 @@ def merge_lse(lse: torch.Tensor, lse_part: torch.Tensor, *, first: bool = False)
 
 def merge_output(
     out: torch.Tensor,
-    out_part: torch.Tensor,
+    out_part: torch.Tensor | None,
     weight: torch.Tensor | None = None,
     *,
     first: bool = False,
@@ -58,7 +58,8 @@ def merge_output(
 
     Args:
         out: (..., D) the merged output so far (a view may be passed).
-        out_part: (..., D) the part's output.
+        out_part: (..., D) the part's output; None when the part is already in `out` (written
+            there by its kernel, `first` only): then out *= weight.
         weight: (...) the part's weight, `part_weight(lse_part, lse)`; None for 1 (gradients of
             parts over disjoint rows, which add without weights).
         first: `out` holds nothing yet: write instead of add.
@@ -66,6 +67,10 @@ def merge_output(
     Returns:
         `out`.
     """
+    if out_part is None:
+        if not first:
+            raise ValueError("merge_output: a part already in `out` must be the first one there")
+        return out if weight is None else out.mul_(weight[..., None])
     if weight is None:
         return out.copy_(out_part) if first else out.add_(out_part)
     if first:

@@ -63,11 +63,18 @@ def fake_flash_attn_4(refuse=False):
         assert not refuse, "head_dim must be between 8 and 256"  # the kernels' checks are asserts
         assert q.stride(-1) == 1
         result, log_sum_exp = _attention_forward(q, k, v, softmax_scale, causal)
+        if out is not None:  # the kernel writes into a given (strided) output
+            assert out.shape == q.shape and out.stride(-1) == 1
+            result = out.copy_(result)
         return result, log_sum_exp if return_lse else None, None, None, None
 
-    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0.0):
+    def _flash_attn_bwd(
+        q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0.0, dq=None, dk=None, dv=None
+    ):
         assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.is_contiguous()
-        return _attention_backward(dout, q, k, v, out, lse, softmax_scale, causal)
+        grads = _attention_backward(dout, q, k, v, out, lse, softmax_scale, causal)
+        into = (dq, dk, dv)
+        return tuple(g if buffer is None else buffer.copy_(g) for g, buffer in zip(grads, into, strict=True))
 
     return types.SimpleNamespace(_flash_attn_fwd=_flash_attn_fwd, _flash_attn_bwd=_flash_attn_bwd)
 
@@ -171,7 +178,7 @@ def test_changed_signature_is_refused_with_the_version(installed):
     _, reasons = flash_module._installed()
     assert (
         "flash-attn-4 4.0.0b36" in reasons["flash-attn-4"]
-        and "['out', 'dout', 'lse']" in reasons["flash-attn-4"]
+        and "['out', 'dout', 'lse', 'dq', 'dk', 'dv']" in reasons["flash-attn-4"]
     )
 
 
