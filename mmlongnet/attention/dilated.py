@@ -60,6 +60,9 @@ PACK_MAX_ELEMENTS = 1 << 24
 # Without a key padding mask, the offsets of a branch of a high rate go into the kernel's head
 # dimension (diagonal calls: fewer and fuller kernel calls, no copy).
 DIAGONAL_CALLS = True
+# The covering calls' kernels write their results straight into the op's output and gradients,
+# where the kernel takes buffers (flash-attn's do): less memory, fewer copies.
+WRITE_IN_PLACE = True
 
 
 def _calls(
@@ -113,6 +116,8 @@ def _rows_of(call: BranchCall | PackedBlock, tensors: Sequence[torch.Tensor]) ->
     """The call's kernel rows of each tensor (B, N, H, D) as views a kernel can write the results
     into, or None where they are copies (a `PackedBlock`'s gathered rows; segments of several
     samples that one batch dim cannot address)."""
+    if not WRITE_IN_PLACE:
+        return None
     rows = [call.kernel_rows(t) for t in tensors]
     storage = [
         (r.untyped_storage().data_ptr(), t.untyped_storage().data_ptr())
