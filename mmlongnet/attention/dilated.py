@@ -57,8 +57,8 @@ def sdpa_takes(q: torch.Tensor) -> bool:
 # Inputs of at most this many elements run with packed calls (one per block of segments, all
 # head offsets together): there the host's launch overhead, not the GPU, sets the pace.
 PACK_MAX_ELEMENTS = 1 << 24
-# Without a key padding mask, the offsets of a branch of a high rate go into the kernel's head
-# dimension (diagonal calls: fewer and fuller kernel calls, no copy).
+# The offsets of a branch of a high rate go into the kernel's head dimension (diagonal calls:
+# fewer and fuller kernel calls, no copy).
 DIAGONAL_CALLS = True
 # The covering calls' kernels write their results straight into the op's output and gradients,
 # where the kernel takes buffers (flash-attn's do): less memory, fewer copies.
@@ -66,32 +66,31 @@ WRITE_IN_PLACE = True
 
 
 def _calls(
-    q: torch.Tensor, segment_lengths: list[int], dilation_rates: list[int], masked: bool
+    q: torch.Tensor, segment_lengths: list[int], dilation_rates: list[int]
 ) -> tuple[list[BranchCall | PackedBlock], int]:
     """The op's kernel calls, those of a branch of dilation 1 first, and how many of them that is
-    (0 without such a branch): its calls cover every row and head of q exactly once. `masked`:
-    a key padding mask is given (diagonal calls take none)."""
+    (0 without such a branch): its calls cover every row and head of q exactly once."""
     _, seq_len, num_heads, _ = q.shape
     pack = q.numel() <= PACK_MAX_ELEMENTS
-    diagonal = DIAGONAL_CALLS and not masked
     branches = sorted(zip(segment_lengths, dilation_rates, strict=True), key=lambda branch: branch[1] != 1)
-    calls = [branch_calls(seq_len, num_heads, w, r, pack=pack, diagonal=diagonal) for w, r in branches]
+    calls = [branch_calls(seq_len, num_heads, w, r, pack=pack, diagonal=DIAGONAL_CALLS) for w, r in branches]
     covering = len(calls[0]) if branches[0][1] == 1 else 0
     return [call for branch in calls for call in branch], covering
 
 
 def _key_bias(padding: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """Key bias (b, c) of one call's (b, c) padding mask: 0 for a key, -inf for padding."""
+    """Key bias of one call's padding mask, (b, c) or per head (b, c, h): 0 for a key, -inf for
+    padding, in the mask's shape."""
     if padding is None:
         return None
     return torch.zeros(padding.shape, dtype=dtype, device=padding.device).masked_fill(padding, float("-inf"))
 
 
 def _valid_rows(padding: torch.Tensor, is_causal: bool) -> torch.Tensor:
-    """(b, c) bool of one call's (b, c) padding mask: the rows that see at least one non-padding key
-    (causal: one at or before them)."""
-    keep = ~padding
-    return keep.cumsum(-1) > 0 if is_causal else keep.any(-1, keepdim=True).expand_as(keep)
+    """(b, c, h or 1) bool of one call's padding mask, (b, c) or per head (b, c, h): the rows that
+    see at least one non-padding key (causal: one at or before them)."""
+    keep = ~padding if padding.dim() == 3 else ~padding[..., None]  # (b, c, h or 1)
+    return keep.cumsum(1) > 0 if is_causal else keep.any(1, keepdim=True).expand_as(keep)
 
 
 # flash-attn 4's kernels are faster on the GPU than PyTorch's, but each call costs more host time
@@ -150,7 +149,7 @@ def dilated_attention_forward_op(
     (-inf for rows with no key)."""
     batch, seq_len, num_heads, head_dim = q.shape
     acc_dtype = accumulation_dtype(q.dtype)
-    calls, covering = _calls(q, segment_lengths, dilation_rates, key_padding_mask is not None)
+    calls, covering = _calls(q, segment_lengths, dilation_rates)
     lse = torch.empty((batch, seq_len, num_heads), dtype=acc_dtype, device=q.device)
     if not covering:  # rows and heads no call selects keep lse = -inf
         lse.fill_(float("-inf"))
@@ -171,7 +170,7 @@ def dilated_attention_forward_op(
         )
         lse_call = lse_call.to(acc_dtype)  # (b, c, h)
         if padding is not None:  # a row without a key: lse -inf (its output is finite, weighted 0)
-            lse_call = lse_call.masked_fill(~_valid_rows(padding, is_causal)[..., None], float("-inf"))
+            lse_call = lse_call.masked_fill(~_valid_rows(padding, is_causal), float("-inf"))
         lse_call = call.place(lse_call, float("-inf"))  # laid out like call.target(lse)
         merge_lse(call.target(lse), lse_call, first=index < covering)
         parts.append((call, None if into and out_call is into[0] else out_call, lse_call))
@@ -205,7 +204,7 @@ def dilated_attention_backward_op(
     # Without a mask every row a call reads has a key; padding rows of packed calls get lse = +inf.
     if key_padding_mask is not None:
         lse = silence_keyless_rows(lse)
-    calls, covering = _calls(q, segment_lengths, dilation_rates, key_padding_mask is not None)
+    calls, covering = _calls(q, segment_lengths, dilation_rates)
     allocate = torch.empty if covering else torch.zeros
     grads = [allocate(q.shape, dtype=q.dtype, device=q.device) for _ in range(3)]  # as the output
     for index, call in enumerate(calls):

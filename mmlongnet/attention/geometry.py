@@ -15,7 +15,7 @@ many small calls (R near or above H), its offsets go into the kernel's head dime
 head e of a "diagonal" call reads row offset o0 + e and head h0 + e, which is again one strided view
 (the head stride is one row plus one head), so that one call covers up to R offsets with no copy,
 ceil(H/R) calls in all (twice that where W % R splits the offsets by row count). Its keys differ per
-head, so it takes no key padding mask.
+head, and so does its key padding mask, (b, c, h).
 
 Short inputs are bound by the host's kernel-launch overhead rather than by the GPU; there all
 offsets of a block go into ONE call (`PackedBlock`): the rows are gathered into a copy
@@ -62,11 +62,13 @@ class BranchCall:
         return branch_view(x, self).flatten(0, 1)
 
     def key_padding(self, mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-        """(B, N) bool padding mask -> (B*S, C), or None without a mask (`like` is not needed)."""
+        """(B, N) bool padding mask -> (B*S, C), or per kernel head (B*S, C, Ho) for a diagonal call
+        (its heads read different rows); None without a mask. `like`: the (B, N, H, ...) input."""
         if mask is None:
             return None
         if self.diagonal:
-            raise ValueError("a diagonal call's heads read different rows: it takes no key padding mask")
+            per_head = mask[:, :, None].expand(*like.shape[:3])  # (B, N, H), stride 0 over heads
+            return branch_view(per_head, self).flatten(0, 1)
         return branch_view(mask, self, has_heads=False).flatten(0, 1)
 
     def target(self, x: torch.Tensor) -> torch.Tensor:

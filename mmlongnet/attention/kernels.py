@@ -12,7 +12,8 @@ exact for the mixture (the scheme of ring attention).
 output and gradients. A kernel that can write there (flash-attn's) does so and returns them; the
 others ignore them and return new tensors, which the caller copies.
 
-`bias` is an additive key bias (b, c) in the input dtype (0 for a key, -inf for padding) or None.
+`bias` is an additive key bias in the input dtype (0 for a key, -inf for padding), (b, c) for all
+heads alike or (b, c, h) per head, or None.
 A row whose keys are all padding gets a finite output from the forward (its log-sum-exp there is
 unspecified: the caller sets it to -inf, which weights that output by 0). A row whose log-sum-exp
 is +inf gets probability 0 everywhere in the backward: that is how the caller silences rows with
@@ -65,10 +66,12 @@ def _dense_heads_first(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _expanded_bias(bias: torch.Tensor | None, heads: int, rows: int) -> torch.Tensor | None:
-    """(b, c) key bias -> (b, h, c, c) broadcast view (stride 0 over heads and query rows)."""
+    """(b, c) or per-head (b, c, h) key bias -> (b, h, c, c) broadcast view (stride 0 over the query
+    rows, and over the heads for (b, c))."""
     if bias is None:
         return None
-    return bias[:, None, None, :].expand(bias.shape[0], heads, rows, bias.shape[1])
+    per_head = bias.transpose(1, 2)[:, :, None, :] if bias.dim() == 3 else bias[:, None, None, :]
+    return per_head.expand(bias.shape[0], heads, rows, bias.shape[1])
 
 
 def _lse_rows_last(lse: torch.Tensor, rows: int) -> torch.Tensor:
@@ -169,10 +172,12 @@ def _aligned_bias(bias: torch.Tensor | None, heads: int) -> torch.Tensor | None:
     """The memory-efficient kernel wants the bias rows 8-element aligned: pad the storage."""
     if bias is None:
         return None
-    rows = bias.shape[1]
-    padded = bias.new_zeros(bias.shape[0], -(-rows // 8) * 8)
-    padded[:, :rows] = bias
-    return _expanded_bias(padded[:, :rows], heads, rows)
+    keys = bias.shape[1]
+    keys_last = bias.transpose(1, 2) if bias.dim() == 3 else bias  # (b, h, c) or (b, c)
+    padded = keys_last.new_zeros(*keys_last.shape[:-1], -(-keys // 8) * 8)
+    padded[..., :keys] = keys_last
+    padded = padded[..., :keys]
+    return _expanded_bias(padded.transpose(1, 2) if bias.dim() == 3 else padded, heads, keys)
 
 
 def _efficient_forward(q, k, v, bias, is_causal, scale, into=None):

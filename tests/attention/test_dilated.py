@@ -120,18 +120,19 @@ def test_diagonal_calls_select_each_offsets_rows_and_heads_once(seq_len, heads, 
     assert _selected(forced, seq_len, heads) == full  # the full block's offsets, diagonal or not
 
 
-def test_diagonal_calls_replace_many_offsets_but_take_no_mask():
+def test_diagonal_calls_replace_many_offsets_and_mask_each_head_by_its_rows():
     calls = branch_calls(64, 12, 32, 12, diagonal=True)  # 32 % 12 = 8: offsets 0-7 and 8-11
     assert [(c.diagonal, c.offset, c.heads, c.rows) for c in calls] == [(True, 0, 8, 3), (True, 8, 4, 2)]
     assert len(branch_calls(64, 12, 32, 12)) == 12
     assert not any(c.diagonal for c in branch_calls(64, 16, 32, 4, diagonal=True))  # 4 groups, 4 offsets
-    with pytest.raises(ValueError, match="no key padding mask"):
-        calls[0].key_padding(torch.zeros(1, 64, dtype=torch.bool), None)
-    q = torch.zeros(1, 64, 12, 8)
-    unmasked, _ = dilated_module._calls(q, [8, 32], [1, 12], masked=False)
-    masked, _ = dilated_module._calls(q, [8, 32], [1, 12], masked=True)
-    assert any(getattr(c, "diagonal", False) for c in unmasked)
-    assert not any(getattr(c, "diagonal", False) for c in masked)
+    q = torch.zeros(2, 64, 12, 8)
+    mask = torch.rand(2, 64) < 0.5
+    rows = torch.arange(64).expand(2, 64)  # each key's position
+    for call in calls:
+        padding = call.key_padding(mask, q)  # (B*S, C, Ho): kernel head e's keys
+        positions = call.kernel_rows(rows[:, :, None, None].expand(2, 64, 12, 1))[..., 0]  # (B*S, C, Ho)
+        expected = torch.gather(mask, 1, positions.flatten(0, 1).reshape(2, -1)).reshape(positions.shape)
+        assert torch.equal(padding, expected)
 
 
 def test_rows_without_keys_output_zero_and_pass_no_gradient():

@@ -266,3 +266,18 @@ def test_forward_and_backward_read_no_device_value_on_the_host(
     # and under the mode the op computed what it computes without it
     expected = dilated_attention(q, k, v, segs, rates, **kwargs)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per-head"])
+def test_key_bias_expands_per_head_and_aligns_for_the_efficient_kernel(per_head):
+    batch, keys, heads = 2, 13, 3
+    bias = torch.zeros(batch, keys, heads) if per_head else torch.zeros(batch, keys)
+    bias.view(-1)[::5] = float("-inf")
+    expanded = kernels._expanded_bias(bias, heads, keys)  # (b, h, c_q, c_k)
+    expected = bias.transpose(1, 2) if per_head else bias[:, None, :].expand(batch, heads, keys)
+    assert expanded.shape == (batch, heads, keys, keys)
+    assert torch.equal(expanded, expected[:, :, None, :].expand(batch, heads, keys, keys))
+    aligned = kernels._aligned_bias(bias, heads)
+    assert torch.equal(aligned, expanded)
+    assert aligned.stride(-1) == 1 and aligned.stride(0) % 8 == 0 and aligned.stride(2) == 0
+    assert aligned.stride(1) % 8 == 0 if per_head else aligned.stride(1) == 0
