@@ -65,13 +65,21 @@ def _dense_heads_first(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.contiguous().transpose(1, 2) for t in tensors]
 
 
+def _keys_last(bias: torch.Tensor) -> torch.Tensor:
+    """(b, c) or per-head (b, c, h) key bias -> (b, 1 or h, c), contiguous over the keys (cuDNN
+    reads a bias whose keys are strided from misaligned addresses)."""
+    return bias.transpose(1, 2).contiguous() if bias.dim() == 3 else bias[:, None, :]
+
+
+def _broadcast(per_head: torch.Tensor, heads: int, rows: int) -> torch.Tensor:
+    """(b, 1 or h, c) key bias -> (b, h, c, c) view, stride 0 over the query rows (and the heads)."""
+    return per_head[:, :, None, :].expand(per_head.shape[0], heads, rows, per_head.shape[-1])
+
+
 def _expanded_bias(bias: torch.Tensor | None, heads: int, rows: int) -> torch.Tensor | None:
     """(b, c) or per-head (b, c, h) key bias -> (b, h, c, c) broadcast view (stride 0 over the query
     rows, and over the heads for (b, c))."""
-    if bias is None:
-        return None
-    per_head = bias.transpose(1, 2)[:, :, None, :] if bias.dim() == 3 else bias[:, None, None, :]
-    return per_head.expand(bias.shape[0], heads, rows, bias.shape[1])
+    return None if bias is None else _broadcast(_keys_last(bias), heads, rows)
 
 
 def _lse_rows_last(lse: torch.Tensor, rows: int) -> torch.Tensor:
@@ -172,12 +180,11 @@ def _aligned_bias(bias: torch.Tensor | None, heads: int) -> torch.Tensor | None:
     """The memory-efficient kernel wants the bias rows 8-element aligned: pad the storage."""
     if bias is None:
         return None
-    keys = bias.shape[1]
-    keys_last = bias.transpose(1, 2) if bias.dim() == 3 else bias  # (b, h, c) or (b, c)
-    padded = keys_last.new_zeros(*keys_last.shape[:-1], -(-keys // 8) * 8)
-    padded[..., :keys] = keys_last
-    padded = padded[..., :keys]
-    return _expanded_bias(padded.transpose(1, 2) if bias.dim() == 3 else padded, heads, keys)
+    per_head = _keys_last(bias)  # (b, 1 or h, c)
+    keys = per_head.shape[-1]
+    padded = per_head.new_zeros(*per_head.shape[:-1], -(-keys // 8) * 8)
+    padded[..., :keys] = per_head
+    return _broadcast(padded[..., :keys], heads, keys)
 
 
 def _efficient_forward(q, k, v, bias, is_causal, scale, into=None):

@@ -281,3 +281,4 @@ def test_key_bias_expands_per_head_and_aligns_for_the_efficient_kernel(per_head)
     assert torch.equal(aligned, expanded)
     assert aligned.stride(-1) == 1 and aligned.stride(0) % 8 == 0 and aligned.stride(2) == 0
     assert aligned.stride(1) % 8 == 0 if per_head else aligned.stride(1) == 0
+    assert expanded.stride(-1) == 1  # the keys contiguous (cuDNN), also per head
