@@ -271,10 +271,26 @@ class LongNetLMConfig(LongNetLayerConfig):
     """Decoder layers."""
     tie_embeddings: bool = False
     """Share the token embedding with the output projection."""
+    embedding_std: float | None = None
+    """Initial std of the token embedding; None: d_model^-0.5 (with the MAGNETO gain, the layers'
+    outputs then start about 10x larger than the embeddings). For tasks that match tokens over
+    distance, larger embeddings learn much faster: on associative recall at CPU scale (64 tokens,
+    2 layers, 64 wide, 16 pairs, 32 values, untied), `embedding_std=4.0`, or 1.0 with
+    `gamma_init=0.3`, learned the task in 500-750 steps on each of 3 seeds, where the defaults
+    stayed at 0.13-0.16 accuracy after 6,000. Use it untied: tied, a large embedding makes large
+    logits."""
+    gamma_init: float | None = None
+    """MAGNETO initialisation gain of the layers; None: the paper's sqrt(log(2 * num_layers))."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_num_layers(num_tokens=self.num_tokens, num_layers=self.num_layers)
+        for name in ("embedding_std", "gamma_init"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+            ):
+                raise ValueError(f"{name} must be a positive number or None, got {value!r}")
 
 
 class LongNetLM(Pretrained, nn.Module):
@@ -313,15 +329,19 @@ class LongNetLM(Pretrained, nn.Module):
         self.num_tokens, self.d_model = config.num_tokens, config.d_model
         self.embedding = nn.Embedding(config.num_tokens, config.d_model, **factory)
         self.dropout = nn.Dropout(config.dropout)
-        self.decoder = LongNetDecoder(config.num_layers, config, cross_attention=None, **factory)
+        self.decoder = LongNetDecoder(
+            config.num_layers, config, cross_attention=None, gamma_init=config.gamma_init, **factory
+        )
         self.lm_head = nn.Linear(config.d_model, config.num_tokens, bias=False, **factory)
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Embedding and output projection ~ N(0, 1 / d_model); the layers initialise themselves."""
-        nn.init.normal_(self.embedding.weight, std=self.d_model**-0.5)
+        """Embedding ~ N(0, embedding_std^2) (default 1 / d_model), output projection ~ N(0, 1 /
+        d_model); the layers initialise themselves."""
+        std = self.config.embedding_std
+        nn.init.normal_(self.embedding.weight, std=self.d_model**-0.5 if std is None else std)
         if self.lm_head.weight is not self.embedding.weight:
             nn.init.normal_(self.lm_head.weight, std=self.d_model**-0.5)
 
