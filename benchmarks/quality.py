@@ -470,7 +470,8 @@ def lm_for(args: argparse.Namespace, kind: str, vocab: int) -> LongNetLM:
     return LongNetLM(
         num_tokens=vocab, d_model=args.d_model, nhead=args.nhead, num_layers=args.layers,
         dim_feedforward=args.ffn, segment_lengths=segments, dilation_rates=rates,
-        attention="dense" if kind == "dense" else "dilated", tie_embeddings=True,
+        attention="dense" if kind == "dense" else "dilated", tie_embeddings=args.embedding_std is None,
+        embedding_std=args.embedding_std,
     )  # fmt: skip
 
 
@@ -848,6 +849,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="segment lengths of the dilated model (the fusion stack's for avdigits)",
     )
     common.add_argument("--rates", type=int, nargs="+", help="dilation rates of the dilated model")
+    common.add_argument(
+        "--embedding-std",
+        type=float,
+        default=None,
+        help="recall and bytes: the LM's token embedding at this initial std, untied from the output "
+        "(default: tied, std d_model^-0.5; see LongNetLMConfig.embedding_std)",
+    )
     common.add_argument("--workers", type=int, help="data-loader workers (default 4 on a GPU, 0 on the CPU)")
     common.add_argument(
         "--max-steps",
