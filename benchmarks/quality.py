@@ -761,7 +761,7 @@ DEFAULTS = {
         d_model=256, nhead=8, ffn=1024, patch_size=8, fusion_layers=4, modality_layers=1,
         segments=[256, 1024, 4096, 16384], rates=[1, 2, 4, 8],
         modality_segments=[256, 1024, 4096], modality_rates=[1, 2, 4],
-        lr=3e-4, warmup_steps=200, batch_size=32, batch_tokens=65536, eval_examples=512,
+        lr=3e-4, warmup_steps=300, batch_size=64, batch_tokens=65536, eval_examples=512,
     ),
     "recall": dict(
         time_budget=540.0,
@@ -820,14 +820,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="models compared (default per experiment)",
     )
     common.add_argument("--lr", type=float, help="peak learning rate (default 3e-4 for avdigits, else 1e-3)")
-    common.add_argument("--warmup-steps", type=int, help="steps of linear warm-up (default 200)")
+    common.add_argument("--warmup-steps", type=int, help="steps of linear warm-up (default 300 for avdigits, else 200)")
     common.add_argument(
         "--min-lr-ratio", type=float, default=0.1, help="the cosine over the training time ends at lr * this"
     )
     common.add_argument("--weight-decay", type=float, default=0.01)
     common.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm")
     common.add_argument(
-        "--batch-size", type=int, help="samples per batch at most (default 32 avdigits, 16 recall and bytes)"
+        "--batch-size", type=int, help="samples per batch at most (default 64 avdigits, 16 recall and bytes)"
     )
     common.add_argument(
         "--batch-tokens",
