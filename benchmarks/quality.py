@@ -461,6 +461,23 @@ def recall_config(args: argparse.Namespace, length: int, seed: int) -> RecallCon
     )  # fmt: skip
 
 
+TIED = "tied"
+"""`--embedding-std tied`: the LM's default embedding, std d_model^-0.5, shared with the output."""
+
+
+def embedding_std_option(text: str) -> float | str:
+    """`--embedding-std`: a positive std, or "tied"."""
+    if text == TIED:
+        return TIED
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive std or '{TIED}', got {text!r}")
+    return value
+
+
 def lm_for(args: argparse.Namespace, kind: str, vocab: int) -> LongNetLM:
     """The `LongNetLM` of a model kind: dilated (`--segments`/`--rates`), local (one
     `--local-window` segment at rate 1) or dense (full causal attention)."""
@@ -470,8 +487,8 @@ def lm_for(args: argparse.Namespace, kind: str, vocab: int) -> LongNetLM:
     return LongNetLM(
         num_tokens=vocab, d_model=args.d_model, nhead=args.nhead, num_layers=args.layers,
         dim_feedforward=args.ffn, segment_lengths=segments, dilation_rates=rates,
-        attention="dense" if kind == "dense" else "dilated", tie_embeddings=args.embedding_std is None,
-        embedding_std=args.embedding_std,
+        attention="dense" if kind == "dense" else "dilated", tie_embeddings=args.embedding_std == TIED,
+        embedding_std=None if args.embedding_std == TIED else args.embedding_std,
     )  # fmt: skip
 
 
@@ -769,7 +786,7 @@ DEFAULTS = {
         curriculum="grow", compile=False, pairs=64, queries=32, num_keys=512, num_values=64, num_fillers=64,
         d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
         segments=[2048, 8192, 32768, 65536], rates=[1, 2, 4, 8],
-        distance_edges=[0, 512, 2048, 8192, 32768],
+        distance_edges=[0, 512, 2048, 8192, 32768], embedding_std=4.0,
         lr=1e-3, warmup_steps=200, batch_size=16, batch_tokens=65536, eval_sequences=64,
     ),
     "bytes": dict(
@@ -777,7 +794,7 @@ DEFAULTS = {
         models=["dilated", "local"], window=32768, root=None, pattern="*.py", compile=False,
         d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
         segments=[2048, 4096, 8192, 16384, 32768], rates=[1, 2, 4, 8, 16],
-        position_edges=[0, 2048, 8192, 32768],
+        position_edges=[0, 2048, 8192, 32768], embedding_std=TIED,
         lr=1e-3, warmup_steps=200, batch_size=16, batch_tokens=65536, eval_windows=256,
     ),
 }  # fmt: skip
@@ -820,7 +837,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="models compared (default per experiment)",
     )
     common.add_argument("--lr", type=float, help="peak learning rate (default 3e-4 for avdigits, else 1e-3)")
-    common.add_argument("--warmup-steps", type=int, help="steps of linear warm-up (default 300 for avdigits, else 200)")
+    common.add_argument(
+        "--warmup-steps", type=int, help="steps of linear warm-up (default 300 for avdigits, else 200)"
+    )
     common.add_argument(
         "--min-lr-ratio", type=float, default=0.1, help="the cosine over the training time ends at lr * this"
     )
@@ -851,10 +870,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     common.add_argument("--rates", type=int, nargs="+", help="dilation rates of the dilated model")
     common.add_argument(
         "--embedding-std",
-        type=float,
-        default=None,
-        help="recall and bytes: the LM's token embedding at this initial std, untied from the output "
-        "(default: tied, std d_model^-0.5; see LongNetLMConfig.embedding_std)",
+        type=embedding_std_option,
+        help="recall and bytes: the LM's token embedding at this initial std, untied from the output, "
+        "or 'tied' (std d_model^-0.5, shared with the output); default 4 for recall, tied for bytes "
+        "(see LongNetLMConfig.embedding_std)",
     )
     common.add_argument("--workers", type=int, help="data-loader workers (default 4 on a GPU, 0 on the CPU)")
     common.add_argument(

@@ -123,6 +123,21 @@ def test_recall_evaluation_of_a_perfect_and_a_constant_model():
     assert constant["accuracy"] == pytest.approx(float((answers == 0).float().mean()))
 
 
+def test_embedding_std_defaults_per_experiment_and_reaches_the_lm():
+    recall, text = bench.parse_args(["recall"]), bench.parse_args(["bytes"])
+    assert recall.embedding_std == 4.0 and text.embedding_std == bench.TIED
+    untied = bench.lm_for(bench.parse_args(["recall", "--smoke"]), "dilated", 64)
+    assert untied.embedding.weight.std().item() == pytest.approx(4.0, rel=0.1)
+    assert untied.lm_head.weight is not untied.embedding.weight
+    args = bench.parse_args(["recall", "--smoke", "--embedding-std", "tied"])
+    tied = bench.lm_for(args, "dilated", 64)
+    assert tied.lm_head.weight is tied.embedding.weight
+    assert bench.parse_args(["bytes", "--embedding-std", "0.5"]).embedding_std == 0.5
+    for bad in ("0", "-1", "inf", "nan", "big"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["recall", "--embedding-std", bad])
+
+
 # --- the three experiments end to end ---
 
 

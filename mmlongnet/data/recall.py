@@ -14,8 +14,11 @@ Layout of one sequence (N = context + 1 + 2Q):
       `------------- context -------------'       `------- queries ---------'
 
 - the context: filler ids drawn uniformly, with P pairs (a key id immediately followed by its
-  value id) at uniformly drawn, non-overlapping, even positions; the P keys of a sequence are
-  distinct, the values drawn uniformly (they may repeat);
+  value id) at uniformly drawn, non-overlapping positions of either parity; the P keys of a
+  sequence are distinct, the values drawn uniformly (they may repeat). Either parity matters to
+  dilated attention: a branch of rate r pairs a query row only with key rows of its own residue
+  mod r, so pairs placed on even positions only, with the queries' keys on positions of the
+  other parity, would put every value out of one-hop reach of every dilated branch;
 - the queries: Q distinct pairs of the context in random order, each as its key followed by
   its value; the target at a query key's position is the value (the next token), every other
   target is `IGNORE_INDEX`;
@@ -116,7 +119,8 @@ def recall_example(config: RecallConfig, rng: np.random.Generator) -> dict[str, 
     tokens[:C] = rng.integers(0, cfg.num_fillers, C) + V + cfg.num_keys  # (C,) fillers
     keys = rng.choice(cfg.num_keys, size=P, replace=False) + V  # (P,) distinct key ids
     values = rng.integers(0, V, P)  # (P,)
-    positions = 2 * rng.choice(C // 2, size=P, replace=False)  # (P,) even, non-overlapping slots
+    # (P,) sorted starts, uniform over the placements of P non-overlapping two-token pairs in C tokens
+    positions = np.sort(rng.choice(C - P, size=P, replace=False)) + np.arange(P)
     tokens[positions], tokens[positions + 1] = keys, values
     tokens[C] = cfg.separator_id
 

@@ -52,6 +52,22 @@ def test_distances_spread_over_the_context():
     assert (distances < 1024).any() and (distances > 3072).any()
 
 
+def test_pairs_stand_at_both_parities_and_anywhere_in_the_context():
+    """Dilated attention pairs rows of one residue mod its rate: the pairs must not all share one
+    parity (that would leave every value out of one-hop reach of the queries' keys)."""
+    cfg = RecallConfig(length=64, num_pairs=16, num_queries=8, num_keys=32, num_values=32, num_fillers=4)
+    starts = []
+    for sample in AssociativeRecall(cfg, 300):
+        context = sample["tokens"][: cfg.context_length]
+        is_key = (context >= cfg.num_values) & (context < cfg.num_values + cfg.num_keys)
+        starts.append(torch.nonzero(is_key).flatten())
+    starts = torch.cat(starts)
+    assert 0.4 < (starts % 2).float().mean() < 0.6
+    assert starts.min() == 0 and starts.max() == cfg.context_length - 2
+    counts = torch.bincount(starts, minlength=cfg.context_length - 1).float()  # (C - 1,)
+    assert counts.min() > 0.3 * counts.mean()  # every start occurs, none far rarer than the rest
+
+
 def test_default_collate_stacks_a_batch():
     batch = next(iter(DataLoader(AssociativeRecall(CONFIG, 6), batch_size=3)))
     assert batch["tokens"].shape == batch["targets"].shape == (3, CONFIG.length)
