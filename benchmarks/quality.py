@@ -489,6 +489,7 @@ def lm_for(args: argparse.Namespace, kind: str, vocab: int) -> LongNetLM:
         dim_feedforward=args.ffn, segment_lengths=segments, dilation_rates=rates,
         attention="dense" if kind == "dense" else "dilated", tie_embeddings=args.embedding_std == TIED,
         embedding_std=None if args.embedding_std == TIED else args.embedding_std,
+        token_shift=args.token_shift,
     )  # fmt: skip
 
 
@@ -874,6 +875,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="recall and bytes: the LM's token embedding at this initial std, untied from the output, "
         "or 'tied' (std d_model^-0.5, shared with the output); default 4 for recall, tied for bytes "
         "(see LongNetLMConfig.embedding_std)",
+    )
+    common.add_argument(
+        "--token-shift",
+        type=int,
+        default=0,
+        help="recall and bytes: the LMs' causal token shift of this width (LongNetLMConfig.token_shift; "
+        "default 0, none)",
     )
     common.add_argument("--workers", type=int, help="data-loader workers (default 4 on a GPU, 0 on the CPU)")
     common.add_argument(

@@ -225,6 +225,8 @@ def parallelize_sequence(model: nn.Module, group: Group = None, *, validate: boo
             return model
         target, mixin, where = model.fusion, SlicedSequence, "MMLongNet.fusion"
     elif isinstance(model, LongNetLM):
+        if model.token_shift is not None:  # its first tokens would need the previous rank's last ones
+            raise _unsupported(f"token_shift={model.config.token_shift}", "LongNetLM")
         target, mixin, where = model.decoder, LocalSlice, "LongNetLM.decoder"
     else:
         target, mixin, where = model, LocalSlice, type(model).__name__

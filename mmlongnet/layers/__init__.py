@@ -1,9 +1,11 @@
-"""Small composable layers: positions (RoPE, XPOS, relative bias), feed-forward, multiway routing."""
+"""Small composable layers: positions (RoPE, XPOS, relative bias), feed-forward, multiway routing,
+the causal token shift."""
 
 from mmlongnet.layers.feedforward import FeedForward, make_activation
 from mmlongnet.layers.multiway import MultiwayNetwork, MultiwayRouting
 from mmlongnet.layers.relative_bias import RelativePositionBias, relative_position_bucket
 from mmlongnet.layers.rope import RotaryEmbedding, apply_rotary, rotary_cos_sin
+from mmlongnet.layers.token_shift import TokenShift
 from mmlongnet.layers.xpos import XPos
 
 __all__ = [
@@ -12,6 +14,7 @@ __all__ = [
     "MultiwayRouting",
     "RelativePositionBias",
     "RotaryEmbedding",
+    "TokenShift",
     "XPos",
     "apply_rotary",
     "make_activation",

@@ -22,6 +22,7 @@ from torch import nn
 from mmlongnet.attention.cache import DilatedKVCache
 from mmlongnet.attention.config import LongNetLayerConfig
 from mmlongnet.layers.multiway import MultiwayRouting
+from mmlongnet.layers.token_shift import TokenShift
 from mmlongnet.models.blocks import (
     LongNetDecoderLayer,
     LongNetEncoderLayer,
@@ -281,10 +282,23 @@ class LongNetLMConfig(LongNetLayerConfig):
     logits."""
     gamma_init: float | None = None
     """MAGNETO initialisation gain of the layers; None: the paper's sqrt(log(2 * num_layers))."""
+    token_shift: int = 0
+    """W: a causal `TokenShift` of width W on the token embeddings (each token adds a learned
+    per-channel mix of itself and its W - 1 predecessors; starts as the identity); 0: none, the
+    paper's model. Dilated attention pairs rows of one residue mod each branch's rate, so a
+    token reaches a distant one in one layer only where their positions agree mod the rate; with
+    W >= the largest rate + 1, every token's neighbourhood is in reach. Not with sequence
+    sharding."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_num_layers(num_tokens=self.num_tokens, num_layers=self.num_layers)
+        if (
+            isinstance(self.token_shift, bool)
+            or not isinstance(self.token_shift, int)
+            or self.token_shift < 0
+        ):
+            raise ValueError(f"token_shift must be an int >= 0 (0: none), got {self.token_shift!r}")
         for name in ("embedding_std", "gamma_init"):
             value = getattr(self, name)
             if value is not None and (
@@ -328,6 +342,9 @@ class LongNetLM(Pretrained, nn.Module):
         self.config = config
         self.num_tokens, self.d_model = config.num_tokens, config.d_model
         self.embedding = nn.Embedding(config.num_tokens, config.d_model, **factory)
+        self.token_shift = (
+            TokenShift(config.d_model, config.token_shift, **factory) if config.token_shift else None
+        )
         self.dropout = nn.Dropout(config.dropout)
         self.decoder = LongNetDecoder(
             config.num_layers, config, cross_attention=None, gamma_init=config.gamma_init, **factory
@@ -344,6 +361,13 @@ class LongNetLM(Pretrained, nn.Module):
         nn.init.normal_(self.embedding.weight, std=self.d_model**-0.5 if std is None else std)
         if self.lm_head.weight is not self.embedding.weight:
             nn.init.normal_(self.lm_head.weight, std=self.d_model**-0.5)
+        if self.token_shift is not None:
+            self.token_shift.reset_parameters()
+
+    def new_caches(self) -> DecodingCaches:
+        """What incremental decoding runs with (`forward(..., kv_caches=)`): one `DilatedKVCache`
+        per layer, and the token shift's last inputs."""
+        return DecodingCaches(self.decoder.new_caches())
 
     def forward(
         self,
@@ -357,9 +381,32 @@ class LongNetLM(Pretrained, nn.Module):
         if tokens.dim() != 2 or tokens.dtype != torch.long:
             raise ValueError(f"tokens must be a (B, N) long tensor, got {tuple(tokens.shape)} {tokens.dtype}")
         self._check_ids(tokens)
-        x = self.dropout(self.embedding(tokens))  # (B, N, E)
-        x = self.decoder(x, key_padding_mask=key_padding_mask, kv_caches=kv_caches)  # (B, N, E)
+        x = self.embedding(tokens)  # (B, N, E)
+        if self.token_shift is not None:
+            x = self._shift(x, key_padding_mask, kv_caches)
+        x = self.decoder(self.dropout(x), key_padding_mask=key_padding_mask, kv_caches=kv_caches)  # (B, N, E)
         return self.lm_head(x)  # (B, N, V)
+
+    def _shift(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        kv_caches: Sequence[DilatedKVCache] | None,
+    ) -> torch.Tensor:
+        """x (B, N, E) after the token shift; padding adds nothing to its neighbours, and with
+        `kv_caches` (`new_caches()`) the shift continues from the previous call's last tokens."""
+        if key_padding_mask is not None:
+            x = x.masked_fill(key_padding_mask[..., None], 0.0)
+        if kv_caches is None:
+            return self.token_shift(x)
+        if not isinstance(kv_caches, DecodingCaches):
+            raise TypeError(
+                "LongNetLM with token_shift decodes with LongNetLM.new_caches() (which also keep the "
+                f"shift's last inputs), got {type(kv_caches).__name__}"
+            )
+        history = kv_caches.shift_history
+        kv_caches.shift_history = self.token_shift.last_inputs(x, history)
+        return self.token_shift(x, history)
 
     def _check_ids(self, tokens: torch.Tensor) -> None:
         """Token ids outside [0, V) raise before the embedding: a ValueError naming the first one for
@@ -413,7 +460,7 @@ class LongNetLM(Pretrained, nn.Module):
             raise ValueError(f"top_k must be in [1, num_tokens={self.num_tokens}], got {top_k}")
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must be a non-empty (B, N) prompt, got {tuple(tokens.shape)}")
-        caches = self.decoder.new_caches() if use_cache else None
+        caches = self.new_caches() if use_cache else None
         logits = self(tokens, kv_caches=caches)[:, -1]  # (B, V)
         generated = [tokens]
         for step in range(max_new_tokens):
@@ -426,6 +473,16 @@ class LongNetLM(Pretrained, nn.Module):
             else:
                 logits = self(torch.cat(generated, dim=1))[:, -1]
         return torch.cat(generated, dim=1)
+
+
+class DecodingCaches(list):
+    """`LongNetLM.new_caches()`: a list of one `DilatedKVCache` per decoder layer, and the token
+    shift's last W - 1 inputs (`shift_history`, (B, W - 1, E); None before the first call or
+    without a shift)."""
+
+    def __init__(self, caches: Sequence[DilatedKVCache]) -> None:
+        super().__init__(caches)
+        self.shift_history: torch.Tensor | None = None
 
 
 def _sample(

@@ -120,6 +120,17 @@ def test_sharded_module_offsets_positions():
     torch.testing.assert_close(out, rotated.reshape(1, 4, 8), rtol=0, atol=1e-12)
 
 
+SHIFTED_LM = dict(
+    d_model=8,
+    nhead=2,
+    num_layers=1,
+    dim_feedforward=16,
+    segment_lengths=[4],
+    dilation_rates=[1],
+    token_shift=2,
+)
+
+
 @pytest.mark.parametrize(
     "build, match",
     [
@@ -128,6 +139,7 @@ def test_sharded_module_offsets_positions():
         (lambda: MultiheadDilatedAttention(8, 2, [4], [1], dropout=0.1), "attention dropout"),
         (lambda: DilatedAttention([4], [1], attention_dropout=0.1), "attention dropout"),
         (lambda: torch.nn.Linear(2, 2), "holds no DilatedAttention"),
+        (lambda: LongNetLM(16, **SHIFTED_LM), "token_shift=2"),
     ],
 )
 def test_what_cannot_run_on_a_slice_is_refused_when_wrapping(build, match):

@@ -36,7 +36,9 @@ def test_an_encoder_exported_with_its_stack_reproduces_encode(model, name, tmp_p
 def test_language_model_saves_and_loads(tmp_path):
     torch.manual_seed(0)
     lm = LongNetLM(259, d_model=32, nhead=2, num_layers=2, dim_feedforward=64, segment_lengths=[8, 16],
-                   dilation_rates=[1, 2], tie_embeddings=True).eval()  # fmt: skip
+                   dilation_rates=[1, 2], tie_embeddings=True, token_shift=3).eval()  # fmt: skip
+    with torch.no_grad():
+        lm.token_shift.weight.normal_()
     lm.save_pretrained(tmp_path / "lm")
     assert json.loads((tmp_path / "lm" / "config.json").read_text())["config"]["d_model"] == 32
     loaded = LongNetLM.from_pretrained(tmp_path / "lm").eval()

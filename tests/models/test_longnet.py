@@ -60,6 +60,57 @@ def test_cached_greedy_generation_equals_repeated_full_forward_passes(positions)
     torch.testing.assert_close(torch.stack(step_logits, dim=1), full, rtol=1e-10, atol=1e-10)
 
 
+def shifted_lm(width: int = 3) -> LongNetLM:
+    """tiny_lm with a token shift of random weights (a new one is the identity)."""
+    lm = tiny_lm(token_shift=width)
+    with torch.no_grad():
+        lm.token_shift.weight.normal_(generator=torch.Generator().manual_seed(1))
+    return lm
+
+
+def test_token_shift_decodes_with_caches_as_full_passes_and_stays_causal():
+    lm = shifted_lm()
+    prompt = torch.randint(0, 61, (2, 3))
+    cached = lm.generate(prompt, 30, temperature=0)
+    assert torch.equal(cached, lm.generate(prompt, 30, temperature=0, use_cache=False))
+    caches = lm.new_caches()
+    step_logits = [lm(cached[:, :1], kv_caches=caches)[:, -1]]  # a first call shorter than W - 1
+    step_logits += [lm(cached[:, t : t + 1], kv_caches=caches)[:, -1] for t in range(1, 32)]
+    torch.testing.assert_close(torch.stack(step_logits, dim=1), lm(cached[:, :32]), rtol=1e-10, atol=1e-10)
+    tokens = torch.randint(0, 61, (2, 30))
+    changed = tokens.clone()
+    changed[:, 20] = (changed[:, 20] + 1) % 61
+    logits, logits_changed = lm(tokens), lm(changed)
+    torch.testing.assert_close(logits[:, :20], logits_changed[:, :20], rtol=1e-12, atol=1e-12)
+    assert (logits[:, 20:23] - logits_changed[:, 20:23]).abs().amax(-1).min() > 1e-6
+    with pytest.raises(TypeError, match="new_caches"):
+        lm(tokens, kv_caches=lm.decoder.new_caches())
+
+
+def test_token_shift_adds_nothing_from_padding():
+    lm = shifted_lm()
+    tokens = torch.randint(0, 61, (2, 20))
+    padding = torch.zeros(2, 20, dtype=torch.bool)
+    padding[0, :5] = True  # left padding: the shift would carry it into the first real tokens
+    other = tokens.masked_scatter(padding, torch.randint(0, 61, (5,)))
+    logits, logits_other = lm(tokens, key_padding_mask=padding), lm(other, key_padding_mask=padding)
+    torch.testing.assert_close(logits[~padding], logits_other[~padding], rtol=1e-12, atol=1e-12)
+
+
+def test_token_shift_starts_as_the_model_without_and_is_validated():
+    torch.manual_seed(0)
+    plain = LongNetLM(61, **TINY).double().eval()
+    torch.manual_seed(0)
+    with_shift = LongNetLM(61, token_shift=4, **TINY).double().eval()
+    with torch.no_grad():
+        with_shift.load_state_dict(plain.state_dict(), strict=False)
+    tokens = torch.randint(0, 61, (2, 25))
+    assert torch.equal(with_shift(tokens), plain(tokens))
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="token_shift"):
+            LongNetLM(61, token_shift=bad, **TINY)
+
+
 def test_sampling_is_reproducible_and_top_k_one_is_greedy():
     lm = tiny_lm()
     prompt = torch.randint(0, 61, (3, 4))
