@@ -21,7 +21,9 @@ when its time is up, however fast it steps.
    all five with `--questions first last count after most`).
 2. `recall`: associative recall drawn on the fly (`mmlongnet.data.AssociativeRecall`): key-value
    pairs spread over sequences of `--lengths` tokens (4K 16K 64K), queries at the end. A causal
-   `LongNetLM` is trained on the query answers over a curriculum of lengths, as above. Models:
+   `LongNetLM` (embeddings at std 4, untied; a token shift of width 9, `--token-shift`, so that a
+   branch of rate r <= 8 reaches a key-value pair from a query at any residue) is trained on the
+   query answers over a curriculum of lengths, as above. Models:
    `dilated`, `local` (one 2K segment: `--local-window`) and `dense` (full causal attention, on
    lengths <= `--dense-max-length`). Reports accuracy per length and per bucket of the distance
    between a query and its pair (`--distance-edges`).
@@ -787,7 +789,7 @@ DEFAULTS = {
         curriculum="grow", compile=False, pairs=64, queries=32, num_keys=512, num_values=64, num_fillers=64,
         d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
         segments=[2048, 8192, 32768, 65536], rates=[1, 2, 4, 8],
-        distance_edges=[0, 512, 2048, 8192, 32768], embedding_std=4.0,
+        distance_edges=[0, 512, 2048, 8192, 32768], embedding_std=4.0, token_shift=9,
         lr=1e-3, warmup_steps=200, batch_size=16, batch_tokens=65536, eval_sequences=64,
     ),
     "bytes": dict(
@@ -795,7 +797,7 @@ DEFAULTS = {
         models=["dilated", "local"], window=32768, root=None, pattern="*.py", compile=False,
         d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
         segments=[2048, 4096, 8192, 16384, 32768], rates=[1, 2, 4, 8, 16],
-        position_edges=[0, 2048, 8192, 32768], embedding_std=TIED,
+        position_edges=[0, 2048, 8192, 32768], embedding_std=TIED, token_shift=0,
         lr=1e-3, warmup_steps=200, batch_size=16, batch_tokens=65536, eval_windows=256,
     ),
 }  # fmt: skip
@@ -879,9 +881,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     common.add_argument(
         "--token-shift",
         type=int,
-        default=0,
-        help="recall and bytes: the LMs' causal token shift of this width (LongNetLMConfig.token_shift; "
-        "default 0, none)",
+        help="recall and bytes: the LMs' causal token shift of this width, 0 for none "
+        "(LongNetLMConfig.token_shift; default 9 for recall, the default rates' largest + 1; 0 for bytes)",
     )
     common.add_argument("--workers", type=int, help="data-loader workers (default 4 on a GPU, 0 on the CPU)")
     common.add_argument(

@@ -123,12 +123,19 @@ def test_recall_evaluation_of_a_perfect_and_a_constant_model():
     assert constant["accuracy"] == pytest.approx(float((answers == 0).float().mean()))
 
 
-def test_embedding_std_defaults_per_experiment_and_reaches_the_lm():
+def test_embedding_std_and_token_shift_default_per_experiment_and_reach_the_lm():
     recall, text = bench.parse_args(["recall"]), bench.parse_args(["bytes"])
     assert recall.embedding_std == 4.0 and text.embedding_std == bench.TIED
+    assert recall.token_shift == max(recall.rates) + 1 and text.token_shift == 0
     untied = bench.lm_for(bench.parse_args(["recall", "--smoke"]), "dilated", 64)
     assert untied.embedding.weight.std().item() == pytest.approx(4.0, rel=0.1)
     assert untied.lm_head.weight is not untied.embedding.weight
+    assert untied.token_shift.width == 9
+    assert bench.lm_for(bench.parse_args(["bytes", "--smoke"]), "local", 64).token_shift is None
+    assert (
+        bench.lm_for(bench.parse_args(["recall", "--smoke", "--token-shift", "0"]), "dense", 64).token_shift
+        is None
+    )
     args = bench.parse_args(["recall", "--smoke", "--embedding-std", "tied"])
     tied = bench.lm_for(args, "dilated", 64)
     assert tied.lm_head.weight is tied.embedding.weight
