@@ -87,6 +87,31 @@ def test_token_shift_decodes_with_caches_as_full_passes_and_stays_causal():
         lm(tokens, kv_caches=lm.decoder.new_caches())
 
 
+@pytest.mark.parametrize("width", [0, 5])
+def test_token_shift_puts_every_residue_in_one_dilated_hop(width):
+    """One layer, segments 4 and 16 at rates 1 and 4: the query at 15 reaches rows 12-15 (its
+    segment) and, through the rate-4 branch, only rows 3, 7, 11 of its own residue. Token 2 is out
+    of reach without a shift; with one of width 5, row 3 carries it."""
+    torch.manual_seed(0)
+    lm = LongNetLM(61, d_model=32, nhead=4, num_layers=1, dim_feedforward=64, segment_lengths=[4, 16],
+                   dilation_rates=[1, 4], token_shift=width).double().eval()  # fmt: skip
+    if width:
+        with torch.no_grad():
+            lm.token_shift.weight.normal_(generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 61, (1, 16))
+
+    def moved(position: int) -> float:  # how much the query's logits move with that token
+        changed = tokens.clone()
+        changed[0, position] = (changed[0, position] + 1) % 61
+        return (lm(tokens)[0, 15] - lm(changed)[0, 15]).abs().max().item()
+
+    assert moved(3) > 1e-6  # its own residue: in reach either way
+    if width:
+        assert moved(2) > 1e-6
+    else:
+        assert moved(2) == 0.0
+
+
 def test_token_shift_adds_nothing_from_padding():
     lm = shifted_lm()
     tokens = torch.randint(0, 61, (2, 20))
