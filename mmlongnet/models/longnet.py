@@ -315,7 +315,9 @@ class LongNetLM(Pretrained, nn.Module):
             d_model=..., ...)`), which build it. `attention="dense"` is full causal attention, the
             baseline LongNet is compared with.
 
-    forward(tokens (B, N) long, key_padding_mask (B, N) bool True = padding) -> logits (B, N, V).
+    forward(tokens (B, N) long, key_padding_mask (B, N) bool True = padding, *, kv_caches=None)
+    -> logits (B, N, V). Incremental decoding: `caches = new_caches()`, then the prompt and each
+    new token in turn with `kv_caches=caches` (what `generate` does).
 
     `save_pretrained(dir)` / `LongNetLM.from_pretrained(dir or hub id)`: config.json (`LongNetLMConfig`)
     and model.safetensors; `self.config` holds the config.
