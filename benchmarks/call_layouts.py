@@ -5,9 +5,12 @@ A layout switch is a module constant of `mmlongnet.attention.dilated`:
   one call per offset;
 - `in_place` (WRITE_IN_PLACE): the covering calls' kernels write into the op's output and
   gradients, against new tensors copied there.
+- `dense` (DENSE_SMALL_INPUTS): a small input as one dense kernel call with the schedule's bias,
+  against the branch calls (this one changes the arithmetic's order: a difference of rounding).
 At every size the two settings alternate `--rounds` times (each: `--warmup` untimed calls, then the
 median of `--runs` timed ones), so that the machine's drift falls on both alike; the outputs of the
-two settings are compared too (the layouts change no arithmetic: the difference should be 0).
+two settings are compared too (`diagonal` and `in_place` change no arithmetic: the difference
+should be 0).
 
     python benchmarks/call_layouts.py --switch diagonal --causal --rates 1 2 4 6 12 --tag h200_lm
     python benchmarks/call_layouts.py --device cpu --sizes 64 --segments 16 32 --rates 1 4 --heads 4 \
@@ -30,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, environment, free_memory, slug, synchronize, use_repository, write_json  # noqa: E402
 
-SWITCHES = {"diagonal": "DIAGONAL_CALLS", "in_place": "WRITE_IN_PLACE"}
+SWITCHES = {"diagonal": "DIAGONAL_CALLS", "in_place": "WRITE_IN_PLACE", "dense": "DENSE_SMALL_INPUTS"}
 
 
 def time_ms(step, device: torch.device, warmup: int, runs: int) -> float:

@@ -561,7 +561,8 @@ def run_recall(args: argparse.Namespace, device: torch.device, start: float) -> 
 
 
 def recall_table(results: dict, args: argparse.Namespace) -> str:
-    edges = list(args.distance_edges) + [max(args.lengths)]
+    longest = max(args.lengths)
+    edges = [edge for edge in args.distance_edges if edge < longest] + [longest]
     labels = [bucket_label(low, high) for low, high in zip(edges[:-1], edges[1:], strict=True)]
     lines = ["| N | model | steps | all | " + " | ".join(f"d {label}" for label in labels) + " |",
              "|---" * (4 + len(labels)) + "|"]  # fmt: skip

@@ -198,6 +198,12 @@ def test_recall_runs_every_model_and_buckets_by_distance(tmp_path, capsys, one_t
     assert "| N | model | steps | all |" in capsys.readouterr().out
 
 
+def test_recall_table_buckets_end_at_the_longest_length():
+    args = bench.argparse.Namespace(lengths=[4096, 16384], distance_edges=[0, 512, 2048, 8192, 32768])
+    header = bench.recall_table({}, args).splitlines()[0]
+    assert header.endswith("| d 0-512 | d 512-2K | d 2K-8K | d 8K-16K |")
+
+
 def test_compiled_recall_training_takes_the_eager_steps(tmp_path, one_thread):
     """--compile runs the same model through torch.compile: the same losses, step by step."""
     curves = {}

@@ -16,22 +16,27 @@ holds the merge.
 Backward: each call's kernel backward runs with the MERGED output and log-sum-exp, so its
 probabilities are those of the one softmax over all branches, and dq, dk, dv are exact.
 
+Small inputs (`runs_dense`) skip the branch calls: one dense kernel call with the schedule's
+log-multiplicity as an additive bias computes the same softmax, with autograd's backward.
+
 Neither direction reads a device value on the host: for fixed shapes the op can be captured in a
 CUDA graph. `KernelSelector` picks each call's kernel so that no plan is built for a new shape.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from mmlongnet.attention.flash import DTYPES as FLASH_DTYPES
 from mmlongnet.attention.flash import FlashAttentionUnavailable, flash_install, flash_kernel
 from mmlongnet.attention.geometry import BranchCall, PackedBlock, branch_calls
-from mmlongnet.attention.kernels import SELECTOR, Kernel, kernel_chain
+from mmlongnet.attention.kernels import SELECTOR, Kernel, biased_attention, kernel_chain
 from mmlongnet.attention.merge import (
     accumulation_dtype,
     merge_lse,
@@ -39,7 +44,7 @@ from mmlongnet.attention.merge import (
     part_weight,
     silence_keyless_rows,
 )
-from mmlongnet.attention.reference import dilated_attention_reference
+from mmlongnet.attention.reference import branch_multiplicity, dilated_attention_reference
 
 BACKENDS = ("auto", "reference", "sdpa", "flash_attn")
 _LONGEST_SEGMENT = 1 << 40  # longer segment lengths are clipped to N
@@ -63,6 +68,17 @@ DIAGONAL_CALLS = True
 # The covering calls' kernels write their results straight into the op's output and gradients,
 # where the kernel takes buffers (flash-attn's do): less memory, fewer copies.
 WRITE_IN_PLACE = True
+
+# Small inputs run as ONE dense kernel call whose additive bias is log(multiplicity) of the
+# branches (-inf where no branch pairs a query and a key): the reference's single softmax, in a
+# fused kernel. Two launches (forward, backward) instead of every branch call and its merge
+# passes, where launches, not arithmetic, set the pace (a training step of the bundled AV task
+# at 16 digits holds ~3,000 kernels). Taken when the scores B * H * N * N are at most
+# DENSE_MAX_SCORES elements (the bias is materialised at that size) and the dense work is at most
+# DENSE_MAX_WORK times the branches' (N <= DENSE_MAX_WORK * keys per query over all branches).
+DENSE_SMALL_INPUTS = True
+DENSE_MAX_SCORES = 1 << 26
+DENSE_MAX_WORK = 2.0
 
 
 def _calls(
@@ -131,6 +147,79 @@ def _shape_key(rows: list[torch.Tensor], has_bias: bool, is_causal: bool) -> tup
     has other strides and builds another plan), the key bias and causality."""
     q_rows = rows[0]
     return (q_rows.dtype, tuple(q_rows.shape), *(t.stride() for t in rows), has_bias, is_causal)
+
+
+def runs_dense(q: torch.Tensor, segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> bool:
+    """Whether `dilated_attention` runs q (B, N, H, D) as one dense biased call (see DENSE_SMALL_INPUTS)."""
+    batch, seq_len, num_heads, _ = q.shape
+    keys_per_query = sum(min(w, seq_len) / r for w, r in zip(segment_lengths, dilation_rates, strict=True))
+    return (
+        DENSE_SMALL_INPUTS
+        and batch * num_heads * seq_len * seq_len <= DENSE_MAX_SCORES
+        and seq_len <= DENSE_MAX_WORK * keys_per_query
+    )
+
+
+def _schedule_bias(
+    seq_len: int,
+    num_heads: int,
+    segment_lengths: tuple[int, ...],
+    dilation_rates: tuple[int, ...],
+    is_causal: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bias, selected) of a schedule: bias (H, N, N8) whose first N columns are log(multiplicity)
+    in `dtype` (-inf where no branch pairs query and key, 0 on the rows of a query no branch
+    selects: the caller zeroes their output), N8 = N rounded up to a multiple of 8 (the kernels'
+    row alignment; the extra columns hold 0); selected (H, N) bool."""
+    count = branch_multiplicity(
+        seq_len, num_heads, list(segment_lengths), list(dilation_rates), is_causal=is_causal, device=device
+    )
+    selected = (count > 0).any(-1)
+    bias = count.to(dtype).log().masked_fill(~selected[..., None], 0.0)
+    return F.pad(bias, (0, -seq_len % 8)), selected
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_schedule_bias(*key) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_schedule_bias`, kept for the 16 most recent schedules and shapes (eager calls)."""
+    with torch.inference_mode(False):  # a normal tensor, which autograd may save, even when built there
+        return _schedule_bias(*key)
+
+
+def _dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    segment_lengths: list[int],
+    dilation_rates: list[int],
+    is_causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Dilated attention of (B, N, H, D) inputs as one dense kernel call with the schedule's bias
+    (`runs_dense`); returns (B, N, H, D). Exact: the reference's softmax in a fused kernel."""
+    batch, seq_len, num_heads, _ = q.shape
+    key = (seq_len, num_heads, tuple(segment_lengths), tuple(dilation_rates), is_causal, q.dtype, q.device)
+    build = _schedule_bias if torch.compiler.is_compiling() else _cached_schedule_bias
+    bias, keep = build(*key)  # (H, N, N8), (H, N)
+    keep = keep[None]  # (1, H, N): the query rows with a key
+    if key_padding_mask is None:
+        bias = bias[..., :seq_len].expand(batch, -1, -1, -1)
+    else:
+        padding = F.pad(key_padding_mask, (0, bias.shape[-1] - seq_len))  # (B, N8)
+        key_bias = torch.zeros(padding.shape, dtype=q.dtype, device=q.device).masked_fill(
+            padding, float("-inf")
+        )
+        bias = bias + key_bias[:, None, None, :]  # (B, H, N, N8)
+        keep = keep & (bias[..., :seq_len] > float("-inf")).any(-1)  # (B, H, N)
+        bias = bias.masked_fill_(~keep[..., None], 0.0)[..., :seq_len]  # a row with no key: zeroed below
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    out = biased_attention(qh, kh, vh, bias, scale)  # (B, H, N, D)
+    if key_padding_mask is not None or 1 not in dilation_rates:  # (a branch of rate 1 selects every row)
+        out = out * keep[..., None]
+    return out.transpose(1, 2)
 
 
 @torch.library.custom_op("mmlongnet::dilated_attention_forward", mutates_args=())
@@ -454,7 +543,9 @@ def dilated_attention(
 
     NaN and inf: inputs are expected finite; on every backend, a query row holding NaN or inf
     outputs NaN, and so does every row that attends to a key or value holding one. (The dense
-    reference may also spread a value's NaN to rows that give it weight 0, as 0 * NaN = NaN.)
+    reference may also spread a value's NaN to rows that give it weight 0, as 0 * NaN = NaN; a small
+    input run as one dense call, see `runs_dense`, a key's or a value's NaN to every row of its
+    sample and head.)
     """
     _check_inputs(q, k, v, key_padding_mask, position_bias, softmax_scale, dropout_p)
     segment_lengths, dilation_rates = check_schedule(segment_lengths, dilation_rates)
@@ -474,9 +565,14 @@ def dilated_attention(
             dropout_p=dropout_p,
         )  # fmt: skip
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out = DilatedAttentionFunction.apply(
-        q, k, v, key_padding_mask, segment_lengths, dilation_rates, bool(is_causal), scale, backend
-    )
+    if runs_dense(q, segment_lengths, dilation_rates):
+        out = _dense_attention(
+            q, k, v, key_padding_mask, segment_lengths, dilation_rates, bool(is_causal), scale
+        )
+    else:
+        out = DilatedAttentionFunction.apply(
+            q, k, v, key_padding_mask, segment_lengths, dilation_rates, bool(is_causal), scale, backend
+        )
     if q.device.type != "cpu":  # the CUDA kernels give such rows NaN themselves
         return out
     # NaN policy (as the reference): a query row holding NaN or inf outputs NaN (PyTorch's CPU flash

@@ -208,6 +208,22 @@ def _efficient_backward(dout, q, k, v, out, lse, bias, is_causal, scale, into=No
     return tuple(g.transpose(1, 2) for g in grads[:3])
 
 
+def biased_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One dense attention call with an additive score bias, differentiable by autograd.
+
+    q, k, v: (B, H, N, D); bias: (B or 1, H, N, N) in q's dtype (stride 0 over a broadcast batch
+    allowed), its rows 8-element aligned in storage, no row all -inf. Returns (B, H, N, D).
+    On CUDA PyTorch's memory-efficient kernel (no plan per shape, any bias); elsewhere
+    `F.scaled_dot_product_attention`.
+    """
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    needs_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # for the backward
+    return aten._scaled_dot_product_efficient_attention(q, k, v, bias, needs_lse, 0.0, False, scale=scale)[0]
+
+
 CPU = Kernel("cpu_flash", _cpu_forward, _cpu_backward, takes_bias=True)
 CUDNN = Kernel("cudnn", _cudnn_forward, _cudnn_backward, takes_bias=True, plans_per_shape=True)
 CUDA_FLASH = Kernel("cuda_flash", _flash_forward, _flash_backward, takes_bias=False)

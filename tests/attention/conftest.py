@@ -1,15 +1,28 @@
 """Fixtures of the attention tests."""
 
+import math
+
 import pytest
 
 from mmlongnet.attention import dilated as dilated_module
 
 
-@pytest.fixture(params=["default", "per-offset", "diagonal"])
-def packing(request, monkeypatch):
-    """Run small inputs three ways: as the op chooses (packed and diagonal calls), one call per
-    offset, or diagonal calls wherever they are fewer than the per-offset ones."""
-    if request.param != "default":
+@pytest.fixture(params=["dense", "packed", "per-offset", "diagonal"])
+def call_layout(request, monkeypatch):
+    """Run small inputs four ways: as one dense biased call, as the op's branch calls (packed and
+    diagonal calls), one branch call per offset, or diagonal calls wherever they are fewer than
+    the per-offset ones."""
+    if request.param == "dense":
+        monkeypatch.setattr(dilated_module, "DENSE_MAX_WORK", math.inf)
+    else:
+        monkeypatch.setattr(dilated_module, "DENSE_SMALL_INPUTS", False)
+    if request.param in ("per-offset", "diagonal"):
         monkeypatch.setattr(dilated_module, "PACK_MAX_ELEMENTS", 0)
         monkeypatch.setattr(dilated_module, "DIAGONAL_CALLS", request.param == "diagonal")
     return request.param
+
+
+@pytest.fixture
+def branch_calls_only(monkeypatch):
+    """Small inputs run as the op's branch calls, not as one dense call (for tests of the calls)."""
+    monkeypatch.setattr(dilated_module, "DENSE_SMALL_INPUTS", False)

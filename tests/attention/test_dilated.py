@@ -50,7 +50,7 @@ def run(q, k, v, segs, rates, backend, grad, **kwargs):
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize(("seq_len", "segs", "rates", "num_heads"), GRID)
-def test_sdpa_matches_reference(seq_len, segs, rates, num_heads, is_causal, masked, dtype, tol, packing):
+def test_sdpa_matches_reference(seq_len, segs, rates, num_heads, is_causal, masked, dtype, tol, call_layout):
     q, k, v = make_inputs(seq_len, num_heads, dtype)
     mask = padding_mask(2, seq_len) if masked else None
     grad = torch.randn(q.shape, dtype=dtype)
@@ -135,7 +135,7 @@ def test_diagonal_calls_replace_many_offsets_and_mask_each_head_by_its_rows():
         assert torch.equal(padding, expected)
 
 
-def test_rows_without_keys_output_zero_and_pass_no_gradient():
+def test_rows_without_keys_output_zero_and_pass_no_gradient(call_layout):
     q, k, v = make_inputs(24, 2, torch.float64)
     mask = torch.zeros(2, 24, dtype=torch.bool)
     mask[0] = True  # every key of sample 0 is padding
@@ -150,7 +150,7 @@ def test_rows_without_keys_output_zero_and_pass_no_gradient():
     assert dk[1, :8].abs().max().item() == 0.0  # padding keys receive no gradient
 
 
-def test_padding_keys_receive_no_weight():
+def test_padding_keys_receive_no_weight(call_layout):
     q, k, v = make_inputs(30, 3, torch.float64)
     mask = padding_mask(2, 30)
     out = dilated_attention(q, k, v, [8, 16], [1, 2], key_padding_mask=mask, backend="sdpa")
@@ -163,7 +163,7 @@ def test_padding_keys_receive_no_weight():
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "reference"])
-def test_causal_future_perturbation_leaves_past_bit_identical(backend):
+def test_causal_future_perturbation_leaves_past_bit_identical(backend, call_layout):
     q, k, v = (t.detach() for t in make_inputs(70, 4, torch.float32))
     t = 41
     out = dilated_attention(q, k, v, [8, 16, 32], [1, 2, 4], is_causal=True, backend=backend)
@@ -187,7 +187,7 @@ def test_one_segment_of_full_length_is_sdpa(is_causal):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(call_layout):
     q, k, v = make_inputs(11, 3, torch.float64, batch=1, head_dim=4)
     mask = torch.zeros(1, 11, dtype=torch.bool)
     mask[0, 9:] = True
@@ -200,7 +200,7 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
 
 
-def test_mixing_weights_carry_gradient():
+def test_mixing_weights_carry_gradient(call_layout):
     """Detaching the mixture weights (as public implementations do) changes dq noticeably."""
     q, k, v = make_inputs(32, 2, torch.float64)
     segs, rates = [8, 32], [1, 4]
@@ -224,7 +224,7 @@ def test_module_dropout_only_in_training():
     assert (dropped - plain).abs().max() > 1e-3
 
 
-def test_torch_compile_of_a_module_using_the_op():
+def test_torch_compile_of_a_module_using_the_op(call_layout):
     module = DilatedAttention([8, 16], [1, 2], backend="sdpa")
     compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
     q, k, v = make_inputs(40, 2, torch.float32)
@@ -236,6 +236,67 @@ def test_torch_compile_of_a_module_using_the_op():
     eager.sum().backward()
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(dq, q.grad)
+
+
+def count_attention_calls(fn) -> int:
+    """How many fused attention ops (forward or backward) run in fn()."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += "scaled_dot_product" in str(func)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.calls
+
+
+def test_small_inputs_run_as_one_dense_call():
+    """The bundled AV model's fusion schedule at 16 digits (~300 tokens): one kernel call forward,
+    one backward, instead of a call per branch block and offset."""
+    segs, rates = [256, 1024, 4096, 16384], [1, 2, 4, 8]
+    q, k, v = make_inputs(300, 8, torch.float32, batch=4)
+    mask = padding_mask(4, 300)
+    assert dilated_module.runs_dense(q, segs, rates)
+    out = dilated_attention(q, k, v, segs, rates, key_padding_mask=mask, backend="sdpa")
+    assert count_attention_calls(lambda: out.sum().backward()) == 1
+    forward = count_attention_calls(
+        lambda: dilated_attention(q, k, v, segs, rates, key_padding_mask=mask, backend="sdpa")
+    )
+    assert forward == 1
+    selector = KernelSelector()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dilated_module, "DENSE_SMALL_INPUTS", False)
+        patch.setattr(dilated_module, "SELECTOR", selector)
+        dilated_attention(q, k, v, segs, rates, backend="sdpa")
+    assert sum(selector.calls.values()) >= len(segs)  # at least one kernel call per branch
+
+
+@pytest.mark.parametrize(
+    ("shape", "segs", "rates", "dense"),
+    [
+        ((64, 300, 8, 32), [256, 1024, 4096, 16384], [1, 2, 4, 8], True),  # AV fusion, 16 digits
+        ((8, 4600, 8, 32), [256, 1024, 4096, 16384], [1, 2, 4, 8], False),  # 256 digits: scores too many
+        ((1, 8192, 12, 64), [2048, 4096, 8192], [1, 2, 4], False),  # LM at 8K
+        ((2, 37, 4, 8), [8, 16], [1, 2], False),  # N far beyond the segments: dense is 2.3x the work
+        ((2, 32, 4, 8), [8, 16], [1, 2], True),
+    ],
+)
+def test_dense_calls_take_small_inputs_whose_keys_cover_half_the_sequence(shape, segs, rates, dense):
+    assert dilated_module.runs_dense(torch.empty(shape, device="meta"), segs, rates) is dense
+
+
+def test_a_dense_bias_built_under_inference_mode_serves_training():
+    q, k, v = make_inputs(24, 2, torch.float64)
+    with torch.inference_mode():
+        dilated_attention(q.detach(), k.detach(), v.detach(), [8, 24], [1, 2], backend="sdpa")
+    out = dilated_attention(q, k, v, [8, 24], [1, 2], backend="sdpa")  # the same schedule, cached
+    dq = torch.autograd.grad(out.sum(), q)[0]
+    dq_ref = torch.autograd.grad(dilated_attention(q, k, v, [8, 24], [1, 2], backend="reference").sum(), q)[0]
+    torch.testing.assert_close(dq, dq_ref, rtol=1e-10, atol=1e-10)
 
 
 def test_op_passes_torch_library_opcheck():
@@ -337,7 +398,7 @@ def test_cpu_16_bit_forward_and_backward(seq_len, segs, rates, num_heads, is_cau
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize(("seq_len", "segs", "rates", "num_heads"), GRID)
 def test_cuda_bf16_error_within_twice_reference_bf16_error(
-    seq_len, segs, rates, num_heads, is_causal, masked, packing, kernel_choice
+    seq_len, segs, rates, num_heads, is_causal, masked, call_layout, kernel_choice
 ):
     seq_len, segs = seq_len * 8, [w * 8 for w in segs]  # kernel-sized problems
     mask = padding_mask(2, seq_len, device="cuda") if masked else None

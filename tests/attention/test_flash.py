@@ -207,6 +207,7 @@ def flash_on_cpu(monkeypatch, installed):
         monkeypatch.setattr(dilated_module, "flash_kernel", lambda device, dtype: install.kernel)
         monkeypatch.setattr(dilated_module, "FLASH_DTYPES", (torch.float64, torch.float32))
         monkeypatch.setattr(dilated_module, "FLASH_MIN_WORK", 0)  # every unmasked call on flash-attn
+        monkeypatch.setattr(dilated_module, "DENSE_SMALL_INPUTS", False)  # the op's branch calls
         return install.kernel
 
     return use
@@ -291,7 +292,7 @@ flash_gpu = pytest.mark.skipif(
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize(("seq_len", "segs", "rates", "num_heads"), GRID)
 def test_cuda_flash_attn_error_within_twice_reference_bf16_error(
-    seq_len, segs, rates, num_heads, is_causal, masked, head_dim, packing, monkeypatch
+    seq_len, segs, rates, num_heads, is_causal, masked, head_dim, call_layout, monkeypatch
 ):
     monkeypatch.setattr(dilated_module, "FLASH_MIN_WORK", 0)  # every unmasked call on flash-attn
     seq_len, segs = seq_len * 8, [w * 8 for w in segs]  # kernel-sized problems

@@ -162,7 +162,7 @@ def test_selector_settings_must_be_positive(field):
         KernelSelector(**{field: 0})
 
 
-def test_the_op_counts_its_calls_in_the_selector(monkeypatch):
+def test_the_op_counts_its_calls_in_the_selector(monkeypatch, branch_calls_only):
     selector = KernelSelector()
     monkeypatch.setattr(dilated_module, "SELECTOR", selector)
     q, k, v = (torch.randn(1, 16, 2, 4, requires_grad=True) for _ in range(3))
@@ -172,7 +172,7 @@ def test_the_op_counts_its_calls_in_the_selector(monkeypatch):
     assert selector.calls == {("forward", key): 1, ("backward", key): 1}
 
 
-def test_the_same_shape_with_other_strides_is_another_shape_to_plan_for(monkeypatch):
+def test_the_same_shape_with_other_strides_is_another_shape_to_plan_for(monkeypatch, branch_calls_only):
     """cuDNN keys its plans on the strides too. The tail call of a sequence one row longer than
     a whole number of segments has rows (B, 1, H, D) for any length, over storage whose batch
     stride is the sequence's: the selector counts such calls apart, so one never promotes another."""
