@@ -172,12 +172,13 @@ def _schedule_bias(
     """(bias, selected) of a schedule: bias (H, N, N8) whose first N columns are log(multiplicity)
     in `dtype` (-inf where no branch pairs query and key, 0 on the rows of a query no branch
     selects: the caller zeroes their output), N8 = N rounded up to a multiple of 8 (the kernels'
-    row alignment; the extra columns hold 0); selected (H, N) bool."""
+    row alignment; the extra columns hold 0); selected (H, N) bool. In `dtype` under autocast too."""
     count = branch_multiplicity(
         seq_len, num_heads, list(segment_lengths), list(dilation_rates), is_causal=is_causal, device=device
     )
     selected = (count > 0).any(-1)
-    bias = count.to(dtype).log().masked_fill(~selected[..., None], 0.0)
+    with torch.autocast(device.type, enabled=False):  # autocast computes log in float32
+        bias = count.to(dtype).log().masked_fill(~selected[..., None], 0.0)
     return F.pad(bias, (0, -seq_len % 8)), selected
 
 

@@ -216,12 +216,16 @@ def biased_attention(
     q, k, v: (B, H, N, D); bias: (B or 1, H, N, N) in q's dtype (stride 0 over a broadcast batch
     allowed), its rows 8-element aligned in storage, no row all -inf. Returns (B, H, N, D).
     On CUDA PyTorch's memory-efficient kernel (no plan per shape, any bias); elsewhere
-    `F.scaled_dot_product_attention`.
+    `F.scaled_dot_product_attention`. Runs in q's dtype under autocast too, as the op's branch
+    calls do (autocast would cast q, k, v but not the bias).
     """
-    if q.device.type != "cuda":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-    needs_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # for the backward
-    return aten._scaled_dot_product_efficient_attention(q, k, v, bias, needs_lse, 0.0, False, scale=scale)[0]
+    with torch.autocast(q.device.type, enabled=False):
+        if q.device.type != "cuda":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        needs_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # for the backward
+        return aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, needs_lse, 0.0, False, scale=scale
+        )[0]
 
 
 CPU = Kernel("cpu_flash", _cpu_forward, _cpu_backward, takes_bias=True)

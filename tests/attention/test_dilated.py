@@ -299,6 +299,34 @@ def test_a_dense_bias_built_under_inference_mode_serves_training():
     torch.testing.assert_close(dq, dq_ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.cuda,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+            ],
+        ),
+    ],
+)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_a_dense_call_under_autocast_runs_in_the_inputs_dtype(device, masked):
+    """Autocast computes log in float32 and casts attention inputs: neither may reach the kernel."""
+    q, k, v = (
+        t.detach().to(device, torch.bfloat16).requires_grad_() for t in make_inputs(40, 4, torch.float32)
+    )
+    mask = padding_mask(2, 40, device) if masked else None
+    with torch.autocast(device, torch.bfloat16):
+        out = dilated_attention(q, k, v, [16, 64], [1, 2], key_padding_mask=mask, backend="sdpa")
+        out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and q.grad.dtype == torch.bfloat16
+    reference = dilated_attention(*(t.double() for t in (q, k, v)), [16, 64], [1, 2], key_padding_mask=mask)
+    torch.testing.assert_close(out.double(), reference, rtol=0.05, atol=0.05)
+
+
 def test_op_passes_torch_library_opcheck():
     q, k, v = (t.detach() for t in make_inputs(20, 2, torch.float32))
     args = (q, k, v, None, [8, 16], [1, 2], True, 0.35, "sdpa")
