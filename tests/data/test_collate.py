@@ -59,3 +59,40 @@ def test_a_modality_no_sample_has_is_left_out_and_text_is_truncated():
 def test_errors_name_the_sample(samples, match):
     with pytest.raises(ValueError, match=match):
         collate_samples(samples)
+
+
+class _Samples(torch.utils.data.Dataset):
+    """Samples of varied lengths; the padding must come out zero from buffers that are not."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return {
+            "id": str(i),
+            "audio": torch.full((3 + 2 * i,), float(i + 1)),
+            "video": torch.ones(i + 1, 1, 2, 2),
+        }
+
+
+def _collate_and_say_if_shared(samples):
+    batch = collate_samples(samples)
+    return batch, {name: x.is_shared() for name, x in batch.inputs.items()}  # as built, in the worker
+
+
+def test_a_worker_collates_into_shared_memory_the_same_batch():
+    """In a DataLoader worker the batch is built in shared memory (sent without a copy); its values
+    are those collated in the main process, padding zero."""
+    garbage = torch.randn(1 << 20)  # leave non-zero memory behind for uninitialised buffers
+    del garbage
+    loader = torch.utils.data.DataLoader(
+        _Samples(), batch_size=4, num_workers=1, collate_fn=_collate_and_say_if_shared
+    )
+    ((shared, built_shared),) = list(loader)
+    local = collate_samples([_Samples()[i] for i in range(4)])
+    assert built_shared == {"audio": True, "video": True}
+    for name in ("audio", "video"):
+        assert not local.inputs[name].is_shared()
+        assert torch.equal(shared.inputs[name], local.inputs[name])
+    assert local.inputs["audio"][0].tolist() == [1.0] * 3 + [0.0] * 6
+    assert local.inputs["video"][0, 1:].abs().sum() == 0
