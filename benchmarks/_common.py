@@ -94,6 +94,9 @@ def environment(device: torch.device) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+COMPILED_RUNS = 3  # runs of a compiled shape before its CUDA graphs replay: compile, warm-up, record
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (nothing to wait for on the CPU)."""
     if device.type == "cuda":

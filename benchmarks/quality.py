@@ -71,6 +71,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
 from _common import (  # noqa: E402
+    COMPILED_RUNS,
     RESULTS_DIR,
     cell,
     device_name,
@@ -81,6 +82,7 @@ from _common import (  # noqa: E402
     pyplot,
     save_figure,
     slug,
+    synchronize,
     write_json,
 )
 
@@ -234,18 +236,38 @@ class TrainLog:
     curve: list = field(default_factory=list)
     """[seconds, step, loss] every `log_every` steps."""
     final_loss: float | None = None
+    compile_seconds: float = 0.0
+    """With --compile: seconds spent compiling every length before the training clock started."""
+
+
+def compile_each_length(
+    model: nn.Module, curriculum: Curriculum, loss_fn: Callable, device: torch.device, forward: Callable
+) -> float:
+    """Run every length's forward and backward `COMPILED_RUNS` times on its first batch (which
+    training then takes as usual), discarding the gradients, so that no stage of the curriculum
+    spends its time compiling. Returns the seconds spent."""
+    started = time.perf_counter()
+    for length in curriculum.lengths:
+        for _ in range(COMPILED_RUNS):
+            with mixed_precision(device):
+                loss = loss_fn(forward, curriculum.peek(length))
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+    synchronize(device)
+    return time.perf_counter() - started
 
 
 def train_for(
     model: nn.Module,
-    next_batch: Callable[[float, np.random.Generator], tuple[int, object]],
+    next_batch: Curriculum,
     loss_fn: Callable[[nn.Module, object], torch.Tensor],
     seconds: float,
     args: argparse.Namespace,
     device: torch.device,
     forward: Callable | None = None,
 ) -> TrainLog:
-    """Train `model` for `seconds` of wall-clock time (or `--max-steps` steps, if fewer).
+    """Train `model` for `seconds` of wall-clock time (or `--max-steps` steps, if fewer), with
+    `--compile` the compiling of every length included (before the clock of the curriculum).
 
     Args:
         next_batch: (progress in [0, 1], rng) -> (length, batch): the curriculum picks the length.
@@ -256,7 +278,11 @@ def train_for(
     forward = forward or model
     optimizer = OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay).build(model, 1)["optimizer"]
     rng = np.random.default_rng(args.seed)
-    log, start = TrainLog(), time.perf_counter()
+    log = TrainLog()
+    if args.compile:
+        log.compile_seconds = compile_each_length(model, next_batch, loss_fn, device, forward)
+        seconds = max(0.0, seconds - log.compile_seconds)
+    start = time.perf_counter()
     model.train()
     while (elapsed := time.perf_counter() - start) < seconds and log.steps < (args.max_steps or math.inf):
         progress = max(elapsed / seconds, log.steps / args.max_steps if args.max_steps else 0.0)
@@ -367,13 +393,26 @@ class Curriculum:
     ) -> None:
         self.lengths, self.make_loader, self.curriculum = list(lengths), make_loader, curriculum
         self.iterators: dict[int, Iterator] = {}
+        self.peeked: dict[int, object] = {}  # length -> its next batch, already drawn
+
+    def batch(self, length: int):
+        """The next batch of one length."""
+        if length in self.peeked:
+            return self.peeked.pop(length)
+        if length not in self.iterators:
+            self.iterators[length] = iter(self.make_loader(length))
+        return next(self.iterators[length])
+
+    def peek(self, length: int):
+        """The batch `batch(length)` will return next (the stream of batches stays the same)."""
+        if length not in self.peeked:
+            self.peeked[length] = self.batch(length)
+        return self.peeked[length]
 
     def __call__(self, progress: float, rng: np.random.Generator):
         stage = curriculum_stage(progress, len(self.lengths), self.curriculum)
         length = self.lengths[int(rng.integers(stage + 1))]
-        if length not in self.iterators:
-            self.iterators[length] = iter(self.make_loader(length))
-        return length, next(self.iterators[length])
+        return length, self.batch(length)
 
 
 def av_loss(module: MultimodalClassifier, batch, device: torch.device) -> torch.Tensor:

@@ -102,6 +102,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
 from _common import (  # noqa: E402
+    COMPILED_RUNS,
     REPO_ROOT,
     RESULTS_DIR,
     cell,
@@ -401,9 +402,6 @@ def first_runs(times_ms: Sequence[float], shapes: Sequence[str]) -> dict[str, fl
     for ms, shape in zip(times_ms, shapes, strict=True):
         first.setdefault(shape, ms)
     return first
-
-
-COMPILED_RUNS = 3  # runs of a shape before its CUDA graphs replay: compile, warm-up, record
 
 
 def warm_each_shape(trainee: Trainee, batches: ShapeFilter, warm: Timed) -> Timed:

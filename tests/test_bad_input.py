@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from devices import DEVICES
 
 from mmlongnet.attention import MultiheadDilatedAttention, dilated_attention
 from mmlongnet.attention import dilated as dilated_module
@@ -173,18 +174,6 @@ def test_empty_batch_and_giant_segments_work_like_their_plain_twins(backend):
     q, k, v = qkv()
     giant = dilated_attention(q, k, v, [4, 2**62], [1, 2], backend=backend)
     torch.testing.assert_close(giant, dilated_attention(q, k, v, [4, 8], [1, 2], backend=backend))
-
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-        ],
-    ),
-]
 
 
 @pytest.mark.parametrize("layout", ["branch calls", "dense call"])

@@ -205,8 +205,9 @@ def test_recall_table_buckets_end_at_the_longest_length():
 
 
 def test_compiled_recall_training_takes_the_eager_steps(tmp_path, one_thread):
-    """--compile runs the same model through torch.compile: the same losses, step by step."""
-    curves = {}
+    """--compile runs the same model through torch.compile, every length compiled before training
+    (gradients discarded, the batch kept): the same losses, step by step."""
+    curves, compile_seconds = {}, {}
     for tag, extra in (("eager", []), ("compiled", ["--compile"])):
         argv = ["recall", "--smoke", "--device", "cpu", "--out", str(tmp_path), "--tag", tag,
                 "--models", "dilated", "--lengths", "64", "--max-steps", "2", "--log-every", "1",
@@ -214,8 +215,18 @@ def test_compiled_recall_training_takes_the_eager_steps(tmp_path, one_thread):
         assert bench.main(argv) == 0
         data = json.loads((tmp_path / f"quality_recall_{tag}.json").read_text())
         curves[tag] = [loss for _, _, loss in data["results"]["dilated"]["train"]["curve"]]
+        compile_seconds[tag] = data["results"]["dilated"]["train"]["compile_seconds"]
     assert len(curves["compiled"]) == 2
-    assert curves["compiled"] == pytest.approx(curves["eager"], abs=1e-3)
+    assert curves["compiled"] == pytest.approx(curves["eager"], abs=1e-3)  # compiled first: same batches
+    assert compile_seconds["compiled"] > 0 and compile_seconds["eager"] == 0
+
+
+def test_a_peeked_batch_is_the_next_one_of_its_length():
+    counter = iter(range(100))
+    curriculum = bench.Curriculum([8, 16], lambda n: (n * 1000 + next(counter) for _ in range(10)), "mixed")
+    assert curriculum.peek(16) == 16000 and curriculum.peek(16) == 16000
+    assert curriculum.batch(16) == 16000 and curriculum.batch(16) == 16001
+    assert curriculum.batch(8) == 8002
 
 
 def test_bytes_runs_both_models_and_reports_bits_by_position(tmp_path, capsys, one_thread):

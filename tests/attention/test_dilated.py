@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from devices import DEVICES
 
 from mmlongnet.attention import DilatedAttention, dilated_attention, geometry
 from mmlongnet.attention import dilated as dilated_module
@@ -299,19 +300,7 @@ def test_a_dense_bias_built_under_inference_mode_serves_training():
     torch.testing.assert_close(dq, dq_ref, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=[
-                pytest.mark.cuda,
-                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-            ],
-        ),
-    ],
-)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 def test_a_dense_call_under_autocast_runs_in_the_inputs_dtype(device, masked):
     """Autocast computes log in float32 and casts attention inputs: neither may reach the kernel."""
