@@ -70,12 +70,13 @@ DIAGONAL_CALLS = True
 WRITE_IN_PLACE = True
 
 # Small inputs run as ONE dense kernel call whose additive bias is log(multiplicity) of the
-# branches (-inf where no branch pairs a query and a key): the reference's single softmax, in a
-# fused kernel. Two launches (forward, backward) instead of every branch call and its merge
-# passes, where launches, not arithmetic, set the pace (a training step of the bundled AV task
-# at 16 digits holds ~3,000 kernels). Taken when the scores B * H * N * N are at most
-# DENSE_MAX_SCORES elements (the bias is materialised at that size) and the dense work is at most
-# DENSE_MAX_WORK times the branches' (N <= DENSE_MAX_WORK * keys per query over all branches).
+# branches (-inf where no branch pairs a query and a key): the reference's single softmax in a
+# fused kernel, one attention kernel each way (and a few elementwise passes for a padding mask)
+# instead of every branch call and its merge passes, where launches, not arithmetic, set the pace
+# (a training step of the bundled AV task at 16 digits held ~3,000 kernels). Taken when the
+# scores B * H * N * N are at most DENSE_MAX_SCORES elements (the bias is materialised at that
+# size) and the dense work is at most DENSE_MAX_WORK times the branches' (N <= DENSE_MAX_WORK *
+# keys per query over all branches).
 DENSE_SMALL_INPUTS = True
 DENSE_MAX_SCORES = 1 << 26
 DENSE_MAX_WORK = 2.0
