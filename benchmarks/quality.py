@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -455,12 +456,13 @@ def run_avdigits(args: argparse.Namespace, device: torch.device, start: float) -
         )  # fmt: skip
         log = train_for(module, curriculum, partial(av_loss, device=device), train_s, args, device)
         module.compiled = None  # tested eagerly: compiling the test shapes would cost more than it saves
-        deadline = time.perf_counter() + eval_s
-        metrics = {K: av_evaluate(module, K, args, device, deadline) for K in digits}
+        evaluated = time.perf_counter()
+        metrics = {K: av_evaluate(module, K, args, device, evaluated + eval_s) for K in digits}
         results[kind] = {
             "parameters": count_parameters(module),
             "train": dataclasses.asdict(log),
             "test": metrics,
+            "eval_seconds": round(time.perf_counter() - evaluated, 1),
         }
         print(f"[avdigits] {kind}: {log.steps} steps in {log.seconds:.0f} s, " + ", ".join(
             f"K={K} {m['accuracy']['all']['accuracy']}" for K, m in metrics.items()), flush=True)  # fmt: skip
@@ -585,12 +587,13 @@ def run_recall(args: argparse.Namespace, device: torch.device, start: float) -> 
         forward = CompiledModel(model) if args.compile else model  # one graph per length
         loss_fn = partial(recall_loss, device=device)
         log = train_for(model, curriculum, loss_fn, train_s, args, device, forward)
-        deadline = time.perf_counter() + eval_s
-        metrics = {n: recall_evaluate(model, n, args, device, deadline) for n in lengths}
+        evaluated = time.perf_counter()
+        metrics = {n: recall_evaluate(model, n, args, device, evaluated + eval_s) for n in lengths}
         results[kind] = {
             "parameters": count_parameters(model),
             "train": dataclasses.asdict(log),
             "test": metrics,
+            "eval_seconds": round(time.perf_counter() - evaluated, 1),
         }
         print(f"[recall] {kind}: {log.steps} steps in {log.seconds:.0f} s, " + ", ".join(
             f"N={n} {m['accuracy']}" for n, m in metrics.items()), flush=True)  # fmt: skip
@@ -718,11 +721,13 @@ def run_bytes(args: argparse.Namespace, device: torch.device, start: float) -> d
         forward = CompiledModel(model) if args.compile else model  # one graph: every window is N bytes
         loss_fn = partial(bytes_loss, device=device)
         log = train_for(model, windows, loss_fn, train_s, args, device, forward)
-        metrics = bytes_evaluate(model, test, args, device, time.perf_counter() + eval_s)
+        evaluated = time.perf_counter()
+        metrics = bytes_evaluate(model, test, args, device, evaluated + eval_s)
         models[kind] = {
             "parameters": count_parameters(model),
             "train": dataclasses.asdict(log),
             "test": metrics,
+            "eval_seconds": round(time.perf_counter() - evaluated, 1),
         }
         buckets = (f"{row['bucket']} {cell(row['bits_per_byte'], '.3f')}" for row in metrics["by_position"])
         print(f"[bytes] {kind}: {log.steps} steps in {log.seconds:.0f} s, " + ", ".join(buckets), flush=True)
@@ -924,7 +929,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="recall and bytes: the LMs' causal token shift of this width, 0 for none "
         "(LongNetLMConfig.token_shift; default 9 for recall, the default rates' largest + 1; 0 for bytes)",
     )
-    common.add_argument("--workers", type=int, help="data-loader workers (default 4 on a GPU, 0 on the CPU)")
+    common.add_argument("--workers", type=int, help="data-loader workers (default on a GPU: the cores less 2, at most 8; 0 on the CPU)")
     common.add_argument(
         "--max-steps",
         type=int,
@@ -1012,10 +1017,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         delattr(args, name)  # options of the other experiments
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.workers is None:
-        args.workers = 4 if torch.device(args.device).type == "cuda" else 0
+        args.workers = gpu_loader_workers() if torch.device(args.device).type == "cuda" else 0
     if args.segments is not None and len(args.segments) != len(args.rates):
         parser.error(f"--segments and --rates differ in length: {args.segments} and {args.rates}")
     return args
+
+
+def gpu_loader_workers() -> int:
+    """Loader workers beside a GPU: the cores less two (the training loop and the loader's pinning
+    thread), at most 8. On the H200's host, 4 workers made 2,800 AV digits samples a second at
+    K = 16, and the compiled model there takes ~2,300 a second (batch 64): 4 barely keep up."""
+    return max(1, min(8, (os.cpu_count() or 2) - 2))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
