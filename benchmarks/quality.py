@@ -929,7 +929,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="recall and bytes: the LMs' causal token shift of this width, 0 for none "
         "(LongNetLMConfig.token_shift; default 9 for recall, the default rates' largest + 1; 0 for bytes)",
     )
-    common.add_argument("--workers", type=int, help="data-loader workers (default on a GPU: the cores less 2, at most 8; 0 on the CPU)")
+    common.add_argument(
+        "--workers",
+        type=int,
+        help="data-loader workers (default on a GPU: the cores less 2, at most 8; 0 on the CPU)",
+    )
     common.add_argument(
         "--max-steps",
         type=int,
