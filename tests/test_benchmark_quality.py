@@ -145,6 +145,14 @@ def test_embedding_std_and_token_shift_default_per_experiment_and_reach_the_lm()
             bench.parse_args(["recall", "--embedding-std", bad])
 
 
+def test_loader_workers_default_to_the_cores_beside_a_gpu(monkeypatch):
+    for cores, workers in ((16, 8), (64, 8), (6, 4), (2, 1), (None, 1)):
+        monkeypatch.setattr(bench.os, "cpu_count", lambda cores=cores: cores)
+        assert bench.parse_args(["avdigits", "--device", "cuda"]).workers == workers
+        assert bench.parse_args(["avdigits", "--device", "cpu"]).workers == 0
+    assert bench.parse_args(["recall", "--device", "cuda", "--workers", "3"]).workers == 3
+
+
 # --- the three experiments end to end ---
 
 
@@ -154,6 +162,7 @@ def test_avdigits_runs_every_model_and_reports_per_k_and_question(tmp_path, caps
     assert set(results) == {"dilated", "dense", "local"} and options["digits"] == [2, 4]
     for kind, result in results.items():
         assert result["train"]["steps"] == 2 and result["parameters"] > 0
+        assert 0 <= result["eval_seconds"] <= data["meta"]["seconds"]
         expected = ["2"] if kind == "dense" else ["2", "4"]  # dense up to --dense-max-digits (2 when smoke)
         assert list(result["test"]) == expected
         for metrics in result["test"].values():
@@ -191,6 +200,7 @@ def test_recall_runs_every_model_and_buckets_by_distance(tmp_path, capsys, one_t
     assert set(results) == {"dilated", "local", "dense"}
     assert list(results["dense"]["test"]) == ["64"]  # --dense-max-length 64 in the smoke run
     for result in results.values():
+        assert result["eval_seconds"] >= 0
         for length, metrics in result["test"].items():
             rows = metrics["by_distance"]
             assert rows[-1]["high"] == int(length) and sum(row["n"] for row in rows) == metrics["queries"]
@@ -238,6 +248,7 @@ def test_bytes_runs_both_models_and_reports_bits_by_position(tmp_path, capsys, o
     models = data["results"]["models"]
     assert set(models) == {"dilated", "local"}
     for result in models.values():
+        assert result["eval_seconds"] >= 0
         test = result["test"]
         assert [row["bucket"] for row in test["by_position"]] == ["0-32", "32-128", "128-256"]
         assert [row["tokens"] for row in test["by_position"]] == [test["windows"] * w for w in (32, 96, 128)]
