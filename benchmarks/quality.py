@@ -240,6 +240,11 @@ class TrainLog:
     compile_seconds: float = 0.0
     """With --compile: seconds spent compiling every length before the training clock started."""
 
+    def summary(self) -> str:
+        """The steps and their seconds, and the compiling before them when there was any."""
+        compiled = f" (after {self.compile_seconds:.0f} s compiling)" if self.compile_seconds else ""
+        return f"{self.steps} steps in {self.seconds:.0f} s{compiled}"
+
 
 def compile_each_length(
     model: nn.Module, curriculum: Curriculum, loss_fn: Callable, device: torch.device, forward: Callable
@@ -464,7 +469,7 @@ def run_avdigits(args: argparse.Namespace, device: torch.device, start: float) -
             "test": metrics,
             "eval_seconds": round(time.perf_counter() - evaluated, 1),
         }
-        print(f"[avdigits] {kind}: {log.steps} steps in {log.seconds:.0f} s, " + ", ".join(
+        print(f"[avdigits] {kind}: {log.summary()}, " + ", ".join(
             f"K={K} {m['accuracy']['all']['accuracy']}" for K, m in metrics.items()), flush=True)  # fmt: skip
         del module, curriculum
         free_memory(device)
@@ -595,7 +600,7 @@ def run_recall(args: argparse.Namespace, device: torch.device, start: float) -> 
             "test": metrics,
             "eval_seconds": round(time.perf_counter() - evaluated, 1),
         }
-        print(f"[recall] {kind}: {log.steps} steps in {log.seconds:.0f} s, " + ", ".join(
+        print(f"[recall] {kind}: {log.summary()}, " + ", ".join(
             f"N={n} {m['accuracy']}" for n, m in metrics.items()), flush=True)  # fmt: skip
         del model, forward, curriculum
         free_memory(device)
@@ -730,7 +735,7 @@ def run_bytes(args: argparse.Namespace, device: torch.device, start: float) -> d
             "eval_seconds": round(time.perf_counter() - evaluated, 1),
         }
         buckets = (f"{row['bucket']} {cell(row['bits_per_byte'], '.3f')}" for row in metrics["by_position"])
-        print(f"[bytes] {kind}: {log.steps} steps in {log.seconds:.0f} s, " + ", ".join(buckets), flush=True)
+        print(f"[bytes] {kind}: {log.summary()}, " + ", ".join(buckets), flush=True)
         del model, forward, windows
         free_memory(device)
     if {"dilated", "local"} <= set(models):  # the same test windows, in the same order

@@ -214,10 +214,10 @@ def test_recall_table_buckets_end_at_the_longest_length():
     assert header.endswith("| d 0-512 | d 512-2K | d 2K-8K | d 8K-16K |")
 
 
-def test_compiled_recall_training_takes_the_eager_steps(tmp_path, one_thread):
+def test_compiled_recall_training_takes_the_eager_steps(tmp_path, capsys, one_thread):
     """--compile runs the same model through torch.compile, every length compiled before training
     (gradients discarded, the batch kept): the same losses, step by step."""
-    curves, compile_seconds = {}, {}
+    curves, compile_seconds, printed = {}, {}, {}
     for tag, extra in (("eager", []), ("compiled", ["--compile"])):
         argv = ["recall", "--smoke", "--device", "cpu", "--out", str(tmp_path), "--tag", tag,
                 "--models", "dilated", "--lengths", "64", "--max-steps", "2", "--log-every", "1",
@@ -226,9 +226,12 @@ def test_compiled_recall_training_takes_the_eager_steps(tmp_path, one_thread):
         data = json.loads((tmp_path / f"quality_recall_{tag}.json").read_text())
         curves[tag] = [loss for _, _, loss in data["results"]["dilated"]["train"]["curve"]]
         compile_seconds[tag] = data["results"]["dilated"]["train"]["compile_seconds"]
+        printed[tag] = capsys.readouterr().out
     assert len(curves["compiled"]) == 2
     assert curves["compiled"] == pytest.approx(curves["eager"], abs=1e-3)  # compiled first: same batches
     assert compile_seconds["compiled"] > 0 and compile_seconds["eager"] == 0
+    assert "[recall] dilated: 2 steps in " in printed["compiled"]
+    assert "s compiling)" in printed["compiled"] and "compiling" not in printed["eager"]
 
 
 def test_a_peeked_batch_is_the_next_one_of_its_length():
