@@ -374,7 +374,12 @@ def av_tokens_per_sample(K: int, args: argparse.Namespace) -> int:
 def av_loader(
     K: int, split: str, examples: int, args: argparse.Namespace, device: torch.device
 ) -> DataLoader:
-    config = AVDigitsConfig(num_digits=K, questions=list(args.questions), seed=args.seed + K)
+    weights = args.train_question_weights if split == "train" else None  # testing: equal shares
+    shares = None if weights is None else np.divide(weights, sum(weights)).tolist()
+    mix = None if shares is None else dict(zip(args.questions, shares, strict=True))
+    config = AVDigitsConfig(
+        num_digits=K, questions=list(args.questions), question_mix=mix, seed=args.seed + K
+    )
     dataset = AVDigitsDataset(split, examples, config)
     if args.compile and split == "train":  # one shape per K (nearly always): one compiled graph
         buckets = LengthBuckets(
@@ -826,8 +831,8 @@ DEFAULTS = {
     "avdigits": dict(
         time_budget=540.0,
         models=["dilated", "dense", "local"], digits=[4, 16, 64, 256, 1024],
-        questions=["first", "last", "count"], dense_max_digits=1024, curriculum="grow", pooling="text",
-        compile=False,
+        questions=["first", "last", "count"], train_question_weights=None, dense_max_digits=1024,
+        curriculum="grow", pooling="text", compile=False,
         d_model=256, nhead=8, ffn=1024, patch_size=8, fusion_layers=4, modality_layers=1,
         segments=[256, 1024, 4096, 16384], rates=[1, 2, 4, 8],
         modality_segments=[256, 1024, 4096], modality_rates=[1, 2, 4],
@@ -969,6 +974,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=["first", "last", "count", "after", "most"],
         help="question types (default first last count)",
     )
+    av.add_argument(
+        "--train-question-weights",
+        type=float,
+        nargs="+",
+        help="relative frequency of each --questions type in training, e.g. 1 1 2 for twice as many "
+        "count questions (default equal; testing is always equal)",
+    )
     av.add_argument("--dense-max-digits", type=int, help="largest K of the dense model (default 1024)")
     av.add_argument(
         "--pooling",
@@ -1027,6 +1039,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.workers is None:
         args.workers = gpu_loader_workers() if torch.device(args.device).type == "cuda" else 0
+    weights = getattr(args, "train_question_weights", None)
+    if weights is not None and (len(weights) != len(args.questions) or min(weights) < 0 or sum(weights) <= 0):
+        parser.error(
+            f"--train-question-weights needs one weight >= 0 per question type {args.questions}, "
+            f"not all zero; got {weights}"
+        )
     if args.segments is not None and len(args.segments) != len(args.rates):
         parser.error(f"--segments and --rates differ in length: {args.segments} and {args.rates}")
     return args

@@ -195,6 +195,19 @@ def test_avdigits_compiled_training_pads_every_batch_of_a_k_to_one_shape():
     assert len({dict(shape)["video"] for shape in shapes if "video" in dict(shape)}) == 1
 
 
+def test_avdigits_question_weights_shape_training_only():
+    weights = ["--train-question-weights", "0", "1", "3"]
+    args = bench.parse_args(["avdigits", "--smoke", "--device", "cpu", *weights])
+    train = bench.av_loader(2, "train", 8, args, torch.device("cpu")).dataset.config
+    test = bench.av_loader(2, "test", 8, args, torch.device("cpu")).dataset.config
+    assert train.question_mix == {"first": 0.0, "last": 0.25, "count": 0.75}
+    assert test.question_mix is None  # tested on equal shares
+    assert bench.parse_args(["avdigits"]).train_question_weights is None
+    for bad in (["1", "2"], ["1", "-1", "1"], ["0", "0", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["avdigits", "--train-question-weights", *bad])
+
+
 def test_recall_runs_every_model_and_buckets_by_distance(tmp_path, capsys, one_thread):
     results = smoke(tmp_path, "recall")["results"]
     assert set(results) == {"dilated", "local", "dense"}

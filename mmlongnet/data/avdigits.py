@@ -26,6 +26,7 @@ n images of a split's pool, m clips of a split's pool.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -96,7 +97,11 @@ class AVDigitsConfig:
     num_digits: int = 8
     """K, digits per example: K frames and K spoken words. K >= 2 when "after" is asked."""
     questions: list[str] = field(default_factory=lambda: list(QUESTION_TYPES))
-    """Question types drawn uniformly per example: any of first, last, count, after, most."""
+    """Question types drawn per example (uniformly unless `question_mix` says otherwise): any of
+    first, last, count, after, most."""
+    question_mix: dict[str, float] | None = None
+    """Probabilities of the question types (keys among `questions`, missing keys 0, the values sum
+    to 1), e.g. to train more on a type learned last; None: uniform."""
     modality_mix: dict[str, float] = field(
         default_factory=lambda: {"both": 0.5, "audio": 0.25, "video": 0.25}
     )
@@ -137,17 +142,9 @@ class AVDigitsConfig:
             raise ValueError(
                 f'questions includes "after", which needs num_digits >= 2, got num_digits={self.num_digits}'
             )
-        if not isinstance(self.modality_mix, dict):
-            raise ValueError(f"modality_mix must be a dict over {MIXES}, got {self.modality_mix!r}")
-        unknown = sorted(set(self.modality_mix) - set(MIXES))
-        if unknown:
-            raise ValueError(f"modality_mix has unknown keys {unknown}; allowed: {list(MIXES)}")
-        for key, value in self.modality_mix.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"modality_mix[{key!r}] must be a probability in [0, 1], got {value!r}")
-        total = sum(self.modality_mix.values())
-        if not math.isclose(total, 1.0, abs_tol=1e-6):
-            raise ValueError(f"modality_mix values must sum to 1, got {self.modality_mix} (sum {total})")
+        if self.question_mix is not None:
+            _check_mix("question_mix", self.question_mix, self.questions)
+        _check_mix("modality_mix", self.modality_mix, MIXES)
         if (
             isinstance(self.noise, bool)
             or not isinstance(self.noise, (int, float))
@@ -343,6 +340,10 @@ class AVDigitsDataset(Dataset):
         cfg = self.config
         mix = [cfg.modality_mix.get(name, 0.0) for name in MIXES]
         self.mix_cdf = np.cumsum(mix) / sum(mix)  # (3,)
+        self.question_cdf = None  # uniform
+        if cfg.question_mix is not None:
+            shares = [cfg.question_mix.get(name, 0.0) for name in cfg.questions]
+            self.question_cdf = np.cumsum(shares) / sum(shares)  # (len(questions),)
 
     def __len__(self) -> int:
         return self.num_examples
@@ -380,8 +381,11 @@ class AVDigitsDataset(Dataset):
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, self.split_index, index])
         # fixed draw order: mix, question, sequence, phrasing, images, clips, gaps, noise
-        mix = MIXES[min(int(np.searchsorted(self.mix_cdf, rng.random(), side="right")), len(MIXES) - 1)]
-        question = cfg.questions[int(rng.integers(len(cfg.questions)))]
+        mix = MIXES[_draw(self.mix_cdf, rng)]
+        if self.question_cdf is None:
+            question = cfg.questions[int(rng.integers(len(cfg.questions)))]
+        else:
+            question = cfg.questions[_draw(self.question_cdf, rng)]
         digits, query, label = _compose(question, cfg.num_digits, rng)  # (K,) int64
         template = TEMPLATES[question][int(rng.integers(len(TEMPLATES[question])))]
         words = {} if query is None else {"d": query, "word": WORDS[query], "plural": PLURALS[query]}
@@ -448,6 +452,26 @@ class AVDigitsDataset(Dataset):
 def _below(rng: np.random.Generator, counts: np.ndarray) -> np.ndarray:
     """(K,) uniform draws in [0, counts[k]) for every k."""
     return np.minimum((rng.random(len(counts)) * counts).astype(np.int64), counts - 1)
+
+
+def _draw(cdf: np.ndarray, rng: np.random.Generator) -> int:
+    """An index drawn with the probabilities whose cumulative sums are `cdf` (n,)."""
+    return min(int(np.searchsorted(cdf, rng.random(), side="right")), len(cdf) - 1)
+
+
+def _check_mix(name: str, mix: object, allowed: Sequence[str]) -> None:
+    """ValueError unless `mix` is a dict of probabilities over keys among `allowed`, summing to 1."""
+    if not isinstance(mix, dict):
+        raise ValueError(f"{name} must be a dict over {list(allowed)}, got {mix!r}")
+    unknown = sorted(set(mix) - set(allowed))
+    if unknown:
+        raise ValueError(f"{name} has unknown keys {unknown}; allowed: {list(allowed)}")
+    for key, value in mix.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}[{key!r}] must be a probability in [0, 1], got {value!r}")
+    total = sum(mix.values())
+    if not math.isclose(total, 1.0, abs_tol=1e-6):
+        raise ValueError(f"{name} values must sum to 1, got {mix} (sum {total})")
 
 
 def _compose(question: str, K: int, rng: np.random.Generator) -> tuple[np.ndarray, int | None, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -140,6 +141,9 @@ def test_split_pools_are_disjoint_and_complete(arrays):
         ({"modality_mix": {"both": 0.5, "text": 0.5}}, "modality_mix"),
         ({"modality_mix": {"both": 0.5, "audio": 0.25}}, "modality_mix"),
         ({"modality_mix": {"both": 1.5, "audio": -0.5}}, "modality_mix"),
+        ({"question_mix": {"first": 0.5, "most": 0.5}, "questions": ["first", "last"]}, "question_mix"),
+        ({"question_mix": {"first": 0.5}}, "question_mix"),
+        ({"question_mix": [0.5, 0.5]}, "question_mix"),
         ({"noise": -0.1}, "noise"),
         ({"noise": math.inf}, "noise"),
         ({"gap_seconds": (0.3, 0.1)}, "gap_seconds"),
@@ -211,6 +215,19 @@ def test_sequence_does_not_depend_on_the_modality_mix():
         a, b = both[i], video[i]
         assert (a["digits"], a["text"], a["label"]) == (b["digits"], b["text"], b["label"])
         assert torch.equal(a["video"], b["video"]) and b["audio"] is None
+
+
+def test_question_mix_sets_the_share_of_each_question_type():
+    questions = ["first", "last", "count"]
+    uniform = AVDigitsDataset("train", 600, AVDigitsConfig(num_digits=2, questions=questions))
+    mixed = AVDigitsDataset(
+        "train", 600,
+        AVDigitsConfig(num_digits=2, questions=questions, question_mix={"count": 0.6, "last": 0.4}),
+    )  # fmt: skip
+    drawn = Counter(mixed[i]["question"] for i in range(600))
+    assert drawn["first"] == 0 and abs(drawn["count"] / 600 - 0.6) < 0.06  # 3 sigma: 0.06
+    shares = Counter(uniform[i]["question"] for i in range(600))
+    assert all(abs(shares[q] / 600 - 1 / 3) < 0.06 for q in questions)
 
 
 @pytest.mark.parametrize("num_digits", [2, 3, 8, 40])
