@@ -4,6 +4,7 @@ from collections import Counter
 
 import pytest
 import torch
+from devices import DEVICES
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -326,3 +327,35 @@ def test_chained_and_parallel_routing_equal_routing_each_module_and_gather_once(
     assert counted.ops["index_select"] == 2 and counted.ops["index_copy_"] == 2
     # device ids (no host routing): each module on its own, the same values
     torch.testing.assert_close(route_chain((norm, ffn), x, ids)[routed], chained[routed], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_routing_gives_the_eager_values_and_gradients(device):
+    """Norm then FFN experts, host-routed, under `torch.compile(fullgraph=True)` against eager:
+    float32 values and gradients, and finite gradients under bf16 autocast."""
+    from mmlongnet.layers import FeedForward
+
+    torch.manual_seed(0)
+    width = 64 if device == "cuda" else 16
+    norm = MultiwayNetwork(nn.LayerNorm(width), 3).to(device)
+    ffn = MultiwayNetwork(FeedForward(width, 4 * width), 3).to(device)
+    perturb_norms(norm)
+    params = [*norm.parameters(), *ffn.parameters()]
+    ids = torch.randint(0, 3, (8, 50))
+    routing = MultiwayRouting.from_ids(ids, 3, capacities=[200, 150, 160]).to(device)
+    x = torch.randn(8, 50, width, device=device)
+
+    def chain(x):
+        return route_chain((norm, ffn), x, routing)
+
+    compiled = torch.compile(chain, fullgraph=True)
+    for autocast in (False, True):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            eager, graph = chain(x), compiled(x)
+        eager_grads = torch.autograd.grad(eager.float().square().mean(), params)
+        graph_grads = torch.autograd.grad(graph.float().square().mean(), params)
+        assert all(torch.isfinite(g).all() for g in graph_grads)
+        if not autocast:
+            torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-5)
+            for got, want in zip(graph_grads, eager_grads, strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
