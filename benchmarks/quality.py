@@ -239,6 +239,8 @@ class TrainLog:
     final_loss: float | None = None
     compile_seconds: float = 0.0
     """With --compile: seconds spent compiling every length before the training clock started."""
+    stages: list = field(default_factory=list)
+    """[seconds, step, length] when each stage of the curriculum began, `length` the one it added."""
 
     def summary(self) -> str:
         """The steps and their seconds, and the compiling before them when there was any."""
@@ -295,6 +297,8 @@ def train_for(
         for group in optimizer.param_groups:
             group["lr"] = args.lr * lr_factor(log.steps, progress, args.warmup_steps, args.min_lr_ratio)
         length, batch = next_batch(progress, rng)
+        while len(log.stages) <= next_batch.stage:  # the stages begun at this step
+            log.stages.append([round(elapsed, 2), log.steps, next_batch.lengths[len(log.stages)]])
         with mixed_precision(device):
             loss = loss_fn(forward, batch)
         loss.backward()
@@ -305,6 +309,7 @@ def train_for(
         log.samples[length] = log.samples.get(length, 0) + batch_size_of(batch)
         if log.steps % args.log_every == 0 or log.steps == 1:
             log.final_loss = float(loss.detach())  # a host read every log_every steps only
+            next_batch.record(length, log.final_loss)
             log.curve.append([round(time.perf_counter() - start, 2), log.steps, round(log.final_loss, 4)])
     log.seconds = time.perf_counter() - start
     return log
@@ -395,16 +400,32 @@ def av_loader(
     )  # fmt: skip
 
 
+ADVANCE_READS = 3
+"""Training-loss reads in a row below `--advance-loss` that end a stage early."""
+
+
 class Curriculum:
     """Batches from one endless loader per length; `next(progress, rng)` draws a length uniformly
-    among the stages active at `progress` (see `curriculum_stage`) and returns (length, batch)."""
+    among the stages active at `progress` (see `curriculum_stage`) and returns (length, batch).
+
+    With `advance_loss`, a "grow" stage also ends early: once `record` has seen the loss at the
+    stage's newest length below `advance_loss` `ADVANCE_READS` times in a row, the next length
+    joins (time still ends a stage at the latest)."""
 
     def __init__(
-        self, lengths: Sequence[int], make_loader: Callable[[int], DataLoader], curriculum: str
+        self,
+        lengths: Sequence[int],
+        make_loader: Callable[[int], DataLoader],
+        curriculum: str,
+        advance_loss: float | None = None,
     ) -> None:
         self.lengths, self.make_loader, self.curriculum = list(lengths), make_loader, curriculum
+        self.advance_loss = advance_loss
         self.iterators: dict[int, Iterator] = {}
         self.peeked: dict[int, object] = {}  # length -> its next batch, already drawn
+        self.stage = 0  # the last active stage at the latest draw
+        self.learned = 0  # the stage reached by the loss (0: none ended early)
+        self.below = 0  # reads in a row below advance_loss at the current stage's newest length
 
     def batch(self, length: int):
         """The next batch of one length."""
@@ -421,9 +442,19 @@ class Curriculum:
         return self.peeked[length]
 
     def __call__(self, progress: float, rng: np.random.Generator):
-        stage = curriculum_stage(progress, len(self.lengths), self.curriculum)
+        stage = max(curriculum_stage(progress, len(self.lengths), self.curriculum), self.learned)
+        if stage != self.stage:
+            self.stage, self.below = stage, 0
         length = self.lengths[int(rng.integers(stage + 1))]
         return length, self.batch(length)
+
+    def record(self, length: int, loss: float) -> None:
+        """A training loss read at `length`: may end the current stage (see the class)."""
+        if self.advance_loss is None or length != self.lengths[self.stage]:
+            return
+        self.below = self.below + 1 if loss < self.advance_loss else 0
+        if self.below >= ADVANCE_READS and self.stage + 1 < len(self.lengths):
+            self.learned = self.stage + 1
 
 
 def av_loss(module: MultimodalClassifier, batch, device: torch.device) -> torch.Tensor:
@@ -462,7 +493,7 @@ def run_avdigits(args: argparse.Namespace, device: torch.device, start: float) -
             av_model_config(args, kind), num_classes=10, pooling=args.pooling, compile=args.compile
         ).to(device)
         curriculum = Curriculum(
-            digits, lambda K: av_loader(K, "train", 10**7, args, device), args.curriculum
+            digits, lambda K: av_loader(K, "train", 10**7, args, device), args.curriculum, args.advance_loss
         )  # fmt: skip
         log = train_for(module, curriculum, partial(av_loss, device=device), train_s, args, device)
         module.compiled = None  # tested eagerly: compiling the test shapes would cost more than it saves
@@ -592,7 +623,8 @@ def run_recall(args: argparse.Namespace, device: torch.device, start: float) -> 
         torch.manual_seed(args.seed)
         model = lm_for(args, kind, vocab).to(device)
         curriculum = Curriculum(
-            lengths, lambda n: recall_loader(args, n, 10**9, seed=args.seed + n), args.curriculum
+            lengths, lambda n: recall_loader(args, n, 10**9, seed=args.seed + n), args.curriculum,
+            args.advance_loss,
         )  # fmt: skip
         forward = CompiledModel(model) if args.compile else model  # one graph per length
         loss_fn = partial(recall_loss, device=device)
@@ -916,6 +948,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=["grow", "mixed"],
         help="grow: one stage per length, each adding the next; mixed: all lengths from the start",
     )
+    common.add_argument(
+        "--advance-loss",
+        type=float,
+        help=f"with --curriculum grow, a stage also ends once the training loss at its newest length "
+        f"reads below this {ADVANCE_READS} times in a row (every --log-every steps), so the longer "
+        "lengths get the time a learned one no longer needs (default: stages by time only)",
+    )
     common.add_argument("--d-model", type=int, help="width (default 256)")
     common.add_argument("--nhead", type=int, help="attention heads (default 8)")
     common.add_argument("--ffn", type=int, help="FFN hidden size (default 1024)")
@@ -1039,6 +1078,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.workers is None:
         args.workers = gpu_loader_workers() if torch.device(args.device).type == "cuda" else 0
+    if args.advance_loss is not None and getattr(args, "curriculum", None) != "grow":
+        parser.error("--advance-loss ends the stages of --curriculum grow (avdigits and recall)")
     weights = getattr(args, "train_question_weights", None)
     if weights is not None and (len(weights) != len(args.questions) or min(weights) < 0 or sum(weights) <= 0):
         parser.error(

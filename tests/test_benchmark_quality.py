@@ -90,6 +90,42 @@ def test_time_schedule_and_curriculum():
     assert bench.curriculum_stage(0.0, 3, "mixed") == 2
 
 
+def test_a_learned_stage_ends_early_and_time_still_ends_the_others():
+    curriculum = bench.Curriculum([4, 16, 64], lambda n: iter(lambda: f"batch{n}", None), "grow", 0.5)
+    rng = np.random.default_rng(0)
+    assert curriculum(0.0, rng) == (4, "batch4") and curriculum.stage == 0
+    for loss in (0.4, 0.3, 0.9, 0.4, 0.4):  # a read above resets the run: not yet 3 in a row
+        curriculum.record(4, loss)
+    assert curriculum(0.1, rng)[0] == 4 and curriculum.stage == 0
+    curriculum.record(4, 0.2)  # the third read below in a row: 16 joins
+    assert curriculum(0.1, rng)[0] in (4, 16) and curriculum.stage == 1
+    for _ in range(5):
+        curriculum.record(4, 0.0)  # reads at the older length do not end the stage
+    assert curriculum(0.1, rng) and curriculum.stage == 1
+    assert curriculum(0.7, rng) and curriculum.stage == 2  # time ends it at the latest
+    for _ in range(3):
+        curriculum.record(64, 0.0)  # the last stage has no next one
+    assert curriculum(0.9, rng) and curriculum.stage == 2
+    by_time = bench.Curriculum([4, 16], lambda n: iter(lambda: n, None), "grow")
+    for _ in range(5):
+        by_time.record(4, 0.0)  # without advance_loss, time alone
+    assert by_time(0.2, rng) == (4, 4) and by_time.stage == 0
+
+
+def test_advance_loss_needs_the_grow_curriculum_and_logs_when_each_stage_began(tmp_path, one_thread):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["avdigits", "--curriculum", "mixed", "--advance-loss", "0.5"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["bytes", "--advance-loss", "0.5"])
+    argv = ["avdigits", "--smoke", "--models", "dilated", "--max-steps", "12", "--log-every", "1",
+            "--advance-loss", "100", "--out", str(tmp_path)]  # fmt: skip
+    assert bench.main(argv) == 0
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())["results"]["dilated"]["train"]
+    # every loss reads below 100: K = 4 joins after the reads of steps 1, 2 and 3 at K = 2, at step
+    # 3 (the time would have added it at step 6 of 12)
+    assert [[step, K] for _, step, K in result["stages"]] == [[0, 2], [3, 4]]
+
+
 class RecallOracle(nn.Module):
     """Answers each token with the token that followed its previous occurrence: perfect recall."""
 
