@@ -285,6 +285,7 @@ def train_for(
     """
     forward = forward or model
     optimizer = OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay).build(model, 1)["optimizer"]
+    parameters = list(model.parameters())  # listed once: walking the ~330 modules costs ~2 ms a step
     rng = np.random.default_rng(args.seed)
     log = TrainLog()
     if args.compile:
@@ -302,7 +303,7 @@ def train_for(
         with mixed_precision(device):
             loss = loss_fn(forward, batch)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        nn.utils.clip_grad_norm_(parameters, args.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         log.steps += 1
