@@ -152,6 +152,14 @@ def load_longnet_lm() -> type:
     return LongNetLM
 
 
+def compile_options(graphs: bool) -> dict:
+    """torch.compile's options of the compiled runs: the package's, with CUDA graphs or without."""
+    load_longnet_lm()  # makes mmlongnet importable
+    from mmlongnet.training import COMPILE_OPTIONS
+
+    return {**COMPILE_OPTIONS, "triton.cudagraphs": graphs}
+
+
 def build_model(
     config: ModelConfig, vocab: int, kind: str, checkpointing: bool, device: torch.device
 ) -> torch.nn.Module:
@@ -276,8 +284,8 @@ def measure_config(
 ) -> Measurement:
     """Build the model, AdamW and tokens for one configuration and time its training steps.
 
-    `compiled`: the model runs under `torch.compile`, mode "reduce-overhead" on CUDA (the whole
-    forward and backward replayed as CUDA graphs), the default mode on the CPU.
+    `compiled`: the model runs under `torch.compile` with `COMPILE_OPTIONS`; on CUDA the whole
+    forward and backward replay as CUDA graphs (what mode "reduce-overhead" does).
 
     Everything it allocates is local: it is freed when this returns or raises. Peak memory is
     `torch.cuda.max_memory_allocated` (the caller resets the statistics first): parameters,
@@ -287,7 +295,7 @@ def measure_config(
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, fused=device.type == "cuda")
     tokens = make_tokens(n, batch, vocab, device)  # (B, N + 1)
     graphs = compiled and device.type == "cuda"
-    runnable = torch.compile(model, mode="reduce-overhead" if graphs else None) if compiled else model
+    runnable = torch.compile(model, options=compile_options(graphs)) if compiled else model
     step = make_train_step(runnable, optimizer, tokens, kind, device, graphs=graphs)
     times_ms, loss = time_steps(step, device, steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -603,7 +611,7 @@ def run_metadata(args: argparse.Namespace) -> dict:
         "optimizer": {"name": "AdamW", "lr": LEARNING_RATE, "fused": device.type == "cuda"},
         "dense_kernels": "cuDNN, then flash (sdpa_kernel, set_priority=True)" if cuda else "default",
         "warmup_steps": WARMUP_STEPS,
-        "compiled": 'torch.compile(mode="reduce-overhead")' if args.compile else "eager",
+        "compiled": f"torch.compile(options={compile_options(True)})" if args.compile else "eager",
         "timing": "host time between device synchronisations, median of the timed steps",
         "seed": SEED,
         "args": {key: value for key, value in vars(args).items() if key not in ("out", "plot_only")}
@@ -660,7 +668,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help='both kinds under torch.compile, mode "reduce-overhead" on CUDA (CUDA graphs)',
+        help="both kinds under torch.compile (mmlongnet.training.COMPILE_OPTIONS; CUDA graphs on CUDA)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and an estimated runtime")
     parser.add_argument("--plot-only", type=Path, metavar="JSON", help="redraw PNG and table from a JSON")

@@ -12,11 +12,12 @@ from mmlongnet.training.callbacks import JSONLPredictionWriter, TokenThroughput
 from mmlongnet.training.checkpoint import AtomicCheckpointIO, RunCheckpoint
 from mmlongnet.training.cli import CLI
 from mmlongnet.training.data import AVDigitsDataModule, ManifestDataModule, TextFilesDataModule
-from mmlongnet.training.module import LanguageModel, MultimodalClassifier, OptimizerConfig
+from mmlongnet.training.module import COMPILE_OPTIONS, LanguageModel, MultimodalClassifier, OptimizerConfig
 from mmlongnet.training.strategy import SequenceParallelStrategy
 
 __all__ = [
     "CLI",
+    "COMPILE_OPTIONS",
     "AtomicCheckpointIO",
     "AVDigitsDataModule",
     "JSONLPredictionWriter",

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._dynamo import config as dynamo_config
+from torch._inductor import config as inductor_config
 
 from mmlongnet.data.collate import Batch
 from mmlongnet.distributed.collectives import Group
@@ -91,14 +92,24 @@ class OptimizerConfig:
 
 RECOMPILE_LIMIT = 64  # compiled shapes kept per function (one per combination of length buckets)
 
+# The options `CompiledModel` compiles with. Inductor's "mix-order" reductions (torch 2.10 and later,
+# pytorch/pytorch#193061 and #190796) fuse a norm's per-row and per-feature backward sums into one
+# kernel and, over more than ~16K rows, can leave parts of a gradient unwritten: compiled on an
+# H200, the AV model's final norms (audio stack, fusion) got NaN weight and bias gradients in
+# float32 on a batch of 44K fused tokens (K = 256, 18 samples), and right ones with the option off.
+# Compiling `MMLongNet` or `LongNetLM` by hand, pass them too: `torch.compile(model, options=...)`.
+COMPILE_OPTIONS = (
+    {"triton.mix_order_reduction": False} if hasattr(inductor_config.triton, "mix_order_reduction") else {}
+)
+
 
 class CompiledModel:
     """A model's forward under `torch.compile(fullgraph=True, dynamic=False)`, built on first use.
 
     One static graph is compiled per input shape, so bucketed lengths matter (up to
-    `RECOMPILE_LIMIT` shapes; beyond, torch runs the forward eagerly). On CUDA the mode
-    is "reduce-overhead": the forward and backward replay as CUDA graphs, each call marked as a
-    new iteration; elsewhere the default mode. Not with sequence sharding, whose collectives run
+    `RECOMPILE_LIMIT` shapes; beyond, torch runs the forward eagerly). On CUDA the forward and
+    backward replay as CUDA graphs (what mode "reduce-overhead" does), each call marked as a new
+    iteration. Compiled with `COMPILE_OPTIONS`. Not with sequence sharding, whose collectives run
     eagerly (the modules' `parallelize` refuses it).
     """
 
@@ -110,11 +121,11 @@ class CompiledModel:
     def __call__(self, *args, **kwargs):
         if self.forward is None:
             self.graphs = next(self.model.parameters()).device.type == "cuda"
-            mode = "reduce-overhead" if self.graphs else None
+            options = {**COMPILE_OPTIONS, "triton.cudagraphs": self.graphs}
             # One static graph per input shape: what CUDA graphs record anyway, and length buckets
             # keep the shapes few, but more than torch's default of 8 graphs per function.
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-            self.forward = torch.compile(self.model.forward, fullgraph=True, dynamic=False, mode=mode)
+            self.forward = torch.compile(self.model.forward, fullgraph=True, dynamic=False, options=options)
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()
         return self.forward(*args, **kwargs)

@@ -4,6 +4,7 @@ over batches of one length bucket, outputs and gradients equal to eager; LongNet
 import pytest
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from mmlongnet.data.collate import LengthBuckets, collate_samples
@@ -116,13 +117,13 @@ def test_a_plan_and_lengths_together_are_refused():
 
 
 def test_the_classifier_runs_its_model_compiled_when_asked(monkeypatch):
-    from mmlongnet.training.module import MultimodalClassifier
+    from mmlongnet.training.module import COMPILE_OPTIONS, MultimodalClassifier
 
     compiled, compile_ = [], torch.compile
 
     def compile_fast(fn, **options):  # the module's own options, on the quick backend
         compiled.append(options)
-        return compile_(fn, **options | {"backend": BACKEND, "mode": None})
+        return compile_(fn, **options | {"backend": BACKEND, "options": None})
 
     monkeypatch.setattr(torch, "compile", compile_fast)
     torch._dynamo.reset()
@@ -134,5 +135,58 @@ def test_the_classifier_runs_its_model_compiled_when_asked(monkeypatch):
     for batch in bucket_batches(classifier.model, 2):
         batch.labels = torch.tensor([1, -1, 3])
         torch.testing.assert_close(classifier(batch), eager(batch), rtol=1e-5, atol=1e-5)
-    assert compiled == [{"fullgraph": True, "dynamic": False, "mode": None}]
+    options = {**COMPILE_OPTIONS, "triton.cudagraphs": False}  # CUDA graphs on a GPU only
+    assert compiled == [{"fullgraph": True, "dynamic": False, "options": options}]
     assert set(classifier.state_dict()) == set(eager.state_dict())  # nothing compiled is saved
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def long_av_batch(num_digits: int, batch_size: int):
+    """A training batch of AV digits, padded to the length buckets a compiled run uses."""
+    from mmlongnet.data import AVDigitsConfig, AVDigitsDataset
+
+    dataset = AVDigitsDataset("train", batch_size, AVDigitsConfig(num_digits=num_digits, seed=0))
+    buckets = LengthBuckets(audio_minimum=dataset.likely_longest_audio(), video_minimum=num_digits)
+    batch = collate_samples([dataset[i] for i in range(batch_size)], buckets=buckets)
+    batch.labels = torch.tensor([int(dataset[i]["label"]) for i in range(batch_size)])
+    return batch
+
+
+@pytest.mark.cuda
+@cuda
+def test_the_compiled_classifier_gives_the_eager_gradients_on_a_long_batch():
+    """`MultimodalClassifier(compile=True)` (Inductor, CUDA graphs) against the same weights eager,
+    float32, on AV digits at K = 256, 18 samples (~50K fused tokens, ~30K audio ones: norms whose
+    backward sums over more rows than Inductor's mix-order reductions get right; `COMPILE_OPTIONS`
+    turns those off)."""
+    from mmlongnet.training.module import MultimodalClassifier
+
+    torch.manual_seed(0)
+    width, schedule = 64, {"segment_lengths": [256, 1024], "dilation_rates": [1, 2]}
+    config = MMLongNetConfig(
+        d_model=width, nhead=2, dim_feedforward=2 * width, text={"embed_dim": width},
+        audio={"embed_dim": width, "n_mels": 40, "conv_channels": 32},
+        video={"embed_dim": width, "image_size": 8, "patch_size": 8, "in_chans": 1},
+        text_stack={"num_layers": 1, **schedule}, audio_stack={"num_layers": 1, **schedule},
+        video_stack={"num_layers": 1, **schedule}, fusion_stack={"num_layers": 2, **schedule},
+    )  # fmt: skip
+    compiled = MultimodalClassifier(config, num_classes=10, pooling="text", compile=True).cuda()
+    eager = MultimodalClassifier(config, num_classes=10, pooling="text").cuda()
+    eager.load_state_dict(compiled.state_dict())
+    batch = long_av_batch(256, 18)
+    batch = compiled.transfer_batch_to_device(batch, torch.device("cuda"), 0)
+    labels = batch.labels.cuda()
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        for _ in range(3):  # CUDA graphs record on the third call
+            logits = compiled(batch)
+            grads = torch.autograd.grad(F.cross_entropy(logits, labels), list(compiled.parameters()))
+        want_logits = eager(batch)
+        want = torch.autograd.grad(F.cross_entropy(want_logits, labels), list(eager.parameters()))
+    assert eager.last_batch_tokens > 40_000
+    torch.testing.assert_close(logits, want_logits, rtol=1e-3, atol=1e-4)
+    for (name, _), got, expected in zip(compiled.named_parameters(), grads, want, strict=True):
+        assert torch.isfinite(got).all(), name
+        error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+        assert error < 1e-2, f"{name}: {error:.1e} of the eager gradient's largest entry"
