@@ -865,7 +865,7 @@ DEFAULTS = {
         time_budget=540.0,
         models=["dilated", "dense", "local"], digits=[4, 16, 64, 256, 1024],
         questions=["first", "last", "count"], train_question_weights=None, dense_max_digits=1024,
-        curriculum="grow", pooling="text", compile=False,
+        curriculum="grow", advance_loss=0.3, pooling="text", compile=False,
         d_model=256, nhead=8, ffn=1024, patch_size=8, fusion_layers=4, modality_layers=1,
         segments=[256, 1024, 4096, 16384], rates=[1, 2, 4, 8],
         modality_segments=[256, 1024, 4096], modality_rates=[1, 2, 4],
@@ -874,7 +874,8 @@ DEFAULTS = {
     "recall": dict(
         time_budget=540.0,
         models=["dilated", "local", "dense"], lengths=[4096, 16384, 65536], dense_max_length=16384,
-        curriculum="grow", compile=False, pairs=64, queries=32, num_keys=512, num_values=64, num_fillers=64,
+        curriculum="grow", advance_loss=None, compile=False,
+        pairs=64, queries=32, num_keys=512, num_values=64, num_fillers=64,
         d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
         segments=[2048, 8192, 32768, 65536], rates=[1, 2, 4, 8],
         distance_edges=[0, 512, 2048, 8192, 32768], embedding_std=4.0, token_shift=9,
@@ -954,7 +955,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         help=f"with --curriculum grow, a stage also ends once the training loss at its newest length "
         f"reads below this {ADVANCE_READS} times in a row (every --log-every steps), so the longer "
-        "lengths get the time a learned one no longer needs (default: stages by time only)",
+        "lengths get the time a learned one no longer needs (default 0.3 for avdigits; recall: stages by "
+        "time only)",
     )
     common.add_argument("--d-model", type=int, help="width (default 256)")
     common.add_argument("--nhead", type=int, help="attention heads (default 8)")
@@ -1079,7 +1081,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.workers is None:
         args.workers = gpu_loader_workers() if torch.device(args.device).type == "cuda" else 0
-    if args.advance_loss is not None and getattr(args, "curriculum", None) != "grow":
+    if "advance_loss" in given and getattr(args, "curriculum", None) != "grow":
         parser.error("--advance-loss ends the stages of --curriculum grow (avdigits and recall)")
     weights = getattr(args, "train_question_weights", None)
     if weights is not None and (len(weights) != len(args.questions) or min(weights) < 0 or sum(weights) <= 0):
