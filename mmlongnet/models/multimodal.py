@@ -481,7 +481,8 @@ class MMLongNet(Pretrained, nn.Module):
     ) -> MMLongNetOutput:
         """See the class docstring. `plan`: `plan_batch(inputs, lengths, ...)` made beforehand (then
         leave `lengths` and `audio_sample_rate` out): the forward reads no tensor on the host, and
-        `torch.compile(model, fullgraph=True)` traces it whole."""
+        `torch.compile(model, fullgraph=True, options=mmlongnet.training.COMPILE_OPTIONS)` traces it
+        whole (the options keep the backward's norm gradients right on long batches)."""
         if plan is None:
             plan = self.plan_batch(inputs, lengths, audio_sample_rate=audio_sample_rate)
         elif lengths is not None or audio_sample_rate is not None:
