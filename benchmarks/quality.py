@@ -241,11 +241,19 @@ class TrainLog:
     """With --compile: seconds spent compiling every length before the training clock started."""
     stages: list = field(default_factory=list)
     """[seconds, step, length] when each stage of the curriculum began, `length` the one it added."""
+    diverged: list | None = None
+    """[seconds, step, length] of the first training-loss read that was not finite (NaN or inf):
+    training stopped there, and the model is tested as it was. None: every read was finite."""
 
     def summary(self) -> str:
-        """The steps and their seconds, and the compiling before them when there was any."""
+        """The steps and their seconds, the compiling before them when there was any, and where
+        training stopped on a non-finite loss."""
         compiled = f" (after {self.compile_seconds:.0f} s compiling)" if self.compile_seconds else ""
-        return f"{self.steps} steps in {self.seconds:.0f} s{compiled}"
+        stopped = ""
+        if self.diverged is not None:
+            seconds, step, length = self.diverged
+            stopped = f"; STOPPED at step {step} ({seconds:.0f} s, length {length}): the loss was not finite"
+        return f"{self.steps} steps in {self.seconds:.0f} s{compiled}{stopped}"
 
 
 def compile_each_length(
@@ -312,6 +320,9 @@ def train_for(
             log.final_loss = float(loss.detach())  # a host read every log_every steps only
             next_batch.record(length, log.final_loss)
             log.curve.append([round(time.perf_counter() - start, 2), log.steps, round(log.final_loss, 4)])
+            if not math.isfinite(log.final_loss):  # the weights are lost: no use training on
+                log.diverged = [round(time.perf_counter() - start, 2), log.steps, length]
+                break
     log.seconds = time.perf_counter() - start
     return log
 

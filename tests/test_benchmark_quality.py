@@ -126,6 +126,25 @@ def test_advance_loss_needs_the_grow_curriculum_and_logs_when_each_stage_began(t
     assert [[step, K] for _, step, K in result["stages"]] == [[0, 2], [3, 4]]
 
 
+def test_training_stops_at_the_first_loss_that_is_not_finite():
+    args = bench.parse_args(["recall", "--smoke", "--device", "cpu", "--max-steps", "10", "--log-every", "2"])
+    model, calls = nn.Linear(2, 1), []
+
+    def loss_fn(forward, batch):  # finite for 4 steps, then NaN
+        calls.append(batch)
+        loss = forward(torch.ones(1, 2)).square().sum()
+        return loss * math.nan if len(calls) > 4 else loss
+
+    curriculum = bench.Curriculum([8], lambda n: iter(lambda: torch.zeros(1), None), "grow")  # batches of 1
+    log = bench.train_for(model, curriculum, loss_fn, 60.0, args, torch.device("cpu"))
+    # reads at steps 1, 2, 4 (finite), 6 (NaN): training stops there
+    assert log.steps == 6 and len(calls) == 6 and log.diverged[1:] == [6, 8]
+    assert [step for _, step, _ in log.curve] == [1, 2, 4, 6] and math.isnan(log.final_loss)
+    assert "STOPPED at step 6" in log.summary() and "length 8" in log.summary()
+    assert bench.train_for(nn.Linear(2, 1), curriculum, lambda f, b: f(torch.ones(1, 2)).sum(), 60.0, args,
+                           torch.device("cpu")).diverged is None  # fmt: skip
+
+
 class RecallOracle(nn.Module):
     """Answers each token with the token that followed its previous occurrence: perfect recall."""
 
