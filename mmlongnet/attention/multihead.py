@@ -23,7 +23,7 @@ from mmlongnet.attention.dilated import BACKENDS, check_schedule
 from mmlongnet.attention.modules import DilatedAttention
 from mmlongnet.layers.multiway import (
     MultiwayRouting,
-    experts_of,
+    expert_parameters,
     maybe_multiway,
     route,
     route_chain,
@@ -263,13 +263,15 @@ class MultiheadDilatedAttention(nn.Module):
         """MAGNETO initialisation: Xavier-normal projections, value and output ones with gain gamma."""
         for projs, gain in ((self.q_proj, 1.0), (self.k_proj, 1.0), (self.v_proj, self.gamma_init),
                             (self.out_proj, self.gamma_init)):  # fmt: skip
-            for proj in experts_of(projs):
-                nn.init.xavier_normal_(proj.weight, gain=gain)
-                if proj.bias is not None:
-                    nn.init.zeros_(proj.bias)
+            for proj in expert_parameters(projs):
+                nn.init.xavier_normal_(proj["weight"], gain=gain)
+                if proj.get("bias") is not None:
+                    nn.init.zeros_(proj["bias"])
         if self.inner_norm is not None:
-            for norm in experts_of(self.inner_norm):
-                norm.reset_parameters()
+            for norm in expert_parameters(self.inner_norm):  # a LayerNorm's own reset
+                nn.init.ones_(norm["weight"])
+                if norm.get("bias") is not None:
+                    nn.init.zeros_(norm["bias"])
         if isinstance(self.positions, RelativePositionBias):
             self.positions.reset_parameters()
 

@@ -8,6 +8,11 @@ feed-forward network (and BEiT-3 its own layer norms) while the attention is sha
 a batch at one position (image tokens first, then text). Here every token carries its own id, so
 any number of experts and any interleaving of modalities, within and across samples, is allowed.
 
+The experts' parameters are stacked: one (K, *shape) tensor per parameter of the template, not K
+tensors, so the optimizer, gradient clipping and the autograd engine handle a third as many
+tensors in a three-modality model (each has a cost per tensor on the host). Expert e runs as the
+template with slice e of every stack (`torch.func.functional_call`).
+
 Two ways to route:
 - from the ids on the device: one host sync (the per-expert token counts, read once), one stable
   sort of the ids, and per expert that has tokens one gather of its n_e rows, one expert call on
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.func import functional_call
 
 
 @dataclass(frozen=True)
@@ -130,13 +136,22 @@ class MultiwayNetwork(nn.Module):
             (B, L, *F_in) input by the fast path, and must return (n_e, *F_out) / (B, L, *F_out).
         num_ways: number of experts K >= 1.
 
-    Experts: `experts[0]` is a deep copy of `module` with the same values (so pretrained
-    single-modality weights carry over to way 0). `experts[1:]` are deep copies in which every
-    submodule with a `reset_parameters()` method is re-initialised, so they start from different
-    values; a module's own `reset_parameters()` is trusted with its children (custom
-    initialisations survive). Parameters that no `reset_parameters()` covers (a bare
-    `nn.Parameter` on a custom module without that method) keep the template's values in every
-    copy. `module` itself is not registered; later changes to it do not reach the experts.
+    Experts: expert 0 has the values of `module` (so pretrained single-modality weights carry over
+    to way 0). Experts 1 to K-1 start from copies in which every submodule with a
+    `reset_parameters()` method is re-initialised, so they start from different values; a
+    module's own `reset_parameters()` is trusted with its children (custom initialisations
+    survive). Parameters that no `reset_parameters()` covers (a bare `nn.Parameter` on a custom
+    module without that method) keep the template's values in every expert. `module` itself is
+    not registered; later changes to it do not reach the experts.
+
+    Parameters: `experts` is a copy of `module` in which every parameter and buffer of shape S is
+    the stack (K, *S) of the K experts' values: expert e's weight of an `nn.Linear` template is
+    `experts.weight[e]`, and the state-dict keys are `experts.<name>` (a state dict of the layout
+    with one module per expert, `experts.<e>.<name>`, loads too). `experts` is storage only:
+    call the network, or `expert_function()`, not `experts`. `expert_parameters(e)` gives expert
+    e's slices by name (views: writing them in place, e.g. a custom initialisation, changes
+    expert e). Every call reads all stacks, so an expert without tokens in a batch gets a zero
+    gradient (not None): optimizers with momentum or weight decay still move it.
 
     forward(x, modality_ids):
         x: (B, L, *F_in), e.g. (B, L, E).
@@ -159,10 +174,44 @@ class MultiwayNetwork(nn.Module):
         if num_ways < 1:
             raise ValueError(f"num_ways must be >= 1, got num_ways={num_ways}")
         self.num_ways = num_ways
-        experts = [copy.deepcopy(module) for _ in range(num_ways)]
-        for expert in experts[1:]:
+        copies = [copy.deepcopy(module) for _ in range(num_ways)]
+        for expert in copies[1:]:
             _reset_all(expert)
-        self.experts = nn.ModuleList(experts)
+        self.experts = copy.deepcopy(module)
+        for owner_name, owner in self.experts.named_modules():
+            for name, value in (*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False)):
+                full_name = f"{owner_name}.{name}" if owner_name else name
+                stack = torch.stack([_state_of(expert, full_name) for expert in copies]).detach()  # (K, *S)
+                if name in owner._parameters:
+                    owner._parameters[name] = nn.Parameter(stack, requires_grad=value.requires_grad)
+                else:
+                    owner._buffers[name] = stack
+        self._state_names = [name for name, _ in _stacked_state(self.experts)]
+        self._register_load_state_dict_pre_hook(self._stack_per_expert_state)
+
+    def expert_parameters(self, expert: int) -> dict[str, torch.Tensor]:
+        """Expert `expert`'s parameters and buffers by name (as in `module`): views of its slices."""
+        return {name: stack[expert] for name, stack in _stacked_state(self.experts)}
+
+    def expert_function(self) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """`fn(e, rows)`: expert e on rows (n, *F_in) -> (n, *F_out).
+
+        The stacks are split once, here (one `unbind` each, whose backward is one stack), so take
+        one function per forward and call it for every expert."""
+        slices = [stack.unbind(0) for _, stack in _stacked_state(self.experts)]  # K views each
+
+        def call(expert: int, rows: torch.Tensor) -> torch.Tensor:
+            state = {name: views[expert] for name, views in zip(self._state_names, slices, strict=True)}
+            return functional_call(self.experts, state, (rows,))
+
+        return call
+
+    def _stack_per_expert_state(self, state_dict: dict, prefix: str, *args) -> None:
+        """Load hook: stack the keys of the layout with one module per expert (`experts.<e>.<name>`)."""
+        for name in self._state_names:
+            keys = [f"{prefix}experts.{e}.{name}" for e in range(self.num_ways)]
+            if f"{prefix}experts.{name}" not in state_dict and all(key in state_dict for key in keys):
+                state_dict[f"{prefix}experts.{name}"] = torch.stack([state_dict.pop(key) for key in keys])
 
     def forward(self, x: torch.Tensor, modality_ids: torch.Tensor | MultiwayRouting) -> torch.Tensor:
         """x: (B, L, *F_in), modality_ids: (B, L) integer or a `MultiwayRouting` -> (B, L, *F_out)."""
@@ -179,7 +228,7 @@ class MultiwayNetwork(nn.Module):
         num_tokens = batch * seq_len
         if self.num_ways == 1 or num_tokens == 0:
             # No token to route (T == 0): expert 0 on the empty input only to learn F_out and dtype.
-            return self.experts[0](x)  # (B, L, *F_out)
+            return self.expert_function()(0, x)  # (B, L, *F_out)
 
         ids = modality_ids.reshape(num_tokens).to(device=x.device, dtype=torch.long)  # (T,)
         # Bin 0 counts ids < 0, bin K+1 ids >= K, bin e+1 the tokens of expert e: one host sync.
@@ -188,18 +237,19 @@ class MultiwayNetwork(nn.Module):
             self._raise_out_of_range(modality_ids)
         counts = counts[1:-1]  # K entries, summing to T
         if max(counts) == num_tokens:
-            return self.experts[counts.index(num_tokens)](x)  # (B, L, *F_out), one modality
+            return self.expert_function()(counts.index(num_tokens), x)  # (B, L, *F_out), one modality
 
         flat_x = x.reshape(num_tokens, *x.shape[2:])  # (T, *F_in)
         order = torch.argsort(ids, stable=True)  # (T,): expert 0's tokens, then expert 1's, ...
+        call = self.expert_function()
         out = None
         start = 0
-        for expert, count in zip(self.experts, counts, strict=True):
+        for expert, count in enumerate(counts):
             if count == 0:
                 continue
             index = order[start : start + count]  # (n_e,), positions in [0, T), in token order
             start += count
-            y = expert(flat_x.index_select(0, index))  # (n_e, *F_out)
+            y = call(expert, flat_x.index_select(0, index))  # (n_e, *F_out)
             if out is None:
                 out = y.new_empty((num_tokens, *y.shape[1:]))  # (T, *F_out), every row written below
             out.index_copy_(0, index, y.to(out.dtype))
@@ -208,7 +258,7 @@ class MultiwayNetwork(nn.Module):
     def _forward_routed(self, x: torch.Tensor, routing: MultiwayRouting) -> torch.Tensor:
         """x: (B, L, *F_in) routed by a host-built `MultiwayRouting`: no host sync."""
         _check_routing(routing, self.num_ways, x)
-        return routed_apply(x, routing, lambda e, rows: self.experts[e](rows))
+        return routed_apply(x, routing, self.expert_function())
 
     def _raise_out_of_range(self, modality_ids: torch.Tensor) -> None:
         """Error path only: name the first offending id, its batch row and position."""
@@ -222,6 +272,17 @@ class MultiwayNetwork(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_ways={self.num_ways}"
+
+
+def _state_of(module: nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer `name` (dotted) of `module`."""
+    owner_name, _, attribute = name.rpartition(".")
+    return getattr(module.get_submodule(owner_name), attribute)
+
+
+def _stacked_state(experts: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, (K, *S) stack) of every parameter and buffer of a network's `experts`, in a fixed order."""
+    return [*experts.named_parameters(), *experts.named_buffers()]
 
 
 def _reset_all(module: nn.Module) -> None:
@@ -287,9 +348,11 @@ def route_chain(
     if isinstance(modality_ids, MultiwayRouting) and _all_multiway(modules, len(modality_ids.capacities)):
         _check_routing(modality_ids, len(modality_ids.capacities), x)
 
+        calls = [module.expert_function() for module in modules]
+
         def chain(e: int, rows: torch.Tensor) -> torch.Tensor:
-            for module in modules:
-                rows = module.experts[e](rows)
+            for call in calls:
+                rows = call(e, rows)
             return rows
 
         return routed_apply(x, modality_ids, chain)
@@ -310,9 +373,10 @@ def route_parallel(
     if isinstance(modality_ids, MultiwayRouting) and _all_multiway(modules, len(modality_ids.capacities)):
         _check_routing(modality_ids, len(modality_ids.capacities), x)
         sizes = []
+        calls = [module.expert_function() for module in modules]
 
         def joined(e: int, rows: torch.Tensor) -> torch.Tensor:
-            outs = [module.experts[e](rows) for module in modules]  # (C_e, F_i) each
+            outs = [call(e, rows) for call in calls]  # (C_e, F_i) each
             sizes[:] = [y.shape[-1] for y in outs]
             return torch.cat(outs, dim=-1)  # (C_e, sum F_i)
 
@@ -336,6 +400,9 @@ def route(
     return module(x)
 
 
-def experts_of(module: nn.Module) -> list[nn.Module]:
-    """The experts of a `MultiwayNetwork`, or [module] for a plain module."""
-    return list(module.experts) if isinstance(module, MultiwayNetwork) else [module]
+def expert_parameters(module: nn.Module) -> list[dict[str, torch.Tensor]]:
+    """Per expert, its parameters by name: views of the stacks of a `MultiwayNetwork` (writing
+    them in place changes that expert), or [the parameters of `module`] for a plain module."""
+    if isinstance(module, MultiwayNetwork):
+        return [module.expert_parameters(e) for e in range(module.num_ways)]
+    return [dict(module.named_parameters())]

@@ -31,8 +31,8 @@ def make_expert(kind):
 def perturb_norms(net):
     """LayerNorm copies reset to (1, 0) and would all be equal: make each expert distinct."""
     with torch.no_grad():
-        for e, expert in enumerate(net.experts):
-            for p in expert.parameters():
+        for e in range(net.num_ways):
+            for p in net.expert_parameters(e).values():
                 p.add_(0.1 * e * torch.randn_like(p))
 
 
@@ -49,9 +49,10 @@ class CountOps(TorchDispatchMode):
 
 
 def per_token_twin(net, x, ids):
-    """Slow twin: every token x[b, l] through experts[ids[b, l]], one call per token."""
+    """Slow twin: every token x[b, l] through expert ids[b, l], one call per token."""
+    call = net.expert_function()
     rows = [
-        torch.stack([net.experts[int(ids[b, pos])](x[b, pos]) for pos in range(x.shape[1])])
+        torch.stack([call(int(ids[b, pos]), x[b, pos]) for pos in range(x.shape[1])])
         for b in range(x.shape[0])
     ]
     return torch.stack(rows)  # (B, L, *F_out)
@@ -97,26 +98,36 @@ def test_gradients_reach_only_the_owning_experts():
     cotangent = torch.randn(*ids.shape, DIM, dtype=torch.float64)
 
     (net(x, ids) * cotangent).sum().backward()
-    assert all(p.grad is None for p in net.experts[1].parameters())  # expert 1 never ran
-    grads = {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+    for p in net.parameters():  # the stacks (3, *S): expert 1 never ran, its slice is zero
+        assert not p.grad[1].any() and p.grad[0].any() and p.grad[2].any()
+    grads = {name: p.grad.clone() for name, p in net.named_parameters()}
     grad_x = x.grad.clone()
 
     net.zero_grad(set_to_none=True)
     x.grad = None
     (per_token_twin(net, x, ids) * cotangent).sum().backward()
-    twin = {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
-    assert sorted(grads) == sorted(twin)
-    assert len(grads) == 8 and all(name.startswith(("experts.0.", "experts.2.")) for name in grads)
+    twin = {name: p.grad for name, p in net.named_parameters()}
+    assert sorted(grads) == sorted(twin)  # the Sequential's two Linear layers, 0 and 2
+    assert sorted(grads) == ["experts.0.bias", "experts.0.weight", "experts.2.bias", "experts.2.weight"]
     for name in grads:
         torch.testing.assert_close(grads[name], twin[name], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_x, x.grad, rtol=1e-12, atol=1e-12)
 
 
 def record_inputs(net):
-    """Forward pre-hooks that keep each expert's inputs: seen[e] is a list of tensors."""
-    seen = [[] for _ in net.experts]
-    for e, expert in enumerate(net.experts):
-        expert.register_forward_pre_hook(lambda module, args, e=e: seen[e].append(args[0].detach().clone()))
+    """A forward pre-hook that keeps each expert's inputs: seen[e] is a list of tensors. The expert
+    is known by the slice of the stacks it runs with (the template's first parameter)."""
+    seen = [[] for _ in range(net.num_ways)]
+    first = next(iter(net.expert_parameters(0)))
+    slots = [net.expert_parameters(e)[first].data_ptr() for e in range(net.num_ways)]
+
+    owner, _, attribute = first.rpartition(".")
+
+    def keep(module, args):  # inside the call, the parameter is expert e's slice
+        expert = slots.index(getattr(module.get_submodule(owner), attribute).data_ptr())
+        seen[expert].append(args[0].detach().clone())
+
+    net.experts.register_forward_pre_hook(keep)
     return seen
 
 
@@ -140,7 +151,7 @@ def test_one_modality_calls_its_expert_on_the_whole_input():
     out = net(x, ids)
     assert [len(calls) for calls in seen] == [0, 0, 1]
     torch.testing.assert_close(seen[2][0], x, rtol=0, atol=0)  # (B, L, E), no gather
-    torch.testing.assert_close(out, net.experts[2](x), rtol=0, atol=0)
+    torch.testing.assert_close(out, net.expert_function()(2, x), rtol=0, atol=0)
 
 
 def test_single_way_is_the_module_itself():
@@ -174,7 +185,7 @@ def test_autocast_output_takes_the_experts_dtype():
 def test_copies_are_independent_and_reinitialised():
     module = make_expert("ffn")
     net = MultiwayNetwork(module, 3)
-    params = [dict(expert.named_parameters()) for expert in net.experts]
+    params = [net.expert_parameters(e) for e in range(3)]
     for name, p in module.named_parameters():
         torch.testing.assert_close(params[0][name], p, rtol=0, atol=0)  # way 0 keeps the template
         assert params[0][name] is not p
@@ -182,14 +193,34 @@ def test_copies_are_independent_and_reinitialised():
             for b in range(a + 1, 3):
                 assert not torch.equal(params[a][name], params[b][name]), (name, a, b)
 
-    before = [{name: p.clone() for name, p in expert.named_parameters()} for expert in net.experts]
+    before = [{name: p.clone() for name, p in expert.items()} for expert in params]
     with torch.no_grad():
         params[1]["0.weight"].add_(1.0)
         module[0].weight.add_(1.0)  # the template is not shared either
     for e in (0, 2):
-        for name, p in net.experts[e].named_parameters():
+        for name, p in net.expert_parameters(e).items():
             torch.testing.assert_close(p, before[e][name], rtol=0, atol=0)
     torch.testing.assert_close(params[1]["0.weight"], before[1]["0.weight"] + 1.0, rtol=0, atol=0)
+
+
+def test_parameters_are_one_stack_per_template_parameter_and_old_state_dicts_load():
+    module = make_expert("ffn")
+    net = MultiwayNetwork(module, 3)
+    shapes = {name: tuple(p.shape) for name, p in net.named_parameters()}
+    assert shapes == {f"experts.{name}": (3, *p.shape) for name, p in module.named_parameters()}
+    for e in range(3):
+        for name, p in net.expert_parameters(e).items():
+            assert p.data_ptr() == net.experts.get_parameter(name)[e].data_ptr()  # a view, not a copy
+
+    # the layout with one module per expert: keys experts.<e>.<name>
+    old = {f"experts.{e}.{name}": p.clone() + e for e in range(3) for name, p in module.state_dict().items()}
+    fresh = MultiwayNetwork(make_expert("ffn"), 3)
+    fresh.load_state_dict(old)
+    for e in range(3):
+        for name, p in fresh.expert_parameters(e).items():
+            torch.testing.assert_close(p, module.get_parameter(name) + e, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="experts.0.weight"):
+        fresh.load_state_dict({k: v for k, v in old.items() if k != "experts.1.0.weight"})
 
 
 def test_errors():
@@ -225,9 +256,10 @@ def test_reinitialisation_keeps_a_module_s_own_initialisation():
     gamma = 3.0
     net = MultiwayNetwork(FeedForward(256, 1024, gamma_init=gamma), num_ways=3)
     xavier = (2 / (256 + 1024)) ** 0.5
-    for expert in net.experts:
-        assert abs(expert.fc1.weight.std().item() / (gamma * xavier) - 1) < 0.03
-    assert not torch.equal(net.experts[1].fc1.weight, net.experts[2].fc1.weight)
+    weights = [net.expert_parameters(e)["fc1.weight"] for e in range(3)]
+    for weight in weights:
+        assert abs(weight.std().item() / (gamma * xavier) - 1) < 0.03
+    assert not torch.equal(weights[1], weights[2])
 
 
 # --- routing built on the host -------------------------------------------------------------------
@@ -265,11 +297,10 @@ def test_host_routing_equals_device_routing_and_skips_experts_without_capacity()
     net = MultiwayNetwork(make_expert("linear"), 3)
     x = torch.randn(2, 5, DIM, dtype=torch.float64)
     ids = torch.tensor([[0, 0, 2, 2, 0], [2, 0, 0, 2, 2]])  # no token of expert 1
-    calls = []
-    net.experts[1].register_forward_hook(lambda *args: calls.append(1))
+    seen = record_inputs(net)
     routing = MultiwayRouting.from_ids(ids, 3, capacities=[5, 0, 6])
     torch.testing.assert_close(net(x, routing), net(x, ids), rtol=0, atol=1e-12)
-    assert calls == []
+    assert [len(calls) for calls in seen] == [2, 0, 2]
 
 
 def test_host_routing_errors_name_the_problem():
