@@ -23,6 +23,7 @@ from mmlongnet.data.collate import Batch
 from mmlongnet.distributed.collectives import Group
 from mmlongnet.distributed.groups import split_sequence
 from mmlongnet.distributed.parallelize import parallelize_sequence
+from mmlongnet.layers.multiway import MultiwayNetwork
 from mmlongnet.models import LongNetLM, MMLongNet, MMLongNetConfig
 
 __all__ = ["LanguageModel", "MultimodalClassifier", "OptimizerConfig"]
@@ -76,9 +77,14 @@ class OptimizerConfig:
     def build(self, module: nn.Module, total_steps: int) -> dict:
         """AdamW over `module`'s parameters and its per-step scheduler, in Lightning's format."""
         decay, no_decay = [], []
+        multiway = [m for m in module.modules() if isinstance(m, MultiwayNetwork)]
+        stacked = {id(p) for m in multiway for p in m.experts.parameters()}
         for name, parameter in module.named_parameters():
+            # Matrices decay; biases, norms' gains and embeddings do not. A multiway stack
+            # (K, *S) of the experts' parameters goes by the shape S of one expert's.
+            dim = parameter.dim() - (id(parameter) in stacked)
             if parameter.requires_grad:
-                (decay if parameter.dim() >= 2 and "embedding" not in name else no_decay).append(parameter)
+                (decay if dim >= 2 and "embedding" not in name else no_decay).append(parameter)
         groups = [
             {"params": decay, "weight_decay": self.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},

@@ -64,6 +64,18 @@ def test_the_optimizer_is_fused_adamw_with_the_reference_update():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_multiway_stacks_decay_as_one_expert_s_parameter_would():
+    from mmlongnet.layers import MultiwayNetwork
+
+    linear, norm = MultiwayNetwork(torch.nn.Linear(4, 3), 3), MultiwayNetwork(torch.nn.LayerNorm(3), 3)
+    module = torch.nn.Sequential(linear, norm, torch.nn.Linear(3, 2))
+    optimizer = OptimizerConfig(weight_decay=0.1).build(module, total_steps=10)["optimizer"]
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(module[0].experts.weight), id(module[2].weight)}
+    assert len(no_decay["params"]) == 4  # the stacked bias (3, 3), LayerNorm gains and biases (3, 3), bias
+
+
 def small_batch(model):
     inputs, lengths = model.model.example_inputs(3, seed=1)
     samples = []
