@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmlongnet.layers.multiway import MultiwayNetwork, MultiwayRouting, route, route_chain, route_parallel
+from mmlongnet.training import COMPILE_OPTIONS
 
 DIM, HIDDEN, OUT = 6, 10, 4  # token features in, FFN hidden width, Linear features out (!= DIM)
 
@@ -362,7 +363,7 @@ def test_chained_and_parallel_routing_equal_routing_each_module_and_gather_once(
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_routing_gives_the_eager_values_and_gradients(device):
-    """Norm then FFN experts, host-routed, under `torch.compile(fullgraph=True)` against eager:
+    """Norm then FFN experts, host-routed, compiled (fullgraph, `COMPILE_OPTIONS`) against eager:
     float32 values and gradients, and finite gradients under bf16 autocast. On a GPU with as many
     tokens as a training batch (19,200: the compiled backward then reduces the experts' norm
     gradients over their rows in split, fused reductions)."""
@@ -382,7 +383,7 @@ def test_compiled_routing_gives_the_eager_values_and_gradients(device):
     def chain(x):
         return route_chain((norm, ffn), x, routing)
 
-    compiled = torch.compile(chain, fullgraph=True)
+    compiled = torch.compile(chain, fullgraph=True, options=COMPILE_OPTIONS)  # as MultimodalClassifier does
     for autocast in (False, True):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             eager, graph = chain(x), compiled(x)
