@@ -1,4 +1,5 @@
-"""Callbacks: predictions as JSON lines, and training throughput (tokens/s, peak memory)."""
+"""Callbacks: predictions as JSON lines, training throughput (tokens/s, peak memory), and the
+stages of a curriculum."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 
-__all__ = ["JSONLPredictionWriter", "TokenThroughput"]
+__all__ = ["AdvanceCurriculum", "JSONLPredictionWriter", "TokenThroughput"]
 
 
 class JSONLPredictionWriter(BasePredictionWriter):
@@ -113,3 +115,74 @@ class TokenThroughput(pl.Callback):
             pl_module.log("peak_memory_gib", torch.cuda.max_memory_allocated() / 2**30)
         pl_module.log("tokens_per_s", self._tokens / (time.perf_counter() - self._started))
         self._started = None
+
+
+class AdvanceCurriculum(pl.Callback):
+    """Ends the stages of an `AVDigitsDataModule`'s curriculum (`DigitsCurriculum`): sums the
+    training loss of the batches at the newest stage's K on the device, reads its mean once per
+    `window` steps (summed over the data-parallel ranks, so that all of them decide alike) and
+    lets the next K join after `reads` reads in a row below `advance_loss`, or after
+    `max_stage_steps` steps. Logs `curriculum_digits` (the newest K) at every read and prints a
+    line when a stage begins. Its counts are saved in checkpoints.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = 0  # training steps since the current stage began
+        self.below = 0  # reads in a row below advance_loss
+        self._sum: torch.Tensor | float = 0.0  # loss summed over this window's batches at the newest K
+        self._count = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        order = getattr(trainer.datamodule, "curriculum_order", None)
+        if order is None:
+            raise ValueError(
+                "AdvanceCurriculum ends the stages of a curriculum; this run's data module has none "
+                "(give AVDigitsDataModule a curriculum, or remove the callback)"
+            )
+        curriculum = trainer.datamodule.curriculum
+        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # this one included
+        item = order.epoch * len(order) + processed - 1  # this batch's place in the order
+        if order.stage_of(item) == order.stage == order.stage_at(item):  # the newest K, drawn as such
+            self._sum = self._sum + outputs["loss"].detach().float()
+            self._count += 1
+        self.steps += 1
+        if self.steps % curriculum.window == 0:
+            self._read(trainer, pl_module, order, curriculum)
+        if curriculum.max_stage_steps is not None and self.steps >= curriculum.max_stage_steps:
+            self._advance(trainer, order, "after max_stage_steps")
+
+    def _read(self, trainer, pl_module, order, curriculum) -> None:
+        """One read of the window's mean loss at the newest K (the window's one host sync)."""
+        total = torch.stack([torch.as_tensor(self._sum, device=pl_module.device, dtype=torch.float32),
+                             torch.tensor(float(self._count), device=pl_module.device)])  # fmt: skip
+        loss_sum, count = trainer.strategy.reduce(total, reduce_op="sum").tolist()
+        self._sum, self._count = 0.0, 0
+        newest = trainer.datamodule.stage_digits[order.stage]
+        pl_module.log("curriculum_digits", float(newest), rank_zero_only=True)
+        if curriculum.advance_loss is None or count == 0:
+            return
+        self.below = self.below + 1 if loss_sum / count < curriculum.advance_loss else 0
+        if self.below >= curriculum.reads:
+            self._advance(
+                trainer,
+                order,
+                f"mean training loss at K = {newest} below {curriculum.advance_loss}, "
+                f"{curriculum.reads} reads in a row",
+            )
+
+    def _advance(self, trainer, order, why: str) -> None:
+        if order.stage + 1 >= len(order.sizes):
+            return
+        order.advance()
+        self.steps = self.below = 0
+        self._sum, self._count = 0.0, 0
+        joined = trainer.datamodule.stage_digits[order.stage]
+        rank_zero_info(f"curriculum: K = {joined} joins at step {trainer.global_step} ({why})")
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "below": self.below, "sum": float(self._sum), "count": self._count}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.steps, self.below = state_dict["steps"], state_dict["below"]
+        self._sum, self._count = state_dict["sum"], state_dict["count"]

@@ -7,8 +7,11 @@ or by stacking (text windows, all of one length).
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -22,9 +25,11 @@ from mmlongnet.data.avdigits import AVDigitsConfig, AVDigitsDataset
 from mmlongnet.data.collate import LengthBuckets, collate_samples
 from mmlongnet.data.text_files import ByteWindows, split_text_files, stdlib_directory
 from mmlongnet.models.multimodal import MMLongNetConfig
+from mmlongnet.training.callbacks import AdvanceCurriculum
 
 __all__ = [
-    "AVDigitsDataModule", "ManifestDataModule", "ResumableLoader", "ResumableShuffle", "TextFilesDataModule",
+    "AVDigitsDataModule", "CurriculumOrder", "DigitsCurriculum", "ManifestDataModule", "ResumableLoader",
+    "ResumableShuffle", "TextFilesDataModule",
 ]  # fmt: skip
 
 DEFAULT_BUCKETS = LengthBuckets()
@@ -49,20 +54,195 @@ class ResumableShuffle(DistributedSampler):
         return iter(indices)
 
 
+@dataclass
+class DigitsCurriculum:
+    """AV digits training over a growing number of digits per example (`AVDigitsDataModule`).
+
+    Stage s trains on the first s + 1 of the K values `num_digits` + [the dataset's num_digits],
+    each batch of one K drawn uniformly among them (a batch's examples share K, so its shape is
+    K's bucket). A stage ends, and the next K joins, once the mean training loss at its newest K
+    over a `window` of steps has read below `advance_loss` `reads` times in a row, or after
+    `max_stage_steps` steps, whichever comes first; the last stage lasts to the end of training.
+    Validation, test and predict use the dataset's num_digits, the goal. `AdvanceCurriculum` (a
+    callback) reads the losses and ends the stages.
+
+    What it is for: counting questions are learned at a few digits within thousands of steps and
+    then carry over to more digits, where training at the long K alone learns them slowly (README,
+    "AV digits"; `benchmarks/quality.py avdigits --curriculum grow --advance-loss` is the same rule).
+    """
+
+    num_digits: list[int]
+    """K of the stages before the dataset's num_digits, increasing and below it: [4] trains at 4
+    digits first when the dataset's num_digits is 16."""
+    batch_sizes: list[int] | None = None
+    """Examples per batch at each K: one per `num_digits` entry, then one for the dataset's
+    num_digits; None: the data module's batch_size at every K."""
+    advance_loss: float | None = 0.3
+    """A stage ends once the mean training loss at its newest K reads below this `reads` windows
+    in a row (cross-entropy over 10 answers: chance is 2.30); None: stages end by steps only."""
+    window: int = 25
+    """Training steps per loss read (one host read of the loss each)."""
+    reads: int = 3
+    """Loss reads in a row below `advance_loss` that end a stage."""
+    max_stage_steps: int | None = None
+    """A stage ends after this many training steps at the latest; None: by the loss only."""
+
+    def __post_init__(self) -> None:
+        digits = self.num_digits
+        if (
+            not isinstance(digits, (list, tuple))
+            or not digits
+            or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in digits)
+            or any(a >= b for a, b in zip(digits, digits[1:], strict=False))
+        ):
+            raise ValueError(f"num_digits must be a non-empty increasing list of positive ints, got {digits}")
+        self.num_digits = list(digits)
+        if self.batch_sizes is not None:
+            sizes = self.batch_sizes
+            if (
+                not isinstance(sizes, (list, tuple))
+                or len(sizes) != len(digits) + 1
+                or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes)
+            ):
+                raise ValueError(
+                    f"batch_sizes must hold {len(digits) + 1} positive ints (one per K of num_digits "
+                    f"{digits}, then the dataset's), got {sizes!r}"
+                )
+            self.batch_sizes = list(sizes)
+        if self.advance_loss is not None and not 0.0 < self.advance_loss < float("inf"):
+            raise ValueError(f"advance_loss must be a positive loss or None, got {self.advance_loss!r}")
+        for name in ("window", "reads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.max_stage_steps is not None and (
+            isinstance(self.max_stage_steps, bool) or not isinstance(self.max_stage_steps, int)
+            or self.max_stage_steps < 1
+        ):  # fmt: skip
+            raise ValueError(f"max_stage_steps must be a positive int or None, got {self.max_stage_steps!r}")
+        if self.advance_loss is None and self.max_stage_steps is None:
+            raise ValueError("a curriculum's stages end by advance_loss, max_stage_steps or both: give one")
+
+
+class CurriculumBatches(Dataset):
+    """Whole training batches of a curriculum: item (k, indices) is the collated batch of those
+    examples of `datasets[k]` (built in a loader worker, as `collate_fn` batches otherwise).
+
+    Args:
+        datasets: one dataset per stage, in order.
+        collate_fn: list of samples -> batch.
+    """
+
+    def __init__(self, datasets: list[Dataset], collate_fn: Callable) -> None:
+        self.datasets, self.collate_fn = datasets, collate_fn
+
+    def __len__(self) -> int:
+        return sum(len(dataset) for dataset in self.datasets)
+
+    def __getitem__(self, item: tuple[int, list[int]]):
+        k, indices = item
+        return self.collate_fn([self.datasets[k][i] for i in indices])
+
+
+class CurriculumOrder(DistributedSampler):
+    """The training order of a curriculum: item g (the g-th batch over all epochs) is (k, indices),
+    the stage k of its K, drawn uniformly among the stages active at g, and `batch_sizes[k]`
+    distinct examples of that K's dataset, all from `default_rng([seed, rank, g])`.
+
+    `advance()` makes the next stage active from the next item drawn on; `stage_starts` (kept in
+    checkpoints) holds the item at which each stage after the first began, so that the order
+    replays on resume. With loader workers the items already handed to them keep their stage, so
+    a stage begins a few batches after the call.
+
+    Args:
+        batches: the `CurriculumBatches` it orders.
+        batch_sizes: examples per batch of each stage.
+        batches_per_epoch: items per epoch (on each rank).
+        num_replicas, rank, seed: as `DistributedSampler`'s (ranks draw different items).
+    """
+
+    def __init__(
+        self,
+        batches: CurriculumBatches,
+        batch_sizes: list[int],
+        batches_per_epoch: int,
+        *,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batches, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.sizes = [len(dataset) for dataset in batches.datasets]
+        if any(size < batch for size, batch in zip(self.sizes, batch_sizes, strict=True)):
+            raise ValueError(f"a stage has fewer examples {self.sizes} than its batch size {batch_sizes}")
+        self.batch_sizes, self.batches_per_epoch = list(batch_sizes), batches_per_epoch
+        self.stage_starts: list[int] = []
+        self.start = 0
+        """Items of this epoch to leave out (already trained on), for the next iteration only."""
+        self.drawn = 0  # the item drawn next: where a stage that begins now starts
+
+    @property
+    def stage(self) -> int:
+        """The newest active stage (of the items drawn from now on)."""
+        return len(self.stage_starts)
+
+    def stage_at(self, item: int) -> int:
+        """The newest stage active at `item`."""
+        return bisect.bisect_right(self.stage_starts, item)
+
+    def stage_of(self, item: int) -> int:
+        """The stage of item `item`'s batch."""
+        return self._stage_and_rng(item)[0]
+
+    def draw(self, item: int) -> tuple[int, list[int]]:
+        """Item `item` of the order: (its stage, its example indices in that stage's dataset)."""
+        k, rng = self._stage_and_rng(item)
+        return k, rng.choice(self.sizes[k], self.batch_sizes[k], replace=False).tolist()
+
+    def _stage_and_rng(self, item: int) -> tuple[int, np.random.Generator]:
+        rng = np.random.default_rng([self.seed, self.rank, item])
+        return int(rng.integers(self.stage_at(item) + 1)), rng
+
+    def advance(self) -> None:
+        """The next stage joins from the next item drawn on (nothing after the last stage)."""
+        if self.stage + 1 < len(self.sizes):
+            self.stage_starts.append(self.drawn)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
+        first = self.epoch * len(self) + self.start
+        self.start, self.drawn = 0, first
+        return self._items(first, (self.epoch + 1) * len(self))
+
+    def _items(self, first: int, end: int) -> Iterator[tuple[int, list[int]]]:
+        for item in range(first, end):
+            self.drawn = item + 1
+            yield self.draw(item)
+
+
+def _as_is(batch):
+    """The loader's collate_fn for items that are batches already."""
+    return batch
+
+
 class ResumableLoader(DataLoader):
     """A shuffling training `DataLoader` whose position in its epoch is saved with each checkpoint.
 
     Lightning saves `state_dict()` in every checkpoint and hands it back to `load_state_dict` when
-    `fit` resumes, before the first batch is drawn: the sampler's seed and epoch, the batches of the
-    epoch already trained (read from the trainer, since the loader runs ahead of training) and the
-    random states of torch, numpy and Python, so that a resumed run draws the same batches, and the
-    same random numbers, as an uninterrupted one. The loader has its own generator (worker seeds), so
-    creating its iterators draws nothing from the global random state.
+    `fit` resumes, before the first batch is drawn: the order's seed and epoch (and a curriculum's
+    stages), the batches of the epoch already trained (read from the trainer, since the loader runs
+    ahead of training) and the random states of torch, numpy and Python, so that a resumed run
+    draws the same batches, and the same random numbers, as an uninterrupted one. The loader has its
+    own generator (worker seeds), so creating its iterators draws nothing from the global random
+    state.
 
     Args:
         dataset: the training set.
         trained_batches: returns how many batches of the current epoch have been trained on.
-        num_replicas, rank, seed: of the `ResumableShuffle` sampler.
+        order: the training order, `ResumableShuffle` (examples, batched by `batch_size`) or
+            `CurriculumOrder` (whole batches: give `batch_size=None`).
         **kwargs: the other arguments of `DataLoader` (batch_size, num_workers, collate_fn, ...).
     """
 
@@ -71,18 +251,15 @@ class ResumableLoader(DataLoader):
         dataset: Dataset,
         trained_batches: Callable[[], int],
         *,
-        num_replicas: int = 1,
-        rank: int = 0,
-        seed: int = 0,
+        order: ResumableShuffle | CurriculumOrder,
         **kwargs,
     ) -> None:
-        sampler = ResumableShuffle(dataset, num_replicas=num_replicas, rank=rank, seed=seed)
-        generator = torch.Generator().manual_seed(seed)
-        super().__init__(dataset, sampler=sampler, generator=generator, **kwargs)
+        generator = torch.Generator().manual_seed(order.seed)
+        super().__init__(dataset, sampler=order, generator=generator, **kwargs)
         self.trained_batches = trained_batches
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "seed": self.sampler.seed,
             "epoch": self.sampler.epoch,
             "batches": self.trained_batches(),
@@ -93,12 +270,17 @@ class ResumableLoader(DataLoader):
                 "python": random.getstate(),
             },
         }
+        if isinstance(self.sampler, CurriculumOrder):
+            state["stage_starts"] = list(self.sampler.stage_starts)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.seed, self.sampler.epoch = state["seed"], state["epoch"]
+        if isinstance(self.sampler, CurriculumOrder):
+            self.sampler.stage_starts = list(state["stage_starts"])
         batches = state["batches"]
         if batches < len(self):  # else the epoch was over: Lightning starts the next one
-            self.sampler.start = batches * self.batch_size
+            self.sampler.start = batches * (self.batch_size or 1)  # the order's items to leave out
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
@@ -149,14 +331,19 @@ class _Loaders(pl.LightningDataModule):
             return DataLoader(self.datasets[stage], generator=torch.Generator().manual_seed(0), **options)
         split = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
         split = {key: value for key, value in (split or {}).items() if key in ("num_replicas", "rank")}
-        loader = ResumableLoader(
-            self.datasets[stage], self._trained_batches, seed=torch.initial_seed() % 2**63, **split, **options
-        )
+        order = self._training_order(seed=torch.initial_seed() % 2**63, **split)
+        if isinstance(order, CurriculumOrder):  # its items are whole batches, collated in the dataset
+            options.update(batch_size=None, collate_fn=_as_is)
+        loader = ResumableLoader(order.dataset, self._trained_batches, order=order, **options)
         if self._resume is not None:
             loader.load_state_dict(self._resume)
             self._resume = None
         self._train_loader = loader
         return loader
+
+    def _training_order(self, seed: int, num_replicas: int = 1, rank: int = 0) -> DistributedSampler:
+        """The training loader's order: shuffled examples (a data module with a curriculum has its own)."""
+        return ResumableShuffle(self.datasets["train"], num_replicas=num_replicas, rank=rank, seed=seed)
 
     def state_dict(self) -> dict:
         return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
@@ -188,7 +375,8 @@ class AVDigitsDataModule(_Loaders):
 
     Args:
         dataset: `AVDigitsConfig` (digits per example, question types, modality mix, ...).
-        train_examples, val_examples, test_examples: examples drawn per split.
+        train_examples, val_examples, test_examples: examples drawn per split (with a curriculum:
+            training examples per K).
         predict_examples: examples of the test split that `predict` answers.
         batch_size, num_workers: of the data loaders.
         max_text_length: truncate the questions to this many byte ids (None = keep all).
@@ -196,6 +384,9 @@ class AVDigitsDataModule(_Loaders):
             4 per doubling; audio in multiples of 640 samples, one token of the default audio
             encoder), so that batch shapes repeat; None = pad to the batch's longest.
         data_dir: the built artifacts; None = the repository's data/avdigits.
+        curriculum: train over growing numbers of digits first (`DigitsCurriculum`; needs the
+            `AdvanceCurriculum` callback); None = train at the dataset's num_digits only. An
+            epoch is then train_examples / (the last stage's batch size) batches of any K.
     """
 
     def __init__(
@@ -210,9 +401,16 @@ class AVDigitsDataModule(_Loaders):
         max_text_length: int | None = None,
         buckets: LengthBuckets | None = DEFAULT_BUCKETS,
         data_dir: str | None = None,
+        curriculum: DigitsCurriculum | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers)
         self.config = dataset or AVDigitsConfig()
+        if curriculum is not None and curriculum.num_digits[-1] >= self.config.num_digits:
+            raise ValueError(
+                f"curriculum.num_digits {curriculum.num_digits} must stay below the dataset's "
+                f"num_digits ({self.config.num_digits}), the last stage"
+            )
+        self.curriculum = curriculum
         self.sizes = {"train": train_examples, "val": val_examples, "test": test_examples}
         self.predict_examples = predict_examples
         self.data_dir = data_dir
@@ -222,11 +420,45 @@ class AVDigitsDataModule(_Loaders):
     def num_classes(self) -> int:
         return AVDigitsDataset.num_classes
 
+    @property
+    def stage_digits(self) -> list[int]:
+        """K of each training stage: the curriculum's, then the dataset's num_digits."""
+        return [*(self.curriculum.num_digits if self.curriculum else []), self.config.num_digits]
+
+    @property
+    def curriculum_order(self) -> CurriculumOrder | None:
+        """The order of the training loader in use when it follows a curriculum, else None."""
+        order = getattr(self._train_loader, "sampler", None)
+        return order if isinstance(order, CurriculumOrder) else None
+
     def setup(self, stage: str | None = None) -> None:
         for split, size in self.sizes.items():
             self.datasets[split] = AVDigitsDataset(split, size, self.config, data_dir=self.data_dir)
         self.datasets["predict"] = AVDigitsDataset(
             "test", self.predict_examples, self.config, data_dir=self.data_dir
+        )
+        if self.curriculum is not None:  # one training set per K; the last one is the goal's
+            configs = [
+                dataclasses.replace(self.config, num_digits=K, seed=self.config.seed + K)
+                for K in self.curriculum.num_digits
+            ]
+            size = self.sizes["train"]
+            stages = [AVDigitsDataset("train", size, config, data_dir=self.data_dir) for config in configs]
+            self.datasets["train"] = CurriculumBatches([*stages, self.datasets["train"]], self.collate_fn)
+
+    def _training_order(self, seed: int, num_replicas: int = 1, rank: int = 0) -> DistributedSampler:
+        if self.curriculum is None:
+            return super()._training_order(seed, num_replicas, rank)
+        callbacks = self.trainer.callbacks if self.trainer is not None else None
+        if callbacks is not None and not any(isinstance(each, AdvanceCurriculum) for each in callbacks):
+            raise ValueError(
+                "AVDigitsDataModule(curriculum=...) needs the callback that ends its stages: add "
+                "`- class_path: mmlongnet.training.AdvanceCurriculum` to trainer.callbacks"
+            )
+        sizes = self.curriculum.batch_sizes or [self.batch_size] * (len(self.curriculum.num_digits) + 1)
+        batches = max(1, self.sizes["train"] // (sizes[-1] * num_replicas))
+        return CurriculumOrder(
+            self.datasets["train"], sizes, batches, num_replicas=num_replicas, rank=rank, seed=seed
         )
 
 

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -52,9 +53,16 @@ def _last_val_row(root: Path) -> dict:
     return rows[-1]
 
 
-def test_a_fit_killed_mid_epoch_resumes_with_ckpt_path_last_bit_identical(tmp_path):
+# stages end after 3 loss reads of 2 steps each: K = 3 joins after step 6, K = 4 after step 12, so
+# the checkpoint of step 8 holds a stage begun and a read of the next one
+CURRICULUM = {"num_digits": [2, 3], "advance_loss": 100.0, "window": 2, "reads": 3}
+
+
+@pytest.mark.parametrize("curriculum", [None, CURRICULUM], ids=["plain", "curriculum"])
+def test_a_fit_killed_mid_epoch_resumes_with_ckpt_path_last_bit_identical(tmp_path, curriculum):
     """configs/demo.yaml on 48 examples (6 steps an epoch), 2 epochs, last.ckpt every 4 steps; one
-    run is SIGKILLed after step 10 (last.ckpt from step 8: 2 batches into epoch 1) and resumed."""
+    run is SIGKILLed after step 10 (last.ckpt from step 8: 2 batches into epoch 1) and resumed;
+    also with a digits curriculum whose stages end by the training loss."""
     config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     trainer = config["trainer"]
     trainer.update(max_epochs=2, max_time=None, enable_progress_bar=False, enable_model_summary=False)
@@ -62,6 +70,9 @@ def test_a_fit_killed_mid_epoch_resumes_with_ckpt_path_last_bit_identical(tmp_pa
         if "every_n_train_steps" in callback.get("init_args", {}):
             callback["init_args"]["every_n_train_steps"] = 4
     config["data"]["init_args"].update(train_examples=48, val_examples=16, batch_size=8)
+    if curriculum is not None:
+        config["data"]["init_args"]["curriculum"] = curriculum
+        trainer["callbacks"].append({"class_path": "mmlongnet.training.AdvanceCurriculum"})
     plain = tmp_path / "plain.yaml"
     plain.write_text(yaml.safe_dump(config))
     trainer["callbacks"].append({"class_path": "kill_at_step.KillAtStep", "init_args": {"step": 10}})
@@ -74,6 +85,8 @@ def test_a_fit_killed_mid_epoch_resumes_with_ckpt_path_last_bit_identical(tmp_pa
     assert interrupted.returncode == -signal.SIGKILL, interrupted.stderr[-3000:]
     saved = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 8 and saved["epoch"] == 1  # mid-epoch
+    if curriculum is not None:
+        assert len(saved["AVDigitsDataModule"]["train_loader"]["stage_starts"]) == 1
     resumed = _fit(plain, tmp_path / "b", "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restored all states from the checkpoint" in resumed.stdout + resumed.stderr
@@ -96,6 +109,9 @@ def test_a_fit_killed_mid_epoch_resumes_with_ckpt_path_last_bit_identical(tmp_pa
         row_b["val_acc"],
     )
     assert (tmp_path / "b" / "checkpoints" / "best.ckpt").is_file()
+    if curriculum is not None:
+        starts = [c["AVDigitsDataModule"]["train_loader"]["stage_starts"] for c in (a, b)]
+        assert starts[0] == starts[1] and len(starts[0]) == 2
 
 
 _WRITER = """

@@ -1,0 +1,140 @@
+"""The digits curriculum: its order of batches, its settings' errors, and a fit through the CLI
+whose stages end by the training loss (`DigitsCurriculum`, `CurriculumOrder`, `AdvanceCurriculum`)."""
+
+import csv
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import yaml
+
+from mmlongnet.data.avdigits import AVDigitsConfig
+from mmlongnet.training import CLI, AdvanceCurriculum, AVDigitsDataModule, DigitsCurriculum
+from mmlongnet.training.data import CurriculumBatches, CurriculumOrder
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _order(seed: int = 3, rank: int = 0, num_replicas: int = 1) -> CurriculumOrder:
+    batches = CurriculumBatches([list(range(10)), list(range(20)), list(range(30))], collate_fn=list)
+    return CurriculumOrder(batches, [2, 3, 4], 40, num_replicas=num_replicas, rank=rank, seed=seed)
+
+
+def test_the_order_draws_the_active_stages_and_replays_from_its_stage_starts():
+    order = _order()
+    order.set_epoch(1)
+    items = iter(order)
+    first = [next(items) for _ in range(10)]
+    assert all(k == 0 for k, _ in first)  # one stage active
+    for _, indices in first:
+        assert len(indices) == 2 and len(set(indices)) == 2 and all(0 <= i < 10 for i in indices)
+    order.advance()  # stage 1 from item 40 + 10 on
+    rest = list(items)
+    assert order.stage_starts == [50] and len(first) + len(rest) == 40
+    assert {k for k, _ in rest} == {0, 1}
+    for k, indices in rest:
+        assert len(indices) == [2, 3][k] and len(set(indices)) == len(indices)
+        assert all(0 <= i < [10, 20][k] for i in indices)
+    whole = first + rest
+
+    resumed = _order()  # a resumed run: the stages and the place in the epoch from a checkpoint
+    resumed.set_epoch(1)
+    resumed.stage_starts, resumed.start = [50], 7
+    assert list(resumed) == whole[7:]
+    assert list(resumed) == whole  # `start` holds for one iteration only
+    assert resumed.stage_of(55) == resumed.draw(55)[0] == whole[15][0]
+
+    other_rank = _order(rank=1, num_replicas=2)
+    other_rank.set_epoch(1)
+    assert list(other_rank)[:10] != first
+    order.advance()
+    order.advance()  # past the last stage: nothing
+    assert order.stage == 2 and len(order.stage_starts) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_digits": []}, "non-empty increasing"),
+        ({"num_digits": [8, 4]}, "non-empty increasing"),
+        ({"num_digits": [0, 4]}, "non-empty increasing"),
+        ({"num_digits": [4], "batch_sizes": [8]}, "batch_sizes must hold 2"),
+        ({"num_digits": [4], "batch_sizes": [8, 0]}, "batch_sizes must hold 2"),
+        ({"num_digits": [4], "advance_loss": -1.0}, "advance_loss"),
+        ({"num_digits": [4], "window": 0}, "window"),
+        ({"num_digits": [4], "reads": 0}, "reads"),
+        ({"num_digits": [4], "max_stage_steps": 0}, "max_stage_steps"),
+        ({"num_digits": [4], "advance_loss": None}, "advance_loss, max_stage_steps or both"),
+    ],
+)
+def test_curriculum_settings_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DigitsCurriculum(**kwargs)
+
+
+def test_the_data_module_checks_its_curriculum_and_batches_one_k_at_a_time():
+    with pytest.raises(ValueError, match="must stay below the dataset's num_digits"):
+        AVDigitsDataModule(AVDigitsConfig(num_digits=4), curriculum=DigitsCurriculum([2, 4]))
+    module = AVDigitsDataModule(
+        AVDigitsConfig(num_digits=4), train_examples=24, batch_size=4,
+        curriculum=DigitsCurriculum([2], batch_sizes=[6, 4]),
+    )  # fmt: skip
+    module.setup("fit")
+    assert module.stage_digits == [2, 4]
+    loader = module.train_dataloader()  # no trainer: nothing checks for the callback
+    order = module.curriculum_order
+    assert order is loader.sampler and len(loader) == 24 // 4
+    batches = iter(loader)
+    for _ in range(3):
+        batch = next(batches)
+        assert len(batch) == 6 and batch.lengths["video"].max() <= 2  # K = 2: two frames at most
+    order.advance()
+    seen = set()
+    for item, batch in enumerate(batches, start=3):
+        k = order.stage_of(item)
+        seen.add(k)
+        assert len(batch) == [6, 4][k] and int(batch.lengths["video"].max()) <= [2, 4][k]
+    assert seen == {0, 1}
+
+    module.trainer = pl.Trainer(callbacks=[], logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="add `- class_path: mmlongnet.training.AdvanceCurriculum`"):
+        module.train_dataloader()
+
+
+def _fit(tmp_path: Path, curriculum: dict, max_steps: int) -> CLI:
+    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    config["trainer"].update(
+        default_root_dir=str(tmp_path), max_epochs=1, max_steps=max_steps, log_every_n_steps=1,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    config["trainer"]["callbacks"].append({"class_path": "mmlongnet.training.AdvanceCurriculum"})
+    config["data"]["init_args"].update(train_examples=96, val_examples=8, batch_size=8, curriculum=curriculum)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "curriculum.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return CLI(args=["fit", "--config", str(path)])
+
+
+def _logged(tmp_path: Path, name: str) -> list[tuple[int, float]]:
+    rows = csv.DictReader((tmp_path / "lightning_logs/version_0/metrics.csv").read_text().splitlines())
+    return [(int(row["step"]), float(row[name])) for row in rows if row.get(name)]
+
+
+def test_a_fit_ends_its_stages_by_the_training_loss(tmp_path, caplog):
+    """Window 3, 2 reads: a loss below 100 (always) ends the first stage after 6 steps; a loss
+    below 1e-3 (never, at chance) keeps it to the end."""
+    caplog.set_level(logging.INFO)
+    cli = _fit(tmp_path / "a", {"num_digits": [2], "advance_loss": 100.0, "window": 3, "reads": 2}, 9)
+    assert "curriculum: K = 4 joins at step 6" in caplog.text
+    order = cli.datamodule.curriculum_order
+    assert order.stage_starts and order.stage_starts[0] >= 6  # drawn after the sixth batch
+    digits = dict(_logged(tmp_path / "a", "curriculum_digits"))
+    assert digits[2] == 2.0 and digits[8] == 4.0
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, AdvanceCurriculum))
+    assert (callback.steps, callback.below) == (3, 1)
+
+    cli = _fit(tmp_path / "b", {"num_digits": [2], "advance_loss": 1e-3, "window": 3, "reads": 2}, 9)
+    assert cli.datamodule.curriculum_order.stage_starts == []
+    assert caplog.text.count("joins") == 1  # the first fit's
+    assert {value for _, value in _logged(tmp_path / "b", "curriculum_digits")} == {2.0}
