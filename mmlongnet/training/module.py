@@ -156,7 +156,35 @@ def _total_steps(module: pl.LightningModule) -> int:
     return int(steps) if math.isfinite(steps) else max(1, trainer.max_steps)
 
 
-class MultimodalClassifier(pl.LightningModule):
+class _Trained(pl.LightningModule):
+    """What the modules share: the optimizer from their `optimizer_config`, and gradient clipping
+    that works with it."""
+
+    optimizer_config: OptimizerConfig
+
+    def configure_optimizers(self) -> dict:
+        return self.optimizer_config.build(self, _total_steps(self))
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """The Trainer's `gradient_clip_val` / `gradient_clip_algorithm` ("norm", the default, or
+        "value"), applied here because Lightning's mixed-precision plugins refuse to clip for an
+        optimizer that unscales gradients itself, as the fused AdamW does. bf16 has no loss scale;
+        with fp16's the gradients are unscaled first, and the optimizer step then knows they are."""
+        if not gradient_clip_val:
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)  # fp16: Lightning leaves them scaled for such an optimizer
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            nn.utils.clip_grad_value_(parameters, gradient_clip_val, foreach=True)
+        else:
+            nn.utils.clip_grad_norm_(parameters, gradient_clip_val, foreach=True)
+
+
+class MultimodalClassifier(_Trained):
     """`MMLongNet` with a classification head, for `Batch`es from `mmlongnet.data`.
 
     Args:
@@ -279,11 +307,8 @@ class MultimodalClassifier(pl.LightningModule):
             for row, sample_id in enumerate(batch.ids)
         ]
 
-    def configure_optimizers(self) -> dict:
-        return self.optimizer_config.build(self, _total_steps(self))
 
-
-class LanguageModel(pl.LightningModule):
+class LanguageModel(_Trained):
     """Next-token prediction with a `LongNetLM` (causal dilated attention).
 
     Args:
@@ -344,6 +369,3 @@ class LanguageModel(pl.LightningModule):
 
     def test_step(self, windows: torch.Tensor, batch_idx: int) -> None:
         self._step(windows, "test")
-
-    def configure_optimizers(self) -> dict:
-        return self.optimizer_config.build(self, _total_steps(self))

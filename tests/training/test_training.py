@@ -6,14 +6,15 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
 from mmlongnet.data.collate import collate_samples
-from mmlongnet.models import MMLongNetConfig
-from mmlongnet.training import CLI, MultimodalClassifier, OptimizerConfig
+from mmlongnet.models import LongNetLM, MMLongNetConfig
+from mmlongnet.training import CLI, LanguageModel, MultimodalClassifier, OptimizerConfig
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -62,6 +63,65 @@ def test_the_optimizer_is_fused_adamw_with_the_reference_update():
             opt.zero_grad()
     for a, b in zip(module.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _clipping_module(scaler=None) -> tuple[LanguageModel, torch.optim.Optimizer, list[torch.Tensor]]:
+    """A tiny LanguageModel with its fused AdamW and known gradients (norm 13), attached to a
+    stand-in trainer whose precision plugin has `scaler`; with a scaler the gradients are scaled."""
+    module = LanguageModel(LongNetLM(num_tokens=8, d_model=8, nhead=2, num_layers=1, dim_feedforward=8,
+                                     segment_lengths=[4], dilation_rates=[1]))  # fmt: skip
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler))
+    optimizer = module.optimizer_config.build(module, 10)["optimizer"]
+    if scaler is not None:
+        scaler.scale(torch.ones(()))  # as the scaled loss would: the scaler's state begins
+    grads = []
+    for index, parameter in enumerate(module.parameters()):
+        grad = torch.zeros_like(parameter)
+        grad.view(-1)[0] = {0: 5.0, 1: -12.0}.get(index, 0.0)  # the total norm: 13
+        grads.append(grad)
+        parameter.grad = grad * (scaler.get_scale() if scaler is not None else 1.0)
+    return module, optimizer, grads
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradient_clipping_works_with_the_fused_optimizer_in_bf16_and_fp16(algorithm):
+    """Lightning's mixed-precision plugins refuse to clip for a fused optimizer; the modules clip
+    themselves: the true gradients (fp16: unscaled first, and the step knows it) to the limit."""
+    module, optimizer, grads = _clipping_module()
+    module.configure_gradient_clipping(optimizer, 2.6, algorithm)
+    clipped = [p.grad for p in module.parameters()]
+    if algorithm == "norm":  # scaled by 2.6 / 13
+        expected = [g * 0.2 for g in grads]
+    else:
+        expected = [g.clamp(-2.6, 2.6) for g in grads]
+    for got, want in zip(clipped, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=64.0)
+    module, optimizer, grads = _clipping_module(scaler)
+    module.configure_gradient_clipping(optimizer, 2.6, algorithm)
+    for got, want in zip([p.grad for p in module.parameters()], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    before = [p.detach().clone() for p in module.parameters()]
+    scaler.step(optimizer)  # no second unscaling of the gradients
+    scaler.update()
+    twin, twin_optimizer, _ = _clipping_module()
+    for parameter, original, grad in zip(twin.parameters(), before, expected, strict=True):
+        parameter.data.copy_(original)
+        parameter.grad = grad.clone()
+    twin_optimizer.step()
+    for a, b in zip(module.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_demo_trains_in_bf16_mixed_precision_with_gradient_clipping(tmp_path):
+    """The GPU configs' setting (bf16-mixed, gradient_clip_val 1.0, fused AdamW), here on the CPU."""
+    cli = run_cli(
+        "fit", "--config", config_in(tmp_path, "demo.yaml"), "--trainer.precision", "bf16-mixed",
+        "--trainer.max_steps", "2", "--data.init_args.train_examples", "16",
+        "--data.init_args.val_examples", "8", "--data.init_args.batch_size", "8",
+    )  # fmt: skip
+    assert cli.trainer.global_step == 2 and cli.trainer.gradient_clip_val == 1.0
 
 
 def test_multiway_stacks_decay_as_one_expert_s_parameter_would():
