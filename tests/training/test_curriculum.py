@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+import torch
 import yaml
 
 from mmlongnet.data.avdigits import AVDigitsConfig
@@ -96,6 +97,19 @@ def test_the_data_module_checks_its_curriculum_and_batches_one_k_at_a_time():
         seen.add(k)
         assert len(batch) == [6, 4][k] and int(batch.lengths["video"].max()) <= [2, 4][k]
     assert seen == {0, 1}
+
+    workers = AVDigitsDataModule(
+        AVDigitsConfig(num_digits=4), train_examples=24, batch_size=4, num_workers=2,
+        curriculum=DigitsCurriculum([2], batch_sizes=[6, 4]),
+    )  # fmt: skip
+    workers.setup("fit")
+    single = AVDigitsDataModule(
+        AVDigitsConfig(num_digits=4), train_examples=24, batch_size=4,
+        curriculum=DigitsCurriculum([2], batch_sizes=[6, 4]),
+    )  # fmt: skip
+    single.setup("fit")
+    for a, b in zip(workers.train_dataloader(), single.train_dataloader(), strict=True):  # batches made in
+        assert a.ids == b.ids and torch.equal(a.inputs["text"], b.inputs["text"])  # worker processes alike
 
     module.trainer = pl.Trainer(callbacks=[], logger=False, enable_checkpointing=False)
     with pytest.raises(ValueError, match="add `- class_path: mmlongnet.training.AdvanceCurriculum`"):
