@@ -277,7 +277,7 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state: dict) -> None:
         self.sampler.seed, self.sampler.epoch = state["seed"], state["epoch"]
         if isinstance(self.sampler, CurriculumOrder):
-            self.sampler.stage_starts = list(state["stage_starts"])
+            self.sampler.stage_starts = list(state.get("stage_starts", []))  # [] from a run without one
         batches = state["batches"]
         if batches < len(self):  # else the epoch was over: Lightning starts the next one
             self.sampler.start = batches * (self.batch_size or 1)  # the order's items to leave out

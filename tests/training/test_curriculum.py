@@ -12,7 +12,7 @@ import yaml
 
 from mmlongnet.data.avdigits import AVDigitsConfig
 from mmlongnet.training import CLI, AdvanceCurriculum, AVDigitsDataModule, DigitsCurriculum
-from mmlongnet.training.data import CurriculumBatches, CurriculumOrder
+from mmlongnet.training.data import CurriculumBatches, CurriculumOrder, ResumableLoader
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,6 +45,14 @@ def test_the_order_draws_the_active_stages_and_replays_from_its_stage_starts():
     assert list(resumed) == whole[7:]
     assert list(resumed) == whole  # `start` holds for one iteration only
     assert resumed.stage_of(55) == resumed.draw(55)[0] == whole[15][0]
+
+    loader = ResumableLoader(order.dataset, lambda: 7, order=_order(), batch_size=None, collate_fn=list)
+    state = loader.state_dict()
+    assert state["stage_starts"] == [] and state["batches"] == 7
+    del state["stage_starts"]  # a checkpoint of a run without a curriculum: its stages start afresh
+    loader.sampler.stage_starts = [3]
+    loader.load_state_dict(state)
+    assert loader.sampler.stage_starts == [] and loader.sampler.start == 7
 
     other_rank = _order(rank=1, num_replicas=2)
     other_rank.set_epoch(1)
