@@ -399,9 +399,7 @@ def av_loader(
     )
     dataset = AVDigitsDataset(split, examples, config)
     if args.compile and split == "train":  # one shape per K (nearly always): one compiled graph
-        buckets = LengthBuckets(
-            audio_minimum=dataset.likely_longest_audio(), video_minimum=K, steps_per_octave=16
-        )
+        buckets = dataset.one_shape_buckets()
     else:
         buckets = LengthBuckets() if device.type == "cuda" else None  # repeating shapes on a GPU
     workers = args.workers

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 import torchaudio
 from torch.utils.data import Dataset
 
+from mmlongnet.data.collate import LengthBuckets
+
 __all__ = ["AVDigitsConfig", "AVDigitsDataset", "DEFAULT_DATA_DIR", "MIXES", "QUESTION_TYPES", "SPLITS"]
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "avdigits"
@@ -373,6 +375,14 @@ class AVDigitsDataset(Dataset):
         mean = K * clip_mean + (K - 1) * (low + high) / 2
         std = math.sqrt(K * clip_var + (K - 1) * (high - low) ** 2 / 12)
         return min(self.longest_audio(), math.ceil(mean + sigmas * std))
+
+    def one_shape_buckets(self) -> LengthBuckets:
+        """Length buckets that give nearly every batch of this dataset one shape, so that a compiled
+        model records one graph for it: audio padded to at least `likely_longest_audio()`, video to
+        K frames, text to its default bucket; 16 buckets per doubling above those minimums, so a
+        rare longer batch pads only a little further (and gets a graph of its own)."""
+        K = self.config.num_digits
+        return LengthBuckets(audio_minimum=self.likely_longest_audio(), video_minimum=K, steps_per_octave=16)
 
     def __getitem__(self, index: int) -> dict:
         if not -self.num_examples <= index < self.num_examples:

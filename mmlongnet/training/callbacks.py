@@ -148,11 +148,11 @@ class AdvanceCurriculum(pl.Callback):
             self._count += 1
         self.steps += 1
         if self.steps % curriculum.window == 0:
-            self._read(trainer, pl_module, order, curriculum)
+            self._read(trainer, pl_module, order, curriculum, item)
         if curriculum.max_stage_steps is not None and self.steps >= curriculum.max_stage_steps:
-            self._advance(trainer, order, "after max_stage_steps")
+            self._advance(trainer, order, item, "after max_stage_steps")
 
-    def _read(self, trainer, pl_module, order, curriculum) -> None:
+    def _read(self, trainer, pl_module, order, curriculum, item: int) -> None:
         """One read of the window's mean loss at the newest K (the window's one host sync)."""
         total = torch.stack([torch.as_tensor(self._sum, device=pl_module.device, dtype=torch.float32),
                              torch.tensor(float(self._count), device=pl_module.device)])  # fmt: skip
@@ -167,14 +167,15 @@ class AdvanceCurriculum(pl.Callback):
             self._advance(
                 trainer,
                 order,
+                item,
                 f"mean training loss at K = {newest} below {curriculum.advance_loss}, "
                 f"{curriculum.reads} reads in a row",
             )
 
-    def _advance(self, trainer, order, why: str) -> None:
+    def _advance(self, trainer, order, item: int, why: str) -> None:
         if order.stage + 1 >= len(order.sizes):
             return
-        order.advance()
+        order.advance(item)
         self.steps = self.below = 0
         self._sum, self._count = 0.0, 0
         joined = trainer.datamodule.stage_digits[order.stage]

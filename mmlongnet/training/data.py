@@ -125,23 +125,25 @@ class DigitsCurriculum:
 
 
 class CurriculumBatches(Dataset):
-    """Whole training batches of a curriculum: item (k, indices) is the collated batch of those
-    examples of `datasets[k]` (built in a loader worker, as `collate_fn` batches otherwise).
+    """Whole training batches of a curriculum: item (k, indices) is the batch of those examples of
+    `datasets[k]`, collated by `collate_fns[k]` (in a loader worker, as a loader batches otherwise).
 
     Args:
         datasets: one dataset per stage, in order.
-        collate_fn: list of samples -> batch.
+        collate_fns: per stage, list of samples -> batch.
     """
 
-    def __init__(self, datasets: list[Dataset], collate_fn: Callable) -> None:
-        self.datasets, self.collate_fn = datasets, collate_fn
+    def __init__(self, datasets: list[Dataset], collate_fns: list[Callable]) -> None:
+        if len(datasets) != len(collate_fns):
+            raise ValueError(f"one collate_fn per dataset: got {len(datasets)} and {len(collate_fns)}")
+        self.datasets, self.collate_fns = datasets, collate_fns
 
     def __len__(self) -> int:
         return sum(len(dataset) for dataset in self.datasets)
 
     def __getitem__(self, item: tuple[int, list[int]]):
         k, indices = item
-        return self.collate_fn([self.datasets[k][i] for i in indices])
+        return self.collate_fns[k]([self.datasets[k][i] for i in indices])
 
 
 class CurriculumOrder(DistributedSampler):
@@ -149,15 +151,18 @@ class CurriculumOrder(DistributedSampler):
     the stage k of its K, drawn uniformly among the stages active at g, and `batch_sizes[k]`
     distinct examples of that K's dataset, all from `default_rng([seed, rank, g])`.
 
-    `advance()` makes the next stage active from the next item drawn on; `stage_starts` (kept in
-    checkpoints) holds the item at which each stage after the first began, so that the order
-    replays on resume. With loader workers the items already handed to them keep their stage, so
-    a stage begins a few batches after the call.
+    `advance(trained)` makes the next stage active from item trained + 1 + `lookahead` on, the
+    first item the loader cannot have drawn yet while item `trained` is in training: the stage
+    begins at the same item whatever the timing of the loader's workers, on every rank (sequence
+    peers draw the same batches). `stage_starts` (kept in checkpoints) holds the item at which
+    each stage after the first began, so that the order replays on resume.
 
     Args:
         batches: the `CurriculumBatches` it orders.
         batch_sizes: examples per batch of each stage.
         batches_per_epoch: items per epoch (on each rank).
+        lookahead: the most items a loader draws beyond the one in training (Lightning's one
+            prefetched batch, plus prefetch_factor x num_workers with loader workers).
         num_replicas, rank, seed: as `DistributedSampler`'s (ranks draw different items).
     """
 
@@ -166,12 +171,14 @@ class CurriculumOrder(DistributedSampler):
         batches: CurriculumBatches,
         batch_sizes: list[int],
         batches_per_epoch: int,
+        lookahead: int = 1,
         *,
         num_replicas: int = 1,
         rank: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__(batches, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.lookahead = lookahead
         self.sizes = [len(dataset) for dataset in batches.datasets]
         if any(size < batch for size, batch in zip(self.sizes, batch_sizes, strict=True)):
             raise ValueError(f"a stage has fewer examples {self.sizes} than its batch size {batch_sizes}")
@@ -179,7 +186,7 @@ class CurriculumOrder(DistributedSampler):
         self.stage_starts: list[int] = []
         self.start = 0
         """Items of this epoch to leave out (already trained on), for the next iteration only."""
-        self.drawn = 0  # the item drawn next: where a stage that begins now starts
+        self.drawn = 0  # the item drawn next
 
     @property
     def stage(self) -> int:
@@ -203,10 +210,11 @@ class CurriculumOrder(DistributedSampler):
         rng = np.random.default_rng([self.seed, self.rank, item])
         return int(rng.integers(self.stage_at(item) + 1)), rng
 
-    def advance(self) -> None:
-        """The next stage joins from the next item drawn on (nothing after the last stage)."""
+    def advance(self, trained: int) -> None:
+        """The next stage joins (nothing after the last stage), from the first item the loader
+        cannot have drawn while item `trained` is in training."""
         if self.stage + 1 < len(self.sizes):
-            self.stage_starts.append(self.drawn)
+            self.stage_starts.append(max(self.drawn, trained + 1 + self.lookahead))
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -323,7 +331,7 @@ class _Loaders(pl.LightningDataModule):
         if stage not in self.datasets:
             raise ValueError(f"no {stage} data: configure it in the data module")
         options = dict(
-            batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.collate_fn,
+            batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self._collate_fn(stage),
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),  # non-blocking copies to the GPU
         )  # fmt: skip
@@ -340,6 +348,10 @@ class _Loaders(pl.LightningDataModule):
             self._resume = None
         self._train_loader = loader
         return loader
+
+    def _collate_fn(self, stage: str) -> Callable | None:
+        """How the loader of `stage` batches its samples (None: by stacking)."""
+        return self.collate_fn
 
     def _training_order(self, seed: int, num_replicas: int = 1, rank: int = 0) -> DistributedSampler:
         """The training loader's order: shuffled examples (a data module with a curriculum has its own)."""
@@ -382,7 +394,9 @@ class AVDigitsDataModule(_Loaders):
         max_text_length: truncate the questions to this many byte ids (None = keep all).
         buckets: pad each modality of a batch to a length bucket (`LengthBuckets`: geometric,
             4 per doubling; audio in multiples of 640 samples, one token of the default audio
-            encoder), so that batch shapes repeat; None = pad to the batch's longest.
+            encoder), so that batch shapes repeat; "one_shape" = per dataset (per K) the buckets
+            of `AVDigitsDataset.one_shape_buckets`, under which nearly every batch of it has one
+            shape (one compiled graph per K with `compile: true`); None = pad to the batch's longest.
         data_dir: the built artifacts; None = the repository's data/avdigits.
         curriculum: train over growing numbers of digits first (`DigitsCurriculum`; needs the
             `AdvanceCurriculum` callback); None = train at the dataset's num_digits only. An
@@ -399,7 +413,7 @@ class AVDigitsDataModule(_Loaders):
         batch_size: int = 32,
         num_workers: int = 0,
         max_text_length: int | None = None,
-        buckets: LengthBuckets | None = DEFAULT_BUCKETS,
+        buckets: LengthBuckets | Literal["one_shape"] | None = DEFAULT_BUCKETS,
         data_dir: str | None = None,
         curriculum: DigitsCurriculum | None = None,
     ) -> None:
@@ -414,11 +428,24 @@ class AVDigitsDataModule(_Loaders):
         self.sizes = {"train": train_examples, "val": val_examples, "test": test_examples}
         self.predict_examples = predict_examples
         self.data_dir = data_dir
-        self.collate_fn = partial(collate_samples, max_text_length=max_text_length, buckets=buckets)
+        if isinstance(buckets, str) and buckets != "one_shape":
+            raise ValueError(f'buckets must be LengthBuckets, "one_shape" or None, got {buckets!r}')
+        self.buckets, self.max_text_length = buckets, max_text_length
+        self.collate_fns: dict[str, Callable] = {}  # per split, after setup
+        if buckets != "one_shape":  # batches samples of any K alike (with one_shape: after setup)
+            self.collate_fn = partial(collate_samples, max_text_length=max_text_length, buckets=buckets)
 
     @property
     def num_classes(self) -> int:
         return AVDigitsDataset.num_classes
+
+    def _collate_for(self, dataset: AVDigitsDataset) -> Callable:
+        """Batches samples of `dataset`, padded to the configured buckets."""
+        buckets = dataset.one_shape_buckets() if self.buckets == "one_shape" else self.buckets
+        return partial(collate_samples, max_text_length=self.max_text_length, buckets=buckets)
+
+    def _collate_fn(self, stage: str) -> Callable | None:
+        return self.collate_fns[stage]
 
     @property
     def stage_digits(self) -> list[int]:
@@ -437,6 +464,8 @@ class AVDigitsDataModule(_Loaders):
         self.datasets["predict"] = AVDigitsDataset(
             "test", self.predict_examples, self.config, data_dir=self.data_dir
         )
+        self.collate_fns = {split: self._collate_for(dataset) for split, dataset in self.datasets.items()}
+        self.collate_fn = self.collate_fns["val"]  # the configured K's
         if self.curriculum is not None:  # one training set per K; the last one is the goal's
             configs = [
                 dataclasses.replace(self.config, num_digits=K, seed=self.config.seed + K)
@@ -444,7 +473,8 @@ class AVDigitsDataModule(_Loaders):
             ]
             size = self.sizes["train"]
             stages = [AVDigitsDataset("train", size, config, data_dir=self.data_dir) for config in configs]
-            self.datasets["train"] = CurriculumBatches([*stages, self.datasets["train"]], self.collate_fn)
+            stages.append(self.datasets["train"])
+            self.datasets["train"] = CurriculumBatches(stages, [self._collate_for(stage) for stage in stages])
 
     def _training_order(self, seed: int, num_replicas: int = 1, rank: int = 0) -> DistributedSampler:
         if self.curriculum is None:
@@ -457,8 +487,9 @@ class AVDigitsDataModule(_Loaders):
             )
         sizes = self.curriculum.batch_sizes or [self.batch_size] * (len(self.curriculum.num_digits) + 1)
         batches = max(1, self.sizes["train"] // (sizes[-1] * num_replicas))
+        lookahead = 1 + 2 * self.num_workers  # the DataLoader's prefetch_factor: 2
         return CurriculumOrder(
-            self.datasets["train"], sizes, batches, num_replicas=num_replicas, rank=rank, seed=seed
+            self.datasets["train"], sizes, batches, lookahead, num_replicas=num_replicas, rank=rank, seed=seed
         )
 
 

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _order(seed: int = 3, rank: int = 0, num_replicas: int = 1) -> CurriculumOrder:
-    batches = CurriculumBatches([list(range(10)), list(range(20)), list(range(30))], collate_fn=list)
+    batches = CurriculumBatches([list(range(10)), list(range(20)), list(range(30))], [list, list, list])
     return CurriculumOrder(batches, [2, 3, 4], 40, num_replicas=num_replicas, rank=rank, seed=seed)
 
 
@@ -30,7 +30,7 @@ def test_the_order_draws_the_active_stages_and_replays_from_its_stage_starts():
     assert all(k == 0 for k, _ in first)  # one stage active
     for _, indices in first:
         assert len(indices) == 2 and len(set(indices)) == 2 and all(0 <= i < 10 for i in indices)
-    order.advance()  # stage 1 from item 40 + 10 on
+    order.advance(47)  # with item 47 in training: stage 1 from the next item drawn, 50, on
     rest = list(items)
     assert order.stage_starts == [50] and len(first) + len(rest) == 40
     assert {k for k, _ in rest} == {0, 1}
@@ -57,9 +57,16 @@ def test_the_order_draws_the_active_stages_and_replays_from_its_stage_starts():
     other_rank = _order(rank=1, num_replicas=2)
     other_rank.set_epoch(1)
     assert list(other_rank)[:10] != first
-    order.advance()
-    order.advance()  # past the last stage: nothing
-    assert order.stage == 2 and len(order.stage_starts) == 2
+    order.advance(70)  # the epoch was drawn to its end: from the next one on
+    order.advance(75)  # past the last stage: nothing
+    assert order.stage == 2 and order.stage_starts == [50, 80]
+
+    ahead = CurriculumOrder(order.dataset, [2, 3, 4], 40, lookahead=5, seed=3)  # a loader with workers
+    ahead.set_epoch(1)
+    items = iter(ahead)
+    next(items), next(items), next(items)
+    ahead.advance(41)  # items 40-42 drawn, 41 in training: up to 46 may be drawn already
+    assert ahead.stage_starts == [47]
 
 
 @pytest.mark.parametrize(
@@ -85,20 +92,22 @@ def test_curriculum_settings_errors(kwargs, match):
 def test_the_data_module_checks_its_curriculum_and_batches_one_k_at_a_time():
     with pytest.raises(ValueError, match="must stay below the dataset's num_digits"):
         AVDigitsDataModule(AVDigitsConfig(num_digits=4), curriculum=DigitsCurriculum([2, 4]))
+    torch.manual_seed(0)  # the loaders' seed: torch's initial seed
     module = AVDigitsDataModule(
-        AVDigitsConfig(num_digits=4), train_examples=24, batch_size=4,
+        AVDigitsConfig(num_digits=4), train_examples=64, batch_size=4,
         curriculum=DigitsCurriculum([2], batch_sizes=[6, 4]),
     )  # fmt: skip
     module.setup("fit")
     assert module.stage_digits == [2, 4]
     loader = module.train_dataloader()  # no trainer: nothing checks for the callback
     order = module.curriculum_order
-    assert order is loader.sampler and len(loader) == 24 // 4
+    assert order is loader.sampler and len(loader) == 64 // 4
     batches = iter(loader)
     for _ in range(3):
         batch = next(batches)
         assert len(batch) == 6 and batch.lengths["video"].max() <= 2  # K = 2: two frames at most
-    order.advance()
+    order.advance(2)  # item 2 in training (the loader drew up to 2): stage 1 from item 2 + 1 + 1 on
+    assert order.stage_starts == [4]
     seen = set()
     for item, batch in enumerate(batches, start=3):
         k = order.stage_of(item)
@@ -118,6 +127,23 @@ def test_the_data_module_checks_its_curriculum_and_batches_one_k_at_a_time():
     single.setup("fit")
     for a, b in zip(workers.train_dataloader(), single.train_dataloader(), strict=True):  # batches made in
         assert a.ids == b.ids and torch.equal(a.inputs["text"], b.inputs["text"])  # worker processes alike
+
+    both = AVDigitsConfig(num_digits=4, modality_mix={"both": 1.0})  # (a batch lacking a modality differs)
+    one_shape = AVDigitsDataModule(
+        both, train_examples=64, batch_size=4, buckets="one_shape",
+        curriculum=DigitsCurriculum([2], batch_sizes=[6, 4]),
+    )  # fmt: skip
+    one_shape.setup("fit")
+    shapes = {}
+    for item, batch in zip(range(24), one_shape.train_dataloader(), strict=False):
+        k = one_shape.curriculum_order.stage_of(item)
+        shape = tuple((name, tuple(x.shape)) for name, x in sorted(batch.inputs.items()))
+        shapes.setdefault(k, set()).add(shape)
+        if item == 5:
+            one_shape.curriculum_order.advance(item)
+    assert set(shapes) == {0, 1} and all(len(seen) == 1 for seen in shapes.values())  # one shape per K
+    with pytest.raises(ValueError, match='buckets must be LengthBuckets, "one_shape" or None'):
+        AVDigitsDataModule(buckets="per_k")
 
     module.trainer = pl.Trainer(callbacks=[], logger=False, enable_checkpointing=False)
     with pytest.raises(ValueError, match="add `- class_path: mmlongnet.training.AdvanceCurriculum`"):
@@ -150,7 +176,7 @@ def test_a_fit_ends_its_stages_by_the_training_loss(tmp_path, caplog):
     cli = _fit(tmp_path / "a", {"num_digits": [2], "advance_loss": 100.0, "window": 3, "reads": 2}, 9)
     assert "curriculum: K = 4 joins at step 6" in caplog.text
     order = cli.datamodule.curriculum_order
-    assert order.stage_starts and order.stage_starts[0] >= 6  # drawn after the sixth batch
+    assert order.stage_starts == [7]  # item 5 trained at step 6, item 6 drawn (Lightning's prefetch)
     digits = dict(_logged(tmp_path / "a", "curriculum_digits"))
     assert digits[2] == 2.0 and digits[8] == 4.0
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, AdvanceCurriculum))
