@@ -168,8 +168,8 @@ class AdvanceCurriculum(pl.Callback):
                 trainer,
                 order,
                 item,
-                f"mean training loss at K = {newest} below {curriculum.advance_loss}, "
-                f"{curriculum.reads} reads in a row",
+                f"mean training loss at K = {newest} below {curriculum.advance_loss}"
+                + (f", {curriculum.reads} reads in a row" if curriculum.reads > 1 else ""),
             )
 
     def _advance(self, trainer, order, item: int, why: str) -> None:
