@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from devices import DEVICES
 
 from mmlongnet.data.collate import collate_samples
 from mmlongnet.models import LongNetLM, MMLongNetConfig
@@ -114,14 +115,17 @@ def test_gradient_clipping_works_with_the_fused_optimizer_in_bf16_and_fp16(algor
         torch.testing.assert_close(a, b)
 
 
-def test_the_demo_trains_in_bf16_mixed_precision_with_gradient_clipping(tmp_path):
-    """The GPU configs' setting (bf16-mixed, gradient_clip_val 1.0, fused AdamW), here on the CPU."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_demo_trains_in_bf16_mixed_precision_with_gradient_clipping(device, tmp_path):
+    """The GPU configs' setting (bf16-mixed, gradient_clip_val 1.0, fused AdamW)."""
     cli = run_cli(
         "fit", "--config", config_in(tmp_path, "demo.yaml"), "--trainer.precision", "bf16-mixed",
+        "--trainer.accelerator", "gpu" if device == "cuda" else "cpu",
         "--trainer.max_steps", "2", "--data.init_args.train_examples", "16",
         "--data.init_args.val_examples", "8", "--data.init_args.batch_size", "8",
     )  # fmt: skip
     assert cli.trainer.global_step == 2 and cli.trainer.gradient_clip_val == 1.0
+    assert all(torch.isfinite(p).all() for p in cli.model.parameters())
 
 
 def test_multiway_stacks_decay_as_one_expert_s_parameter_would():
