@@ -2,7 +2,8 @@
 
 Each wraps a dataset of `mmlongnet.data` (which knows nothing of Lightning) and batches it with
 `collate_samples` (multimodal, padded to length buckets by default, so that batch shapes repeat)
-or by stacking (text windows, all of one length).
+or by stacking (text windows, all of one length). The AV digits module can train over a growing
+number of digits (`DigitsCurriculum`: `CurriculumBatches` in the order of a `CurriculumOrder`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from mmlongnet.models.multimodal import MMLongNetConfig
 from mmlongnet.training.callbacks import AdvanceCurriculum
 
 __all__ = [
-    "AVDigitsDataModule", "CurriculumOrder", "DigitsCurriculum", "ManifestDataModule", "ResumableLoader",
-    "ResumableShuffle", "TextFilesDataModule",
+    "AVDigitsDataModule", "CurriculumBatches", "CurriculumOrder", "DigitsCurriculum", "ManifestDataModule",
+    "ResumableLoader", "ResumableShuffle", "TextFilesDataModule",
 ]  # fmt: skip
 
 DEFAULT_BUCKETS = LengthBuckets()
