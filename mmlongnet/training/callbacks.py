@@ -122,8 +122,9 @@ class AdvanceCurriculum(pl.Callback):
     training loss of the batches at the newest stage's K on the device, reads its mean once per
     `window` steps (summed over the data-parallel ranks, so that all of them decide alike) and
     lets the next K join after `reads` reads in a row below `advance_loss`, or after
-    `max_stage_steps` steps. Logs `curriculum_digits` (the newest K) at every read and prints a
-    line when a stage begins. Its counts are saved in checkpoints.
+    `max_stage_steps` steps. Logs `curriculum_digits` (the newest K) and `curriculum_loss` (the
+    window's mean training loss at it) at every read and prints a line when a stage begins. Its
+    counts are saved in checkpoints.
     """
 
     def __init__(self) -> None:
@@ -160,7 +161,10 @@ class AdvanceCurriculum(pl.Callback):
         self._sum, self._count = 0.0, 0
         newest = trainer.datamodule.stage_digits[order.stage]
         pl_module.log("curriculum_digits", float(newest), rank_zero_only=True)
-        if curriculum.advance_loss is None or count == 0:
+        if count == 0:
+            return
+        pl_module.log("curriculum_loss", loss_sum / count, rank_zero_only=True)  # at the newest K
+        if curriculum.advance_loss is None:
             return
         self.below = self.below + 1 if loss_sum / count < curriculum.advance_loss else 0
         if self.below >= curriculum.reads:

@@ -179,6 +179,9 @@ def test_a_fit_ends_its_stages_by_the_training_loss(tmp_path, caplog):
     assert order.stage_starts == [7]  # item 5 trained at step 6, item 6 drawn (Lightning's prefetch)
     digits = dict(_logged(tmp_path / "a", "curriculum_digits"))
     assert digits[2] == 2.0 and digits[8] == 4.0
+    losses = dict(_logged(tmp_path / "a", "train_loss"))
+    read = dict(_logged(tmp_path / "a", "curriculum_loss"))  # the mean over steps 0-2, all at K = 2
+    assert read[2] == pytest.approx(sum(losses[step] for step in range(3)) / 3, rel=1e-5)
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, AdvanceCurriculum))
     assert (callback.steps, callback.below) == (3, 1)
 
