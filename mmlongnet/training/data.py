@@ -426,6 +426,13 @@ class AVDigitsDataModule(_Loaders):
                 f"num_digits ({self.config.num_digits}), the last stage"
             )
         self.curriculum = curriculum
+        self.stage_configs: list[AVDigitsConfig] = []  # the dataset's config at each earlier K
+        for K in curriculum.num_digits if curriculum is not None else []:
+            try:
+                config = dataclasses.replace(self.config, num_digits=K, seed=self.config.seed + K)
+            except ValueError as error:
+                raise ValueError(f"curriculum stage of {K} digits: {error}") from error
+            self.stage_configs.append(config)
         self.sizes = {"train": train_examples, "val": val_examples, "test": test_examples}
         self.predict_examples = predict_examples
         self.data_dir = data_dir
@@ -468,12 +475,8 @@ class AVDigitsDataModule(_Loaders):
         self.collate_fns = {split: self._collate_for(dataset) for split, dataset in self.datasets.items()}
         self.collate_fn = self.collate_fns["val"]  # the configured K's
         if self.curriculum is not None:  # one training set per K; the last one is the goal's
-            configs = [
-                dataclasses.replace(self.config, num_digits=K, seed=self.config.seed + K)
-                for K in self.curriculum.num_digits
-            ]
-            size = self.sizes["train"]
-            stages = [AVDigitsDataset("train", size, config, data_dir=self.data_dir) for config in configs]
+            size, data_dir = self.sizes["train"], self.data_dir
+            stages = [AVDigitsDataset("train", size, c, data_dir=data_dir) for c in self.stage_configs]
             stages.append(self.datasets["train"])
             self.datasets["train"] = CurriculumBatches(stages, [self._collate_for(stage) for stage in stages])
 

@@ -92,6 +92,8 @@ def test_curriculum_settings_errors(kwargs, match):
 def test_the_data_module_checks_its_curriculum_and_batches_one_k_at_a_time():
     with pytest.raises(ValueError, match="must stay below the dataset's num_digits"):
         AVDigitsDataModule(AVDigitsConfig(num_digits=4), curriculum=DigitsCurriculum([2, 4]))
+    with pytest.raises(ValueError, match='curriculum stage of 1 digits: questions includes "after"'):
+        AVDigitsDataModule(AVDigitsConfig(num_digits=4), curriculum=DigitsCurriculum([1]))
     torch.manual_seed(0)  # the loaders' seed: torch's initial seed
     module = AVDigitsDataModule(
         AVDigitsConfig(num_digits=4), train_examples=64, batch_size=4,
