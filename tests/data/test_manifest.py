@@ -15,15 +15,17 @@ import math
 import warnings
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
-import soundfile
 import torch
 import torchaudio.functional
 from PIL import Image
 
 from mmlongnet.data import ManifestDataset, collate_samples
+
+MEDIA = "needs the media extra: pip install 'mmlongnet[media]'"
+av = pytest.importorskip("av", reason=MEDIA)  # writes the mp4 clips
+soundfile = pytest.importorskip("soundfile", reason=MEDIA)  # writes the audio files
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "data" / "example_manifest" / "manifest.jsonl"
