@@ -13,10 +13,11 @@ when its time is up, however fast it steps.
    with K digits per example, K in `--digits` (4 16 64 256 1024: about 17 fused tokens a digit,
    so ~70 to ~17K fused tokens a sample). A `MultimodalClassifier` (`MMLongNet` + linear head) is
    trained over a curriculum of K (`--curriculum grow`: the training time is split into one stage
-   per K, and each batch of stage s takes a K drawn uniformly from the first s + 1) and tested at
-   every K. Models: `dilated` (every stack with its dilated schedule), `dense` (every stack one
-   segment of 2^24 tokens at rate 1: full attention over the stack's tokens; trained and tested
-   on K <= `--dense-max-digits`) and `local` (every stack only its shortest segment, at rate 1).
+   per K, and each batch of stage s takes a K drawn uniformly from the first s + 1, or the newest
+   in a share `--newest-share` of the batches) and tested at every K. Models: `dilated` (every
+   stack with its dilated schedule), `dense` (every stack one segment of 2^24 tokens at rate 1:
+   full attention over the stack's tokens; trained and tested on K <= `--dense-max-digits`) and
+   `local` (every stack only its shortest segment, at rate 1).
    Reports test accuracy per K and per question type (`--questions`; first/last/count by default,
    all five with `--questions first last count after most`).
 2. `recall`: associative recall drawn on the fly (`mmlongnet.data.AssociativeRecall`): key-value
@@ -100,6 +101,7 @@ from mmlongnet.data.recall import IGNORE_INDEX
 from mmlongnet.data.text_files import split_text_files, stdlib_directory
 from mmlongnet.modalities.text import ByteTokenizer
 from mmlongnet.training import MultimodalClassifier, OptimizerConfig
+from mmlongnet.training.data import draw_stage
 from mmlongnet.training.module import CompiledModel
 
 EXPERIMENTS = ("avdigits", "recall", "bytes")
@@ -415,8 +417,9 @@ ADVANCE_READS = 3
 
 
 class Curriculum:
-    """Batches from one endless loader per length; `next(progress, rng)` draws a length uniformly
-    among the stages active at `progress` (see `curriculum_stage`) and returns (length, batch).
+    """Batches from one endless loader per length; `next(progress, rng)` draws a length among the
+    stages active at `progress` (see `curriculum_stage`; uniformly, or the newest in a share
+    `newest_share` of the batches, `draw_stage`) and returns (length, batch).
 
     With `advance_loss`, a "grow" stage also ends early: once `record` has seen the loss at the
     stage's newest length below `advance_loss` `ADVANCE_READS` times in a row, the next length
@@ -428,9 +431,10 @@ class Curriculum:
         make_loader: Callable[[int], DataLoader],
         curriculum: str,
         advance_loss: float | None = None,
+        newest_share: float | None = None,
     ) -> None:
         self.lengths, self.make_loader, self.curriculum = list(lengths), make_loader, curriculum
-        self.advance_loss = advance_loss
+        self.advance_loss, self.newest_share = advance_loss, newest_share
         self.iterators: dict[int, Iterator] = {}
         self.peeked: dict[int, object] = {}  # length -> its next batch, already drawn
         self.stage = 0  # the last active stage at the latest draw
@@ -455,7 +459,7 @@ class Curriculum:
         stage = max(curriculum_stage(progress, len(self.lengths), self.curriculum), self.learned)
         if stage != self.stage:
             self.stage, self.below = stage, 0
-        length = self.lengths[int(rng.integers(stage + 1))]
+        length = self.lengths[draw_stage(rng, stage + 1, self.newest_share)]
         return length, self.batch(length)
 
     def record(self, length: int, loss: float) -> None:
@@ -503,7 +507,8 @@ def run_avdigits(args: argparse.Namespace, device: torch.device, start: float) -
             av_model_config(args, kind), num_classes=10, pooling=args.pooling, compile=args.compile
         ).to(device)
         curriculum = Curriculum(
-            digits, lambda K: av_loader(K, "train", 10**7, args, device), args.curriculum, args.advance_loss
+            digits, lambda K: av_loader(K, "train", 10**7, args, device), args.curriculum, args.advance_loss,
+            args.newest_share,
         )  # fmt: skip
         log = train_for(module, curriculum, partial(av_loss, device=device), train_s, args, device)
         module.compiled = None  # tested eagerly: compiling the test shapes would cost more than it saves
@@ -634,7 +639,7 @@ def run_recall(args: argparse.Namespace, device: torch.device, start: float) -> 
         model = lm_for(args, kind, vocab).to(device)
         curriculum = Curriculum(
             lengths, lambda n: recall_loader(args, n, 10**9, seed=args.seed + n), args.curriculum,
-            args.advance_loss,
+            args.advance_loss, args.newest_share,
         )  # fmt: skip
         forward = CompiledModel(model) if args.compile else model  # one graph per length
         loss_fn = partial(recall_loss, device=device)
@@ -874,7 +879,7 @@ DEFAULTS = {
         time_budget=540.0,
         models=["dilated", "dense", "local"], digits=[4, 16, 64, 256, 1024],
         questions=["first", "last", "count"], train_question_weights=None, dense_max_digits=1024,
-        curriculum="grow", advance_loss=0.3, pooling="text", compile=False,
+        curriculum="grow", advance_loss=0.3, newest_share=None, pooling="text", compile=False,
         d_model=256, nhead=8, ffn=1024, patch_size=8, fusion_layers=4, modality_layers=1,
         segments=[256, 1024, 4096, 16384], rates=[1, 2, 4, 8],
         modality_segments=[256, 1024, 4096], modality_rates=[1, 2, 4],
@@ -883,7 +888,7 @@ DEFAULTS = {
     "recall": dict(
         time_budget=540.0,
         models=["dilated", "local", "dense"], lengths=[4096, 16384, 65536], dense_max_length=16384,
-        curriculum="grow", advance_loss=None, compile=False,
+        curriculum="grow", advance_loss=None, newest_share=None, compile=False,
         pairs=64, queries=32, num_keys=512, num_values=64, num_fillers=64,
         d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
         segments=[2048, 8192, 32768, 65536], rates=[1, 2, 4, 8],
@@ -966,6 +971,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         f"reads below this {ADVANCE_READS} times in a row (every --log-every steps), so the longer "
         "lengths get the time a learned one no longer needs (default 0.3 for avdigits; recall: stages by "
         "time only)",
+    )
+    common.add_argument(
+        "--newest-share",
+        type=float,
+        help="while two or more lengths are drawn, the share of batches at the newest (the others "
+        "uniformly among the earlier), in (0, 1]; default: every length alike",
     )
     common.add_argument("--d-model", type=int, help="width (default 256)")
     common.add_argument("--nhead", type=int, help="attention heads (default 8)")
@@ -1092,6 +1103,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.workers = gpu_loader_workers() if torch.device(args.device).type == "cuda" else 0
     if "advance_loss" in given and getattr(args, "curriculum", None) != "grow":
         parser.error("--advance-loss ends the stages of --curriculum grow (avdigits and recall)")
+    if "newest_share" in given and getattr(args, "curriculum", None) is None:
+        parser.error("--newest-share draws among the lengths of a curriculum (avdigits and recall)")
+    share = getattr(args, "newest_share", None)
+    if share is not None and not 0 < share <= 1:
+        parser.error(f"--newest-share must be in (0, 1], got {share}")
     weights = getattr(args, "train_question_weights", None)
     if weights is not None and (len(weights) != len(args.questions) or min(weights) < 0 or sum(weights) <= 0):
         parser.error(

@@ -112,11 +112,24 @@ def test_a_learned_stage_ends_early_and_time_still_ends_the_others():
     assert by_time(0.2, rng) == (4, 4) and by_time.stage == 0
 
 
+def test_the_newest_length_takes_its_share_of_the_batches():
+    rng = np.random.default_rng(0)
+    newest = bench.Curriculum([4, 16, 64], lambda n: iter(lambda: n, None), "mixed", newest_share=0.8)
+    drawn = [newest(0.0, rng)[0] for _ in range(4000)]
+    assert drawn.count(64) / 4000 == pytest.approx(0.8, abs=0.03)
+    assert drawn.count(4) / 4000 == pytest.approx(0.1, abs=0.03)
+
+
 def test_advance_loss_needs_the_grow_curriculum_and_logs_when_each_stage_began(tmp_path, one_thread):
     with pytest.raises(SystemExit):
         bench.parse_args(["avdigits", "--curriculum", "mixed", "--advance-loss", "0.5"])
     with pytest.raises(SystemExit):
         bench.parse_args(["bytes", "--advance-loss", "0.5"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["bytes", "--newest-share", "0.5"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["avdigits", "--newest-share", "0"])
+    assert bench.parse_args(["avdigits", "--newest-share", "0.6"]).newest_share == 0.6
     argv = ["avdigits", "--smoke", "--models", "dilated", "--max-steps", "12", "--log-every", "1",
             "--advance-loss", "100", "--out", str(tmp_path)]  # fmt: skip
     assert bench.main(argv) == 0

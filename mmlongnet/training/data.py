@@ -30,7 +30,7 @@ from mmlongnet.training.callbacks import AdvanceCurriculum
 
 __all__ = [
     "AVDigitsDataModule", "CurriculumBatches", "CurriculumOrder", "DigitsCurriculum", "ManifestDataModule",
-    "ResumableLoader", "ResumableShuffle", "TextFilesDataModule",
+    "ResumableLoader", "ResumableShuffle", "TextFilesDataModule", "draw_stage",
 ]  # fmt: skip
 
 DEFAULT_BUCKETS = LengthBuckets()
@@ -60,10 +60,11 @@ class DigitsCurriculum:
     """AV digits training over a growing number of digits per example (`AVDigitsDataModule`).
 
     Stage s trains on the first s + 1 of the K values `num_digits` + [the dataset's num_digits],
-    each batch of one K drawn uniformly among them (a batch's examples share K, so its shape is
-    K's bucket). A stage ends, and the next K joins, once the mean training loss at its newest K
-    over a `window` of steps has read below `advance_loss` `reads` times in a row, or after
-    `max_stage_steps` steps, whichever comes first; the last stage lasts to the end of training.
+    each batch of one K drawn among them (a batch's examples share K, so its shape is K's bucket):
+    uniformly, or the newest K in a share `newest_share` of the batches. A stage ends, and the
+    next K joins, once the mean training loss at its newest K over a `window` of steps has read
+    below `advance_loss` `reads` times in a row, or after `max_stage_steps` steps, whichever comes
+    first; the last stage lasts to the end of training.
     Validation, test and predict use the dataset's num_digits, the goal. `AdvanceCurriculum` (a
     callback) reads the losses and ends the stages.
 
@@ -87,6 +88,11 @@ class DigitsCurriculum:
     """Loss reads in a row below `advance_loss` that end a stage."""
     max_stage_steps: int | None = None
     """A stage ends after this many training steps at the latest; None: by the loss only."""
+    newest_share: float | None = None
+    """While two or more K are active, the share of batches at the newest (the others drawn
+    uniformly among the earlier K), in (0, 1]; None: every active K alike. Long K cost more per
+    batch and have the most to learn: 0.6 with K = 4, 16, 256 trains at 256 in 60% of the batches
+    instead of a third."""
 
     def __post_init__(self) -> None:
         digits = self.num_digits
@@ -121,8 +127,22 @@ class DigitsCurriculum:
             or self.max_stage_steps < 1
         ):  # fmt: skip
             raise ValueError(f"max_stage_steps must be a positive int or None, got {self.max_stage_steps!r}")
+        share = self.newest_share
+        if share is not None and (
+            isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1
+        ):
+            raise ValueError(f"newest_share must be a share in (0, 1] or None, got {share!r}")
         if self.advance_loss is None and self.max_stage_steps is None:
             raise ValueError("a curriculum's stages end by advance_loss, max_stage_steps or both: give one")
+
+
+def draw_stage(rng: np.random.Generator, active: int, newest_share: float | None = None) -> int:
+    """The stage of a batch among the `active` stages begun (0 .. active - 1): uniformly, or the
+    newest (active - 1) with probability `newest_share` and the others uniformly. With one stage
+    active, or without `newest_share`, it draws what `rng.integers(active)` draws."""
+    if newest_share is None or active == 1:
+        return int(rng.integers(active))
+    return active - 1 if rng.random() < newest_share else int(rng.integers(active - 1))
 
 
 class CurriculumBatches(Dataset):
@@ -149,7 +169,7 @@ class CurriculumBatches(Dataset):
 
 class CurriculumOrder(DistributedSampler):
     """The training order of a curriculum: item g (the g-th batch over all epochs) is (k, indices),
-    the stage k of its K, drawn uniformly among the stages active at g, and `batch_sizes[k]`
+    the stage k of its K, drawn among the stages active at g (`draw_stage`), and `batch_sizes[k]`
     distinct examples of that K's dataset, all from `default_rng([seed, rank, g])`.
 
     `advance(trained)` makes the next stage active from item trained + 1 + `lookahead` on, the
@@ -164,6 +184,7 @@ class CurriculumOrder(DistributedSampler):
         batches_per_epoch: items per epoch (on each rank).
         lookahead: the most items a loader draws beyond the one in training (Lightning's one
             prefetched batch, plus prefetch_factor x num_workers with loader workers).
+        newest_share: the share of items at the newest active stage (`draw_stage`); None: uniform.
         num_replicas, rank, seed: as `DistributedSampler`'s (ranks draw different items).
     """
 
@@ -173,13 +194,14 @@ class CurriculumOrder(DistributedSampler):
         batch_sizes: list[int],
         batches_per_epoch: int,
         lookahead: int = 1,
+        newest_share: float | None = None,
         *,
         num_replicas: int = 1,
         rank: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__(batches, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.lookahead = lookahead
+        self.lookahead, self.newest_share = lookahead, newest_share
         self.sizes = [len(dataset) for dataset in batches.datasets]
         if any(size < batch for size, batch in zip(self.sizes, batch_sizes, strict=True)):
             raise ValueError(f"a stage has fewer examples {self.sizes} than its batch size {batch_sizes}")
@@ -209,7 +231,7 @@ class CurriculumOrder(DistributedSampler):
 
     def _stage_and_rng(self, item: int) -> tuple[int, np.random.Generator]:
         rng = np.random.default_rng([self.seed, self.rank, item])
-        return int(rng.integers(self.stage_at(item) + 1)), rng
+        return draw_stage(rng, self.stage_at(item) + 1, self.newest_share), rng
 
     def advance(self, trained: int) -> None:
         """The next stage joins (nothing after the last stage), from the first item the loader
@@ -493,8 +515,9 @@ class AVDigitsDataModule(_Loaders):
         batches = max(1, self.sizes["train"] // (sizes[-1] * num_replicas))
         lookahead = 1 + 2 * self.num_workers  # the DataLoader's prefetch_factor: 2
         return CurriculumOrder(
-            self.datasets["train"], sizes, batches, lookahead, num_replicas=num_replicas, rank=rank, seed=seed
-        )
+            self.datasets["train"], sizes, batches, lookahead, self.curriculum.newest_share,
+            num_replicas=num_replicas, rank=rank, seed=seed,
+        )  # fmt: skip
 
 
 class ManifestDataModule(_Loaders):

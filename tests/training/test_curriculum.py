@@ -6,13 +6,14 @@ import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from mmlongnet.data.avdigits import AVDigitsConfig
 from mmlongnet.training import CLI, AdvanceCurriculum, AVDigitsDataModule, DigitsCurriculum
-from mmlongnet.training.data import CurriculumBatches, CurriculumOrder, ResumableLoader
+from mmlongnet.training.data import CurriculumBatches, CurriculumOrder, ResumableLoader, draw_stage
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,6 +70,28 @@ def test_the_order_draws_the_active_stages_and_replays_from_its_stage_starts():
     assert ahead.stage_starts == [47]
 
 
+def test_the_newest_stage_takes_its_share_of_the_batches():
+    rng, twin = np.random.default_rng(5), np.random.default_rng(5)
+    assert [draw_stage(rng, 3) for _ in range(50)] == [int(twin.integers(3)) for _ in range(50)]
+    assert {draw_stage(rng, 1, 0.75) for _ in range(50)} == {0}
+    counts = np.bincount([draw_stage(rng, 3, 0.75) for _ in range(8000)], minlength=3) / 8000
+    assert counts[2] == pytest.approx(0.75, abs=0.02)
+    assert counts[0] == pytest.approx(0.125, abs=0.02) and counts[1] == pytest.approx(0.125, abs=0.02)
+    assert {draw_stage(rng, 2, 1.0) for _ in range(50)} == {1}
+
+    batches = CurriculumBatches([list(range(10)), list(range(20))], [list, list])
+    order = CurriculumOrder(batches, [2, 3], 4000, newest_share=0.9, seed=1)
+    order.set_epoch(0)
+    items = iter(order)
+    assert {next(items)[0] for _ in range(100)} == {0}
+    order.advance(99)
+    stages = np.array([k for k, _ in items])
+    assert stages.mean() == pytest.approx(0.9, abs=0.02)
+    uniform = CurriculumOrder(batches, [2, 3], 4000, seed=1)
+    uniform.stage_starts = [101]
+    assert np.array([uniform.stage_of(g) for g in range(101, 4000)]).mean() == pytest.approx(0.5, abs=0.03)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -82,6 +105,9 @@ def test_the_order_draws_the_active_stages_and_replays_from_its_stage_starts():
         ({"num_digits": [4], "reads": 0}, "reads"),
         ({"num_digits": [4], "max_stage_steps": 0}, "max_stage_steps"),
         ({"num_digits": [4], "advance_loss": None}, "advance_loss, max_stage_steps or both"),
+        ({"num_digits": [4], "newest_share": 0.0}, "newest_share"),
+        ({"num_digits": [4], "newest_share": 1.5}, "newest_share"),
+        ({"num_digits": [4], "newest_share": True}, "newest_share"),
     ],
 )
 def test_curriculum_settings_errors(kwargs, match):
