@@ -9,12 +9,14 @@ every optimizer step); gradient clipping is the Trainer's (`gradient_clip_val`).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch._dynamo import config as dynamo_config
 from torch._inductor import config as inductor_config
@@ -117,12 +119,17 @@ class CompiledModel:
     backward replay as CUDA graphs (what mode "reduce-overhead" does), each call marked as a new
     iteration. Compiled with `COMPILE_OPTIONS`. Not with sequence sharding, whose collectives run
     eagerly (the modules' `parallelize` refuses it).
+
+    Compiling takes a while (~1-2 minutes per shape for the AV models on an H200), so the first
+    call with each input shape, in training or in inference, says so and how long its forward
+    took to compile (on rank 0; Lightning's info log, which `train.py` prints).
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.forward = None
         self.graphs = False
+        self.shapes: set[tuple] = set()  # (input shapes and dtypes, grad enabled) of the calls so far
 
     def __call__(self, *args, **kwargs):
         if self.forward is None:
@@ -134,7 +141,18 @@ class CompiledModel:
             self.forward = torch.compile(self.model.forward, fullgraph=True, dynamic=False, options=options)
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        return self.forward(*args, **kwargs)
+        tensors = [x for x in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        shape = (tuple((tuple(x.shape), x.dtype) for x in tensors), torch.is_grad_enabled())
+        if shape in self.shapes or len(self.shapes) >= RECOMPILE_LIMIT:
+            return self.forward(*args, **kwargs)
+        self.shapes.add(shape)
+        name, mode = type(self.model).__name__, "training" if shape[1] else "inference"
+        sizes = f"#{len(self.shapes)}: " + ", ".join("x".join(map(str, x.shape)) for x in tensors)
+        rank_zero_info(f"compiling {name} for a new input shape ({sizes}; {mode}), once per shape")
+        start = time.perf_counter()
+        out = self.forward(*args, **kwargs)
+        rank_zero_info(f"compiled {name}'s forward for that shape in {time.perf_counter() - start:.0f} s")
+        return out
 
 
 def _parallelize(module: pl.LightningModule, group: Group, validate: bool) -> None:

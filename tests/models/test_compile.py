@@ -1,6 +1,9 @@
 """torch.compile of the models: MMLongNet whole (fullgraph) with a host-made plan, no recompile
 over batches of one length bucket, outputs and gradients equal to eager; LongNetLM likewise."""
 
+import logging
+import re
+
 import pytest
 import torch
 import torch._dynamo
@@ -138,6 +141,30 @@ def test_the_classifier_runs_its_model_compiled_when_asked(monkeypatch):
     options = {**COMPILE_OPTIONS, "triton.cudagraphs": False}  # CUDA graphs on a GPU only
     assert compiled == [{"fullgraph": True, "dynamic": False, "options": options}]
     assert set(classifier.state_dict()) == set(eager.state_dict())  # nothing compiled is saved
+
+
+def test_the_first_call_of_each_input_shape_says_it_compiles(monkeypatch, caplog):
+    from mmlongnet.training.module import MultimodalClassifier
+
+    compile_, quick = torch.compile, {"backend": BACKEND, "options": None}
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compile_(fn, **options | quick))
+    torch._dynamo.reset()
+    caplog.set_level(logging.INFO)
+    classifier = MultimodalClassifier(MMLongNetConfig.tiny(), num_classes=4, compile=True)
+    first, second = bucket_batches(classifier.model, 2)  # two batches of one bucket: one shape
+    classifier(first)
+    classifier(second)
+    messages = [r.getMessage() for r in caplog.records if "compil" in r.getMessage()]
+    assert len(messages) == 2 and messages[0].startswith("compiling MMLongNet for a new input shape (#1: 3x")
+    assert "; training), once per shape" in messages[0]
+    assert re.fullmatch(r"compiled MMLongNet's forward for that shape in \d+ s", messages[1])
+    with torch.no_grad():
+        classifier(first)  # inference compiles its own graph
+    shorter = collate_samples([{"id": "d", "text": "first"}], buckets=LengthBuckets())
+    classifier(shorter)  # another shape
+    messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiling")]
+    assert len(messages) == 3 and "(#2: " in messages[1] and "; inference)" in messages[1]
+    assert "(#3: 1x" in messages[2] and messages[2].count("x") == 1  # text only
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
