@@ -55,6 +55,11 @@ Columns of the table (JSON fields in brackets):
   `cudaStreamSynchronize`, `cudaDeviceSynchronize`, `cudaEventSynchronize` and synchronous
   `cudaMemcpy` (`.item()`, `int(tensor)`, a blocking copy...), the benchmark's own
   synchronisation after the step left out;
+- [gpu_gaps]: the longest stretches of the profiled steps in which no kernel ran on the GPU
+  (`GAPS_KEPT`, longest first): the step, where the gap began (ms after the step's start), its
+  length, and the host events that overlapped it most (CPU ops, CUDA runtime calls, library
+  annotations): what the GPU waited for; `--trace DIR` also writes each row's profiled steps as
+  a Chrome trace (`DIR/trace_<row>_<kind>.json.gz`, for chrome://tracing or Perfetto);
 - shapes [distinct_shapes, shapes]: distinct input shapes over every step run (warm-up, timed,
   profiled); each new shape may cost kernel plans or compilation;
 - data ms [data_ms]: median host time to take the next batch from the loader;
@@ -131,6 +136,7 @@ AV_STACKS = ("text_stack", "audio_stack", "video_stack", "fusion_stack")
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 LAUNCH_PREFIXES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchCooperativeKernel", "cudaGraphLaunch")
 STEP_MARK, SYNC_MARK = "benchmark_train_step_", "benchmark_device_sync_"
+GAPS_KEPT, GAP_HOST_EVENTS = 5, 4  # GPU gaps reported per row; host events named per gap
 CLI_ARGS_WARNING = r"LightningCLI's args parameter is intended to run from within Python"
 NO_TRAINER_LOG = r"You are trying to `self.log\(\)` but the `self.trainer` reference is not registered"
 
@@ -440,11 +446,12 @@ class Event:
 
 
 def profile_steps(
-    trainee: Trainee, batches: Iterator, count: int, first: int
+    trainee: Trainee, batches: Iterator, count: int, first: int, trace: Path | None = None
 ) -> tuple[list[Event], list[str]]:
     """Run `count` steps under `torch.profiler` (CPU, and CUDA on a GPU); return its events and
     the shapes of the batches. Step i is marked `STEP_MARK + i`, its closing synchronisation
-    `SYNC_MARK + i`; batches are fetched before the profiler starts."""
+    `SYNC_MARK + i`; batches are fetched before the profiler starts. `trace`: also write the
+    Chrome trace there (gzipped when the name ends in .gz)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     host_batches = [next(batches) for _ in range(count)]
@@ -457,6 +464,9 @@ def profile_steps(
                 trainee.step(batch, first + i)
             with record_function(f"{SYNC_MARK}{i}"):
                 synchronize(trainee.device)
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
     return to_events(prof.events()), [shape_key(batch) for batch in host_batches]
 
 
@@ -543,6 +553,40 @@ class Profile:
     launches_per_step: float | None
     syncs_per_step: float | None
     syncs: dict[str, float] | None
+    gpu_gaps: list[dict] | None = None
+
+
+def gpu_gaps(events: Sequence[Event], windows: Sequence[tuple[float, float, float]]) -> list[dict]:
+    """The `GAPS_KEPT` longest stretches without a running kernel inside the step windows
+    ([start, end of the closing sync) of each), longest first: {"step", "at_ms" (after the step's
+    start), "ms", "host": the host events overlapping the gap most, "name (overlap ms)", at most
+    `GAP_HOST_EVENTS` names, the benchmark's own marks left out}."""
+    kernels = sorted((e.start, e.end) for e in events if is_kernel(e))
+    host = [e for e in events if not e.device and not e.name.startswith((STEP_MARK, SYNC_MARK))]
+    gaps = []  # (step, gap start, gap end, step start)
+    for step, (start, _, done) in enumerate(windows):
+        cursor = start
+        for low, high in kernels:
+            if low >= done:
+                break
+            if low > cursor:
+                gaps.append((step, cursor, low, start))
+            cursor = max(cursor, high)
+        if cursor < done:
+            gaps.append((step, cursor, done, start))
+    found = []
+    for step, low, high, start in sorted(gaps, key=lambda gap: gap[1] - gap[2])[:GAPS_KEPT]:
+        overlaps = sorted(
+            ((min(e.end, high) - max(e.start, low), e.name) for e in host if e.start < high and e.end > low),
+            key=lambda overlap: -overlap[0],
+        )
+        names = list(dict.fromkeys(name for _, name in overlaps))[:GAP_HOST_EVENTS]
+        longest = {name: us for us, name in reversed(overlaps)}  # each name's longest overlap
+        found.append({
+            "step": step, "at_ms": round((low - start) / 1e3, 3), "ms": round((high - low) / 1e3, 3),
+            "host": [f"{name} ({longest[name] / 1e3:.3f} ms)" for name in names],
+        })  # fmt: skip
+    return found
 
 
 def summarize_profile(events: Sequence[Event], cuda: bool) -> Profile:
@@ -568,7 +612,7 @@ def summarize_profile(events: Sequence[Event], cuda: bool) -> Profile:
     per_step = {name: count / steps for name, count in syncs.items()}
     return Profile(
         step_ms, statistics.median(shares), sum(kernel_counts) / steps, sum(launches) / steps,
-        sum(per_step.values()), per_step,
+        sum(per_step.values()), per_step, gpu_gaps(events, windows),
     )  # fmt: skip
 
 
@@ -602,6 +646,7 @@ class Row:
     launches_per_step: float | None = None
     syncs_per_step: float | None = None
     syncs: dict[str, float] | None = None
+    gpu_gaps: list[dict] | None = None  # the longest stretches without a kernel, with the host's events
     profiled_step_ms: float | None = None
     distinct_shapes: int | None = None  # over every step run (warm-up, timed, profiled)
     shapes: list[str] | None = None
@@ -636,8 +681,9 @@ def measure(spec: RowSpec, kind: str, args: argparse.Namespace, device: torch.de
             torch.cuda.reset_peak_memory_stats(device)
         timed = run_steps(trainee, batches, args.steps, args.warmup)
         row.peak_gib = peak_memory_gib(device)
+        trace = args.trace / f"trace_{spec.name}_{kind}.json.gz" if args.trace else None
         events, profiled_shapes = profile_steps(
-            trainee, batches, args.profile_steps, args.warmup + args.steps
+            trainee, batches, args.profile_steps, args.warmup + args.steps, trace
         )
     finally:
         batches.close()  # ends the loader's workers
@@ -676,7 +722,7 @@ def fill_profile(row: Row, profile: Profile) -> None:
     """The profiled steps' counts (GPU fields stay None without CUDA)."""
     row.profiled_step_ms, row.gpu_busy_share = profile.step_ms, profile.gpu_busy_share
     row.kernels_per_step, row.launches_per_step = profile.kernels_per_step, profile.launches_per_step
-    row.syncs_per_step, row.syncs = profile.syncs_per_step, profile.syncs
+    row.syncs_per_step, row.syncs, row.gpu_gaps = profile.syncs_per_step, profile.syncs, profile.gpu_gaps
 
 
 @contextmanager
@@ -738,6 +784,7 @@ def describe(row: Row) -> str:
         f"{what}  {row.step_ms:9.1f} ms  {row.tokens_per_s:10.0f} tokens/s  "
         f"busy {cell(row.gpu_busy_share, '.2f')}  syncs/step {cell(row.syncs_per_step, '.1f')}  "
         f"shapes {row.distinct_shapes}  loss {row.loss:.3f}"
+        + (f"  longest GPU gap {row.gpu_gaps[0]['ms']:.1f} ms" if row.gpu_gaps else "")
     )
 
 
@@ -860,6 +907,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--tag", default=None, help="file names are train_<tag>.{json,png} (default: the device's name)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory")
+    parser.add_argument(
+        "--trace", type=Path, default=None, metavar="DIR",
+        help="also write each row's profiled steps as a Chrome trace, DIR/trace_<row>_<kind>.json.gz",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.smoke:
         args.rows = args.rows or list(SMOKE_ROWS)

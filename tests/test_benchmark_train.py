@@ -3,6 +3,7 @@ modules, the time budget, and the profile arithmetic (busy share, launches, sync
 events with known answers."""
 
 import dataclasses
+import gzip
 import json
 import math
 import statistics
@@ -33,7 +34,18 @@ def expected_av_tokens(lengths: dict[str, list[int]]) -> int:
 
 
 def test_smoke_run_trains_every_row_and_writes_json_png_table(tmp_path, capsys, one_thread):
-    assert bench.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--tag", "t"]) == 0
+    argv = [
+        "--smoke",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+        "--tag",
+        "t",
+        "--trace",
+        str(tmp_path / "traces"),
+    ]
+    assert bench.main(argv) == 0
     assert (tmp_path / "train_t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "train_t.json.tmp").exists()
     data = json.loads((tmp_path / "train_t.json").read_text())
@@ -62,8 +74,14 @@ def test_smoke_run_trains_every_row_and_writes_json_png_table(tmp_path, capsys, 
             "kernels_per_step",
             "launches_per_step",
             "syncs_per_step",
+            "gpu_gaps",
         ):
             assert row[field] is None
+        trace = json.loads(
+            gzip.decompress((tmp_path / "traces" / f"trace_{row['row']}_{row['kind']}.json.gz").read_bytes())
+        )
+        marks = {e["name"] for e in trace["traceEvents"] if e.get("cat") == "user_annotation"}
+        assert f"{bench.STEP_MARK}0" in marks  # the profiled step
     av_dilated, av_dense, lm_dilated, lm_dense = rows
     for row in (lm_dilated, lm_dense):  # B = 2 windows of N = 64 inputs (65 ids with the target)
         assert row["tokens"] == [128, 128] and row["shapes"] == ["2x65"] and row["lengths"] is None
@@ -180,6 +198,20 @@ def test_syncs_and_launches_are_counted_by_name_in_the_step_code():
     assert bench.count_syncs(EVENTS, 0, 200)["cudaDeviceSynchronize"] == 2
     assert bench.count_launches(EVENTS, 0, 50) == 2 and bench.count_launches(EVENTS, 100, 140) == 1
     assert sum(bench.is_kernel(e) for e in EVENTS) == 3
+
+
+def test_gpu_gaps_name_what_the_host_ran_while_no_kernel_did():
+    gaps = bench.gpu_gaps(EVENTS, bench.step_windows(EVENTS))
+    assert gaps == [  # longest first; step 0 busy [10, 80) of [0, 100), step 1 [110, 130) of [100, 200)
+        {"step": 1, "at_ms": 0.03, "ms": 0.07,
+         "host": ["cudaEventSynchronize (0.001 ms)", "cudaDeviceSynchronize (0.001 ms)"]},
+        {"step": 0, "at_ms": 0.08, "ms": 0.02, "host": []},  # the memcpy is not a kernel
+        {"step": 0, "at_ms": 0.0, "ms": 0.01, "host": ["aten::mm (0.003 ms)", "cudaLaunchKernel (0.001 ms)"]},
+        {"step": 1, "at_ms": 0.0, "ms": 0.01, "host": ["cuLaunchKernelEx (0.001 ms)"]},
+    ]  # fmt: skip
+    assert bench.summarize_profile(EVENTS, cuda=True).gpu_gaps == gaps
+    busy = [*EVENTS, bench.Event("gemm", True, False, 0, 200)]  # a kernel over both steps: no gap
+    assert bench.gpu_gaps(busy, bench.step_windows(busy)) == []
 
 
 def test_profile_summary_on_synthetic_events():
