@@ -329,6 +329,27 @@ def train_for(
     return log
 
 
+def tested(
+    model: nn.Module,
+    log: TrainLog,
+    seconds: float,
+    evaluate: Callable[..., dict],
+    sizes: Sequence[int] | None = None,
+) -> dict:
+    """A trained model's results: its parameter count, its training log and its test metrics,
+    `evaluate(deadline=...)`, or with `sizes` {size: `evaluate(size, deadline=...)`}, a test that
+    stops by the deadline (`seconds` from now), with the time it took."""
+    started = time.perf_counter()
+    deadline = started + seconds
+    metrics = (
+        evaluate(deadline=deadline) if sizes is None else {n: evaluate(n, deadline=deadline) for n in sizes}
+    )
+    return {
+        "parameters": count_parameters(model), "train": dataclasses.asdict(log), "test": metrics,
+        "eval_seconds": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
+
+
 def batch_size_of(batch) -> int:
     if isinstance(batch, tuple):  # (Batch, questions)
         return len(batch[0])
@@ -512,14 +533,10 @@ def run_avdigits(args: argparse.Namespace, device: torch.device, start: float) -
         )  # fmt: skip
         log = train_for(module, curriculum, partial(av_loss, device=device), train_s, args, device)
         module.compiled = None  # tested eagerly: compiling the test shapes would cost more than it saves
-        evaluated = time.perf_counter()
-        metrics = {K: av_evaluate(module, K, args, device, evaluated + eval_s) for K in digits}
-        results[kind] = {
-            "parameters": count_parameters(module),
-            "train": dataclasses.asdict(log),
-            "test": metrics,
-            "eval_seconds": round(time.perf_counter() - evaluated, 1),
-        }
+        results[kind] = tested(
+            module, log, eval_s, partial(av_evaluate, module, args=args, device=device), digits
+        )
+        metrics = results[kind]["test"]
         print(f"[avdigits] {kind}: {log.summary()}, " + ", ".join(
             f"K={K} {m['accuracy']['all']['accuracy']}" for K, m in metrics.items()), flush=True)  # fmt: skip
         del module, curriculum
@@ -644,14 +661,9 @@ def run_recall(args: argparse.Namespace, device: torch.device, start: float) -> 
         forward = CompiledModel(model) if args.compile else model  # one graph per length
         loss_fn = partial(recall_loss, device=device)
         log = train_for(model, curriculum, loss_fn, train_s, args, device, forward)
-        evaluated = time.perf_counter()
-        metrics = {n: recall_evaluate(model, n, args, device, evaluated + eval_s) for n in lengths}
-        results[kind] = {
-            "parameters": count_parameters(model),
-            "train": dataclasses.asdict(log),
-            "test": metrics,
-            "eval_seconds": round(time.perf_counter() - evaluated, 1),
-        }
+        evaluate = partial(recall_evaluate, model, args=args, device=device)
+        results[kind] = tested(model, log, eval_s, evaluate, lengths)
+        metrics = results[kind]["test"]
         print(f"[recall] {kind}: {log.summary()}, " + ", ".join(
             f"N={n} {m['accuracy']}" for n, m in metrics.items()), flush=True)  # fmt: skip
         del model, forward, curriculum
@@ -778,14 +790,8 @@ def run_bytes(args: argparse.Namespace, device: torch.device, start: float) -> d
         forward = CompiledModel(model) if args.compile else model  # one graph: every window is N bytes
         loss_fn = partial(bytes_loss, device=device)
         log = train_for(model, windows, loss_fn, train_s, args, device, forward)
-        evaluated = time.perf_counter()
-        metrics = bytes_evaluate(model, test, args, device, evaluated + eval_s)
-        models[kind] = {
-            "parameters": count_parameters(model),
-            "train": dataclasses.asdict(log),
-            "test": metrics,
-            "eval_seconds": round(time.perf_counter() - evaluated, 1),
-        }
+        models[kind] = tested(model, log, eval_s, partial(bytes_evaluate, model, test, args, device))
+        metrics = models[kind]["test"]
         buckets = (f"{row['bucket']} {cell(row['bits_per_byte'], '.3f')}" for row in metrics["by_position"])
         print(f"[bytes] {kind}: {log.summary()}, " + ", ".join(buckets), flush=True)
         del model, forward, windows
