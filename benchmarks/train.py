@@ -73,6 +73,9 @@ per shape on the H200 for the AV model, so a compiled row runs the batches of it
 `--shapes` (default 2) distinct shapes only, passing over the others, and its warm-up goes on
 until each shape it has run has run three times: the timed steps on those shapes are the steady
 state a long run reaches (a kept shape first met in a timed step is reported apart, as above).
+`--graphed` runs the AV rows with the classifier's `graphed` option: each training step (forward,
+loss, backward, clipping) recorded as one CUDA graph per batch signature after two eager steps of
+it, then replayed; the warm-up goes on until each shape has replayed (the LM rows run eagerly).
 On the CPU (`--smoke`) the profiler records CPU activity only and the GPU fields are null.
 
 Writes `<out>/train_<tag>.json` (rows also to `.json.tmp` as they come) and `<out>/train_<tag>.png`
@@ -83,6 +86,7 @@ Writes `<out>/train_<tag>.json` (rows also to `.json.tmp` as they come) and `<ou
     python benchmarks/train.py --rows av:512:8 lm:65536:2      # task:digits-or-window:batch
     python benchmarks/train.py --smoke                         # tiny rows, 2 steps; runs on the CPU
     python benchmarks/train.py --compile --kinds dilated --rows av16 av1024 --tag h200_compiled
+    python benchmarks/train.py --graphed --kinds dilated --rows av16 av1024 --tag h200_graphed
 """
 
 # B batch, N tokens of a window (LM), L fused tokens of a sample (AV digits), W segment length,
@@ -195,9 +199,11 @@ def parse_row(text: str, batch: int | None = None) -> RowSpec:
     return spec if batch is None else dataclasses.replace(spec, batch=batch)
 
 
-def row_overrides(spec: RowSpec, kind: str, workers: int | None, compiled: bool = False) -> list[str]:
+def row_overrides(
+    spec: RowSpec, kind: str, workers: int | None, compiled: bool = False, graphed: bool = False
+) -> list[str]:
     """LightningCLI arguments after `--config`: size, batch, workers, the dense schedule, compile,
-    extras."""
+    graphed steps (AV rows: the classifier's option), extras."""
     data = "--data.init_args"
     size = (
         [f"{data}.dataset.num_digits", str(spec.size)]
@@ -210,6 +216,8 @@ def row_overrides(spec: RowSpec, kind: str, workers: int | None, compiled: bool 
         args += dense_overrides(spec.task)
     if compiled:
         args += ["--model.init_args.compile", "true"]
+    if graphed and spec.task == "av":
+        args += ["--model.init_args.graphed", "true"]
     return args + list(spec.extra)
 
 
@@ -247,19 +255,24 @@ def quiet_lightning() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def build(spec: RowSpec, kind: str, device: torch.device, workers: int | None, compiled: bool = False):
+def build(spec: RowSpec, kind: str, device: torch.device, overrides: Sequence[str]):
     """(module on `device`, in train mode; set-up data module; gradient clip value or None).
 
-    The YAML's seed is set by the CLI before the module is built, so both kinds start alike.
+    The YAML's seed is set by the CLI before the module is built, so both kinds start alike. A
+    module with graphed steps gets the CLI's trainer (its steps read the clipping settings there)
+    and logs nothing (its steps run outside a fit).
     """
     from mmlongnet.training import CLI
 
-    args = ["--config", str(REPO_ROOT / spec.config), *row_overrides(spec, kind, workers, compiled)]
+    args = ["--config", str(REPO_ROOT / spec.config), *overrides]
     args += ["--trainer.accelerator", "gpu" if device.type == "cuda" else "cpu"]
     args += ["--trainer.precision", "32-true", "--trainer.logger", "false", "--trainer.callbacks", "[]"]
     with quiet_lightning():
         cli = CLI(args=args, run=False)
     cli.datamodule.setup("fit")
+    if getattr(cli.model, "graphed_steps", None) is not None:
+        cli.model.trainer = cli.trainer
+        cli.model.log = lambda *args, **kwargs: None
     return cli.model.to(device).train(), cli.datamodule, cli.trainer.gradient_clip_val
 
 
@@ -352,18 +365,22 @@ class Trainee:
         self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def step(self, batch, index: int) -> torch.Tensor:
-        """One training step on a host batch; returns the loss, detached (not read on the host)."""
+        """One training step on a host batch; returns the loss, detached (not read on the host).
+        A graphed step has run its backward and clipping and zeroes its gradients itself."""
         module = self.module
+        graphed = getattr(module, "graphed_steps", None) is not None
         batch = module.transfer_batch_to_device(batch, self.device, 0)
         with mixed_precision(self.device):
             loss = module.training_step(batch, index)
-        loss.backward()
-        if self.clip:
-            torch.nn.utils.clip_grad_norm_(self.parameters, self.clip)
+        if not graphed:
+            loss.backward()
+            if self.clip:
+                torch.nn.utils.clip_grad_norm_(self.parameters, self.clip)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if not graphed:
+            self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
     def tokens(self) -> int:
@@ -661,21 +678,14 @@ class Row:
 
 def measure(spec: RowSpec, kind: str, args: argparse.Namespace, device: torch.device) -> Row:
     """Build one (row, kind), run its warm-up, timed and profiled steps, and fill its row."""
-    row = Row(
-        spec.name,
-        spec.task,
-        spec.size,
-        spec.batch,
-        kind,
-        "ok",
-        row_overrides(spec, kind, args.workers, args.compile),
-    )
-    module, datamodule, clip = build(spec, kind, device, args.workers, args.compile)
+    overrides = row_overrides(spec, kind, args.workers, args.compile, args.graphed)
+    row = Row(spec.name, spec.task, spec.size, spec.batch, kind, "ok", overrides)
+    module, datamodule, clip = build(spec, kind, device, overrides)
     trainee = Trainee(module, *optimizers(module), clip, device)
     batches = ShapeFilter(endless(datamodule), args.shapes)
     try:
         warm = run_steps(trainee, batches, args.warmup, 0)
-        if args.compile:  # until every shape replays its CUDA graphs: compile, warm, record
+        if args.compile or args.graphed:  # until every shape replays its CUDA graphs
             warm = warm_each_shape(trainee, batches, warm)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -743,7 +753,7 @@ def run_row(spec: RowSpec, kind: str, args: argparse.Namespace, device: torch.de
         status = "oom" if is_oom(exc) else "error"
         if status == "error":
             traceback.print_exc()
-        overrides = row_overrides(spec, kind, args.workers, args.compile)
+        overrides = row_overrides(spec, kind, args.workers, args.compile, args.graphed)
         return Row(spec.name, spec.task, spec.size, spec.batch, kind, status, overrides, error_line(exc))
     finally:
         free_memory(device)
@@ -854,8 +864,13 @@ def run_metadata(args: argparse.Namespace, device: torch.device) -> dict:
         "cuda_version": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "precision": "bf16 autocast over training_step, fp32 master weights" if cuda else "fp32",
-        "model": "torch.compile(fullgraph=True), CUDA graphs" if args.compile else "eager",
-        "step": "transfer_batch_to_device, training_step, backward, clip, optimizer, scheduler, zero_grad",
+        "model": model_description(args),
+        "step": (
+            "transfer_batch_to_device, training_step (graphed AV rows: with backward and clip), optimizer, "
+            "scheduler"
+            if args.graphed
+            else "transfer_batch_to_device, training_step, backward, clip, optimizer, scheduler, zero_grad"
+        ),
         "timing": "host time between device synchronisations, median of the timed steps; batch fetch apart",
         "dense": {
             "lm": "LongNetLM(attention='dense')",
@@ -867,6 +882,13 @@ def run_metadata(args: argparse.Namespace, device: torch.device) -> dict:
         "command": command_line(),
         "date": utc_now(),
     }
+
+
+def model_description(args: argparse.Namespace) -> str:
+    """How the steps ran: eager, compiled or graphed (the AV rows)."""
+    if args.graphed:
+        return "AV rows: whole training steps recorded as CUDA graphs (graphed=True); LM rows eager"
+    return "torch.compile(fullgraph=True), CUDA graphs" if args.compile else "eager"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -886,6 +908,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="the modules' compile option: the model under torch.compile(fullgraph=True), CUDA graphs "
         "on a GPU",
+    )
+    parser.add_argument(
+        "--graphed",
+        action="store_true",
+        help="the AV rows with the classifier's graphed option: each step (forward, loss, backward, "
+        "clipping) recorded as a CUDA graph per length bucket and replayed (not with --compile)",
     )
     parser.add_argument(
         "--shapes", type=int, default=None,
@@ -922,6 +950,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(str(exc))
     if args.warmup < 0 or args.steps < 1 or args.profile_steps < 1:
         parser.error("need --warmup >= 0, --steps >= 1 and --profile-steps >= 1")
+    if args.graphed and args.compile:
+        parser.error("--graphed records the eager model's steps; leave --compile off with it")
     if args.shapes is None and args.compile:
         args.shapes = 2
     if args.shapes is not None and args.shapes < 1:
@@ -946,7 +976,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cpu" and not args.smoke:
         print("note: full rows on the CPU are slow; --smoke runs the tiny ones", file=sys.stderr)
     meta = run_metadata(args, device)
-    tag = args.tag or default_tag(device, args.smoke) + ("_compiled" if args.compile else "")
+    suffix = ("_compiled" if args.compile else "") + ("_graphed" if args.graphed else "")
+    tag = args.tag or default_tag(device, args.smoke) + suffix
     json_path = args.out / f"train_{tag}.json"
     partial = partial_path(json_path)
     started = time.monotonic()

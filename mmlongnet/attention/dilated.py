@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from mmlongnet._tracing import traced
 from mmlongnet.attention.flash import DTYPES as FLASH_DTYPES
 from mmlongnet.attention.flash import FlashAttentionUnavailable, flash_install, flash_kernel
 from mmlongnet.attention.geometry import BranchCall, PackedBlock, branch_calls
@@ -204,7 +205,9 @@ def _dense_attention(
     (`runs_dense`); returns (B, N, H, D). Exact: the reference's softmax in a fused kernel."""
     batch, seq_len, num_heads, _ = q.shape
     key = (seq_len, num_heads, tuple(segment_lengths), tuple(dilation_rates), is_causal, q.dtype, q.device)
-    build = _schedule_bias if torch.compiler.is_compiling() else _cached_schedule_bias
+    # Traced or recorded, the bias is built inside the graph: a recorded graph must not read a
+    # cached tensor that the cache may later drop.
+    build = _schedule_bias if traced() else _cached_schedule_bias
     bias, keep = build(*key)  # (H, N, N8), (H, N)
     keep = keep[None]  # (1, H, N): the query rows with a key
     if key_padding_mask is None:

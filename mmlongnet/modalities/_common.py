@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from mmlongnet._tracing import traced
+
 
 def check_positive_int(name: str, value: object) -> None:
     """ValueError unless `value` is a positive int (bool excluded)."""
@@ -69,9 +71,9 @@ def check_lengths(
             f"{modality}: lengths must have shape (B,) = ({batch},) to match the batch, "
             f"got {tuple(lengths.shape)}"
         )
-    # Checked where the lengths live: on the CPU (the usual case) this reads no device. Under
-    # torch.compile the caller has checked them (MMLongNet.plan_batch does, on the host).
-    if batch and not torch.compiler.is_compiling():
+    # Checked where the lengths live: on the CPU (the usual case) this reads no device. Traced or
+    # recorded, the caller has checked them (MMLongNet.plan_batch does, on the host).
+    if batch and not traced():
         low, high = torch.stack([lengths.min(), lengths.max()]).tolist()
         if low < 0 or high > size:
             raise ValueError(

@@ -29,6 +29,7 @@ alike (the gather's backward sums over ranks), so averaging over the P ranks giv
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,6 +38,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmlongnet._config import check_field_types
+from mmlongnet._tracing import traced
 from mmlongnet.attention.config import LongNetLayerConfig
 from mmlongnet.attention.dilated import check_schedule
 from mmlongnet.modalities import MODALITIES
@@ -230,6 +232,29 @@ class BatchPlan:
     audio_sample_rate: int | None = None
     """The waveforms' rate (None: the audio encoder's)."""
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The plan's device tensors, in a fixed order: the fused layout's, then the lengths."""
+        layout = self.layout.tensors() if self.layout is not None else []
+        return [*layout, *(self.device_lengths[name] for name in self.order)]
+
+    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> BatchPlan:
+        """The same plan over `tensors` (as `tensors()` lists them), e.g. a recorded step's buffers."""
+        count = len(tensors) - len(self.order)
+        layout = self.layout.with_tensors(tensors[:count]) if self.layout is not None else None
+        lengths = dict(zip(self.order, tensors[count:], strict=True))
+        return dataclasses.replace(self, layout=layout, device_lengths=lengths)
+
+    def signature(self) -> tuple:
+        """What a forward given this plan decides on the host, beside the tensors' shapes: equal
+        for every batch of a length bucket planned `always_masked` (the lengths themselves, the
+        valid token count and the host copies are not in it)."""
+        layout, routing = self.layout, self.layout and self.layout.routing
+        return (
+            self.order, tuple(self.sizes.items()), tuple(self.widths.items()),
+            tuple(self.stack_padding.items()), self.fused_padding, self.audio_sample_rate,
+            layout and layout.length, routing and (routing.shape, routing.capacities),
+        )  # fmt: skip
+
 
 # Per modality, the names the encoder's own checks use: (modality in messages, unit of a length).
 _LENGTH_UNITS = {"text": ("text", "tokens"), "audio": ("audio", "samples"), "video": ("vision", "frames")}
@@ -289,9 +314,9 @@ class MMLongNet(Pretrained, nn.Module):
     def _encode(self, name: str, x: torch.Tensor, plan: BatchPlan):
         """Encoder and stack of one modality -> tokens (B, N_m, E), padding (B, N_m)."""
         encoder = self.encoders[name]
-        # Compiled, the encoder reads the lengths on the device (the plan has checked them);
-        # eager, it checks them on the CPU and copies them without waiting.
-        lengths = plan.device_lengths[name] if torch.compiler.is_compiling() else plan.lengths[name]
+        # Compiled or recorded, the encoder reads the lengths on the device (the plan has checked
+        # them); eager, it checks them on the CPU and copies them without waiting.
+        lengths = plan.device_lengths[name] if traced() else plan.lengths[name]
         kwargs = {"sample_rate": plan.audio_sample_rate} if name == "audio" else {}
         try:
             if self.config.checkpoint_activations and self.training and torch.is_grad_enabled():

@@ -27,6 +27,8 @@ from mmlongnet.distributed.groups import split_sequence
 from mmlongnet.distributed.parallelize import parallelize_sequence
 from mmlongnet.layers.multiway import MultiwayNetwork
 from mmlongnet.models import LongNetLM, MMLongNet, MMLongNetConfig
+from mmlongnet.models.multimodal import BatchPlan
+from mmlongnet.training.graphed import GraphedSteps
 
 __all__ = ["LanguageModel", "MultimodalClassifier", "OptimizerConfig"]
 
@@ -161,6 +163,8 @@ def _parallelize(module: pl.LightningModule, group: Group, validate: bool) -> No
         return
     if module.compiled is not None:
         raise ValueError("compile=True does not run with sequence sharding; leave compile off there")
+    if getattr(module, "graphed_steps", None) is not None:
+        raise ValueError("graphed=True does not run with sequence sharding; leave graphed off there")
     parallelize_sequence(module.model, group, validate=validate)
     module.sequence_parallel = True
 
@@ -190,16 +194,24 @@ class _Trained(pl.LightningModule):
         "value"), applied here because Lightning's mixed-precision plugins refuse to clip for an
         optimizer that unscales gradients itself, as the fused AdamW does. bf16 has no loss scale;
         with fp16's the gradients are unscaled first, and the optimizer step then knows they are."""
-        if not gradient_clip_val:
-            return
+        if not gradient_clip_val or getattr(self, "graphed_steps", None) is not None:
+            return  # a graphed step has clipped its gradients itself
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scaler.unscale_(optimizer)  # fp16: Lightning leaves them scaled for such an optimizer
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        if gradient_clip_algorithm == "value":
-            nn.utils.clip_grad_value_(parameters, gradient_clip_val, foreach=True)
-        else:
-            nn.utils.clip_grad_norm_(parameters, gradient_clip_val, foreach=True)
+        _clip(parameters, gradient_clip_val, gradient_clip_algorithm)
+
+
+def _clip(parameters: list[nn.Parameter], value: float | None, algorithm: str | None) -> None:
+    """Clip the gradients of `parameters` by their norm (algorithm None or "norm") or by value,
+    on the device (no host read); nothing when `value` is 0 or None."""
+    if not value:
+        return
+    if algorithm == "value":
+        nn.utils.clip_grad_value_(parameters, value, foreach=True)
+    else:
+        nn.utils.clip_grad_norm_(parameters, value, foreach=True)
 
 
 class MultimodalClassifier(_Trained):
@@ -217,6 +229,15 @@ class MultimodalClassifier(_Trained):
             a GPU). Pair it with length buckets: every new input shape compiles (and records) anew,
             ~80-110 s per bucket for `configs/avdigits_long.yaml`'s model on an H200; batches are
             planned `always_masked`, so one graph serves every batch of a bucket.
+        graphed: record each training step (forward, loss, backward, gradient clipping) as one CUDA
+            graph per batch signature (`GraphedSteps`: the length bucket and which modalities the
+            batch holds) and replay it for the later batches of that signature: one launch a step
+            instead of thousands, for short inputs whose step the host bounds. The first
+            `graph_warmup` steps of each signature run eagerly. Outputs equal the eager step's; on a
+            CPU the steps run eagerly through the same path. One device, bf16 or fp32 (not fp16's
+            loss scaling), `accumulate_grad_batches` 1; not with `compile` (the graphed eager steps
+            ran faster than the compiled ones on an H200, README) nor with sequence sharding.
+        graph_warmup: eager steps of a signature before it is recorded (>= 1).
 
     Samples labelled -1 (unknown) are left out of the loss and the accuracy.
 
@@ -232,12 +253,16 @@ class MultimodalClassifier(_Trained):
         optimizer: OptimizerConfig | None = None,
         label_smoothing: float = 0.0,
         compile: bool = False,
+        graphed: bool = False,
+        graph_warmup: int = 2,
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         if pooling not in ("mean", "text"):
             raise ValueError(f"pooling must be 'mean' or 'text', got {pooling!r}")
+        if compile and graphed:
+            raise ValueError("graphed=True records the eager model's steps; leave compile off with it")
         if pooling == "text" and "text" not in model.modalities:
             raise ValueError("pooling='text' needs a text modality (model.text is None)")
         self.save_hyperparameters()
@@ -249,6 +274,7 @@ class MultimodalClassifier(_Trained):
         self.sequence_parallel = False  # whether `parallelize` has sharded the model
         self.last_batch_tokens = 0  # valid fused tokens of the last batch (for throughput)
         self.head = nn.Sequential(nn.LayerNorm(model.d_model), nn.Linear(model.d_model, num_classes))
+        self.graphed_steps = GraphedSteps(self, warmup=graph_warmup) if graphed else None
 
     def parallelize(self, group: Group, *, validate: bool = True) -> None:
         """Shard the fusion stack's sequence over `group` (`parallelize_sequence`; the other ranks
@@ -257,10 +283,19 @@ class MultimodalClassifier(_Trained):
 
     def features(self, batch: Batch) -> torch.Tensor:
         """The pooled representation the head reads, (B, E)."""
-        # On the host, from CPU lengths; compiled, one graph per length bucket (masks always on).
-        plan = self.model.plan_batch(batch.inputs, batch.lengths, always_masked=self.compiled is not None)
-        out = (self.compiled or self.model)(batch.inputs, plan=plan)
+        return self._pooled(batch.inputs, self._plan(batch))
+
+    def _plan(self, batch: Batch) -> BatchPlan:
+        """The batch's plan, on the host from CPU lengths; compiled or graphed, one graph per length
+        bucket (masks always on)."""
+        always_masked = self.compiled is not None or self.graphed_steps is not None
+        plan = self.model.plan_batch(batch.inputs, batch.lengths, always_masked=always_masked)
         self.last_batch_tokens = plan.valid_tokens
+        return plan
+
+    def _pooled(self, inputs: dict[str, torch.Tensor], plan: BatchPlan) -> torch.Tensor:
+        """(B, E): what the head reads of the model's output over `inputs` planned by `plan`."""
+        out = (self.compiled or self.model)(inputs, plan=plan)
         if self.pooling == "mean":
             return out.pooled
         text = self.model.config.modalities.index("text")
@@ -281,18 +316,31 @@ class MultimodalClassifier(_Trained):
         inputs = {name: x.to(device, non_blocking=True) for name, x in batch.inputs.items()}
         return Batch(batch.ids, inputs, batch.lengths, batch.labels)
 
-    def _step(self, batch: Batch, stage: str) -> torch.Tensor:
-        logits = self(batch)  # (B, K)
-        labels = batch.labels.to(logits.device, non_blocking=True)  # (B,)
-        size = int((batch.labels.cpu().numpy() >= 0).sum())  # labelled samples, counted on the host
-        labelled = (labels >= 0).to(logits.dtype)  # (B,); samples with label -1 take no part
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, K) logits, (B,) labels on the device -> the mean cross-entropy over the labelled
+        samples (0 without any; label -1 takes no part) and how many of them are predicted right,
+        both () on the device."""
+        labelled = labels >= 0  # (B,)
         losses = F.cross_entropy(
             logits.float(), labels.clamp_min(0), reduction="none", label_smoothing=self.label_smoothing
         )  # (B,)
-        loss = (losses * labelled).sum() / max(size, 1)  # the mean over labelled samples (0 without any)
+        weights = labelled.to(losses.dtype)
+        loss = (losses * weights).sum() / weights.sum().clamp_min(1.0)
+        correct = ((logits.argmax(-1) == labels) & labelled).sum()
+        return loss, correct
+
+    def _step(self, batch: Batch, stage: str) -> torch.Tensor:
+        logits = self(batch)  # (B, K)
+        labels = batch.labels.to(logits.device, non_blocking=True)  # (B,)
+        loss, correct = self._loss(logits, labels)
+        self._log_metrics(stage, loss, correct, batch)
+        return loss
+
+    def _log_metrics(self, stage: str, loss: torch.Tensor, correct: torch.Tensor, batch: Batch) -> None:
+        """Log the loss and the accuracy, weighted by the labelled samples (counted on the host)."""
+        size = int((batch.labels.cpu().numpy() >= 0).sum())
         if size == 0:
-            return loss
-        correct = ((logits.argmax(-1) == labels) & (labels >= 0)).sum()  # (), on the device
+            return
         self.log(f"{stage}_loss", loss, batch_size=size, prog_bar=True, sync_dist=stage != "train")
         # The epoch value is the mean weighted by batch_size: correct / labelled over the epoch.
         self.log(
@@ -302,7 +350,50 @@ class MultimodalClassifier(_Trained):
         return loss
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        if self.graphed_steps is None:
+            return self._step(batch, "train")
+        self._check_graphable()
+        plan = self._plan(batch)
+        labels = batch.labels.to(self.device, non_blocking=True)  # (B,)
+        tensors = [*(batch.inputs[name] for name in plan.order), *plan.tensors(), labels]
+        clipping = (self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm)
+        device = labels.device.type
+        signature = (
+            plan.signature(), tuple((tuple(x.shape), x.dtype) for x in tensors), clipping,
+            torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
+        )  # fmt: skip
+
+        def step(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+            count = len(plan.order)
+            inputs = dict(zip(plan.order, tensors[:count], strict=True))
+            logits = self.head(self._pooled(inputs, plan.with_tensors(tensors[count:-1])))  # (B, K)
+            loss, correct = self._loss(logits, tensors[-1])
+            loss.backward()
+            _clip(self.graphed_steps.parameters, *clipping)
+            return [loss, correct]
+
+        loss, correct = self.graphed_steps(signature, tensors, step)
+        self._log_metrics("train", loss, correct, batch)
+        return loss
+
+    def _check_graphable(self) -> None:
+        """ValueError for a run that graphed steps do not support."""
+        trainer = self.trainer
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError("graphed=True does not run fp16's loss scaling; use precision bf16-mixed or 32")
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError("graphed=True steps the optimizer every batch; set accumulate_grad_batches: 1")
+        if trainer.world_size > 1:
+            raise ValueError("graphed=True runs on one device; leave it off with several")
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        if self.graphed_steps is None:
+            super().backward(loss, *args, **kwargs)  # a graphed step has run its backward itself
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        if self.graphed_steps is None:
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+        # A graphed step zeroes the gradients in place first: its graph writes into them.
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._step(batch, "val")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mmlongnet.data.collate import collate_samples
 from mmlongnet.models import LongNetLM, MMLongNet, MMLongNetConfig
-from mmlongnet.models.packing import FusedLayout
+from mmlongnet.models.packing import FusedLayout, to_device_at_once
 from mmlongnet.training.module import MultimodalClassifier
 
 
@@ -113,6 +113,28 @@ def test_fused_layout_packs_like_a_loop_over_samples():
 def test_a_sample_without_any_token_is_named():
     with pytest.raises(ValueError, match="sample 1 has no modality at all"):
         FusedLayout.build([torch.tensor([2, 0])], [2], [0], num_ways=1)
+
+
+def host_tensors():
+    return [torch.tensor([3, -1, 7]), torch.tensor([[True, False], [False, True]]), torch.zeros(0, 4).long()]
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_tensors_move_at_once_with_their_shapes_and_dtypes(device):
+    moved = to_device_at_once(host_tensors(), torch.device(device))
+    for got, want in zip(moved, host_tensors(), strict=True):
+        assert (got.shape, got.dtype, got.device.type) == (want.shape, want.dtype, device)
+        if device == "cpu":
+            assert torch.equal(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tensors_move_at_once_to_a_gpu_with_their_values():
+    for _ in range(2):  # the second reuses the cached pinned block
+        moved = to_device_at_once(host_tensors(), torch.device("cuda"))
+        for got, want in zip(moved, host_tensors(), strict=True):
+            assert got.device.type == "cuda" and got.dtype == want.dtype and torch.equal(got.cpu(), want)
 
 
 @pytest.mark.cuda

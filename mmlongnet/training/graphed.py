@@ -1,0 +1,147 @@
+"""Whole training steps replayed as CUDA graphs: one graph per batch signature.
+
+A training step of the multimodal model on short inputs launches a few thousand small kernels from
+Python; the GPU then waits for the host most of the step. `GraphedSteps` records the device work of
+a step (forward, loss, backward, gradient clipping) once per batch signature (the shapes and the
+host-side layout of a length bucket) and replays it for every later batch of that signature: one
+launch instead of thousands, and nothing on the host inside the step but copying the batch's
+tensors into the graph's input buffers.
+
+The step function must be capturable: no host reads of device values, no host-dependent branching
+on per-batch values (those belong in the signature), no host-to-device copies inside. Gradients
+land in the parameters' `.grad` tensors, which stay allocated (zeroed inside the step, never set to
+None), so that the optimizer, outside the graph, reads them as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class _Recorded:
+    """One signature's graph: the buffers it reads and the outputs it writes."""
+
+    graph: torch.cuda.CUDAGraph
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+
+
+class GraphedSteps:
+    """Runs `step(tensors) -> list of tensors` as CUDA graphs, one per signature.
+
+    Args:
+        module: what is trained; its parameters that require a gradient (taken at the first step)
+            get their `.grad` allocated (zeros) then and only written in place afterwards.
+        warmup: eager runs of a signature before it is recorded (>= 1: lazy initialisation, kernel
+            choice and caches happen there, outside the recording). Every run is a real step.
+        record: record graphs where the step's tensors are on a CUDA device; False runs every step
+            eagerly through the same path (as on a CPU).
+
+    `__call__(signature, tensors, step)`: `signature` is hashable and names everything of the batch
+    that `step` reads on the host (shapes included); `tensors` are the batch's device tensors (one
+    list per step, same shapes for a signature); `step(tensors)` does the step's device work and
+    returns its outputs (small tensors: the loss, counts). Returns fresh copies of the outputs.
+
+    Graphs share one memory pool (they never run concurrently and keep only their outputs); a
+    signature is recorded once, with the autocast state of that call (part of the signature the
+    caller gives). `signatures` tells how many there are and `recorded` how many are graphs.
+    """
+
+    def __init__(self, module: nn.Module, *, warmup: int = 2, record: bool = True) -> None:
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup must be an int >= 1, got {warmup!r}")
+        self.module = module
+        self.parameters: list[nn.Parameter] | None = None
+        self.warmup, self.record = warmup, record
+        self.runs: dict[Hashable, int] = {}  # eager runs so far, per signature not yet recorded
+        self.graphs: dict[Hashable, _Recorded] = {}
+        self.pool = None
+        self.stream: torch.cuda.Stream | None = None  # where eager GPU steps and recordings run
+
+    @property
+    def signatures(self) -> int:
+        return len(self.runs) + len(self.graphs)
+
+    @property
+    def recorded(self) -> int:
+        return len(self.graphs)
+
+    def _zero_grads(self) -> None:
+        """Zero every parameter's gradient in place, allocating it on first use (the first step of
+        a signature is eager, so a recording allocates none). No reference outlives the call: a
+        held one would make autograd replace a gradient instead of accumulating into it."""
+        for p in self.parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.parameters:
+            torch._foreach_zero_([p.grad for p in self.parameters])
+
+    def __call__(
+        self,
+        signature: Hashable,
+        tensors: Sequence[torch.Tensor],
+        step: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        tensors = list(tensors)
+        if self.parameters is None:
+            self.parameters = [p for p in self.module.parameters() if p.requires_grad]
+        recorded = self.graphs.get(signature)
+        if recorded is not None:
+            for buffer, x in zip(recorded.inputs, tensors, strict=True):
+                buffer.copy_(x, non_blocking=True)
+            recorded.graph.replay()
+            return [out.clone() for out in recorded.outputs]
+        runs = self.runs.get(signature, 0)
+        on_gpu = bool(tensors) and tensors[0].device.type == "cuda"
+        if not (self.record and on_gpu):
+            self.runs[signature] = runs + 1
+            return self._eager(tensors, step)
+        # Eager GPU steps run on the stream the recordings use: autograd's gradient accumulators
+        # then belong to that stream in both, and a recording waits on no other stream.
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(tensors[0].device)
+        caller = torch.cuda.current_stream(tensors[0].device)
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            if runs < self.warmup:
+                self.runs[signature] = runs + 1
+                outputs = self._eager(tensors, step)
+            else:
+                del self.runs[signature]
+                recorded = self._record(tensors, step)
+                self.graphs[signature] = recorded
+                outputs = None
+        caller.wait_stream(self.stream)
+        if outputs is None:
+            recorded.graph.replay()
+            outputs = [out.clone() for out in recorded.outputs]
+        return outputs
+
+    def _eager(self, tensors: list[torch.Tensor], step) -> list[torch.Tensor]:
+        self._zero_grads()
+        return [out.detach() for out in step(tensors)]
+
+    def _record(self, tensors: list[torch.Tensor], step) -> _Recorded:
+        """Record `step` over copies of `tensors` (the graph's input buffers), on `self.stream`."""
+        inputs = [x.clone() for x in tensors]
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # Autocast's cache of cast weights would outlive the recording; within it, every cast is
+        # recorded where it is used.
+        autocast, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False):
+            torch.cuda.synchronize()
+            # Only this thread's calls are held to the recording's rules: the data loader's threads
+            # (pinning batches) go on meanwhile.
+            with torch.cuda.graph(
+                graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"
+            ):
+                self._zero_grads()
+                outputs = [out.detach() for out in step(inputs)]
+        return _Recorded(graph, inputs, outputs)
