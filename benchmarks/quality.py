@@ -289,11 +289,13 @@ def train_for(
 
     Args:
         next_batch: (progress in [0, 1], rng) -> (length, batch): the curriculum picks the length.
-        loss_fn: (forward, batch) -> scalar loss.
+        loss_fn: (forward, batch) -> scalar loss; for a module with graphed steps, the loss of a
+            step that has run its backward and clipping (`av_graphed_step`).
         forward: what runs the model (default `model` itself; `CompiledModel(model)` with
             `--compile`).
     """
     forward = forward or model
+    graphed = getattr(model, "graphed_steps", None) is not None  # its loss_fn steps backward and clips
     optimizer = OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay).build(model, 1)["optimizer"]
     parameters = list(model.parameters())  # listed once: walking the ~330 modules costs ~2 ms a step
     rng = np.random.default_rng(args.seed)
@@ -312,10 +314,12 @@ def train_for(
             log.stages.append([round(elapsed, 2), log.steps, next_batch.lengths[len(log.stages)]])
         with mixed_precision(device):
             loss = loss_fn(forward, batch)
-        loss.backward()
-        nn.utils.clip_grad_norm_(parameters, args.clip)
+        if not graphed:
+            loss.backward()
+            nn.utils.clip_grad_norm_(parameters, args.clip)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if not graphed:
+            optimizer.zero_grad(set_to_none=True)
         log.steps += 1
         log.samples[length] = log.samples.get(length, 0) + batch_size_of(batch)
         if log.steps % args.log_every == 0 or log.steps == 1:
@@ -499,6 +503,14 @@ def av_loss(module: MultimodalClassifier, batch, device: torch.device) -> torch.
     return F.cross_entropy(logits.float(), data.labels.to(device, non_blocking=True))
 
 
+def av_graphed_step(module: MultimodalClassifier, batch, device: torch.device, clip: float) -> torch.Tensor:
+    """`--graphed`: the module's graphed step (forward, the same loss, backward, clipping by norm);
+    returns the loss, detached."""
+    data, _ = batch
+    loss, _ = module.graphed_step(module.transfer_batch_to_device(data, device, 0), (clip, "norm"))
+    return loss
+
+
 @torch.no_grad()
 def av_evaluate(module, K, args, device, deadline: float) -> dict:
     """Test accuracy at K digits per question type (stops early at `deadline`)."""
@@ -525,13 +537,19 @@ def run_avdigits(args: argparse.Namespace, device: torch.device, start: float) -
         digits = [K for K in args.digits if kind != "dense" or K <= args.dense_max_digits]
         torch.manual_seed(args.seed)
         module = MultimodalClassifier(
-            av_model_config(args, kind), num_classes=10, pooling=args.pooling, compile=args.compile
-        ).to(device)
+            av_model_config(args, kind), num_classes=10, pooling=args.pooling, compile=args.compile,
+            graphed=args.graphed,
+        ).to(device)  # fmt: skip
         curriculum = Curriculum(
             digits, lambda K: av_loader(K, "train", 10**7, args, device), args.curriculum, args.advance_loss,
             args.newest_share,
         )  # fmt: skip
-        log = train_for(module, curriculum, partial(av_loss, device=device), train_s, args, device)
+        loss_fn = (
+            partial(av_graphed_step, device=device, clip=args.clip)
+            if args.graphed
+            else partial(av_loss, device=device)
+        )
+        log = train_for(module, curriculum, loss_fn, train_s, args, device)
         module.compiled = None  # tested eagerly: compiling the test shapes would cost more than it saves
         results[kind] = tested(
             module, log, eval_s, partial(av_evaluate, module, args=args, device=device), digits
@@ -886,7 +904,7 @@ DEFAULTS = {
         models=["dilated", "dense", "local"], digits=[4, 16, 64, 256, 1024],
         questions=["first", "last", "count"], train_question_weights=None, dense_max_digits=1024,
         curriculum="grow", advance_loss=0.3, newest_share=None, pooling="text", compile=False,
-        d_model=256, nhead=8, ffn=1024, patch_size=8, fusion_layers=4, modality_layers=1,
+        graphed=False, d_model=256, nhead=8, ffn=1024, patch_size=8, fusion_layers=4, modality_layers=1,
         segments=[256, 1024, 4096, 16384], rates=[1, 2, 4, 8],
         modality_segments=[256, 1024, 4096], modality_rates=[1, 2, 4],
         lr=3e-4, warmup_steps=300, batch_size=64, batch_tokens=65536, eval_examples=512,
@@ -1055,6 +1073,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=["mean", "text"],
         help="what the head reads (default text: the question's tokens)",
     )
+    av.add_argument(
+        "--graphed", action="store_true", default=None,
+        help="train with the classifier's graphed steps (each step one CUDA graph per length bucket, "
+        "after two eager steps of it; no compiling); not with --compile",
+    )  # fmt: skip
     av.add_argument("--patch-size", type=int, help="video patch size on 8x8 frames (8: one token a frame)")
     av.add_argument("--fusion-layers", type=int, help="multiway fusion layers (default 4)")
     av.add_argument("--modality-layers", type=int, help="layers of the audio and video stacks (default 1)")
@@ -1120,6 +1143,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             f"--train-question-weights needs one weight >= 0 per question type {args.questions}, "
             f"not all zero; got {weights}"
         )
+    if getattr(args, "graphed", False) and args.compile:
+        parser.error("--graphed records the eager model's steps; leave --compile off with it")
     if args.segments is not None and len(args.segments) != len(args.rates):
         parser.error(f"--segments and --rates differ in length: {args.segments} and {args.rates}")
     return args

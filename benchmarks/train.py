@@ -258,9 +258,7 @@ def quiet_lightning() -> Iterator[None]:
 def build(spec: RowSpec, kind: str, device: torch.device, overrides: Sequence[str]):
     """(module on `device`, in train mode; set-up data module; gradient clip value or None).
 
-    The YAML's seed is set by the CLI before the module is built, so both kinds start alike. A
-    module with graphed steps gets the CLI's trainer (its steps read the clipping settings there)
-    and logs nothing (its steps run outside a fit).
+    The YAML's seed is set by the CLI before the module is built, so both kinds start alike.
     """
     from mmlongnet.training import CLI
 
@@ -270,9 +268,6 @@ def build(spec: RowSpec, kind: str, device: torch.device, overrides: Sequence[st
     with quiet_lightning():
         cli = CLI(args=args, run=False)
     cli.datamodule.setup("fit")
-    if getattr(cli.model, "graphed_steps", None) is not None:
-        cli.model.trainer = cli.trainer
-        cli.model.log = lambda *args, **kwargs: None
     return cli.model.to(device).train(), cli.datamodule, cli.trainer.gradient_clip_val
 
 
@@ -371,7 +366,10 @@ class Trainee:
         graphed = getattr(module, "graphed_steps", None) is not None
         batch = module.transfer_batch_to_device(batch, self.device, 0)
         with mixed_precision(self.device):
-            loss = module.training_step(batch, index)
+            if graphed:
+                loss, _ = module.graphed_step(batch, (self.clip, "norm"))
+            else:
+                loss = module.training_step(batch, index)
         if not graphed:
             loss.backward()
             if self.clip:

@@ -315,6 +315,23 @@ def test_compiled_recall_training_takes_the_eager_steps(tmp_path, capsys, one_th
     assert "s compiling)" in printed["compiled"] and "compiling" not in printed["eager"]
 
 
+def test_graphed_avdigits_training_takes_the_eager_steps(tmp_path, one_thread):
+    """--graphed trains through the classifier's graphed steps (eager on the CPU): the same losses,
+    step by step, as the usual loop; it refuses --compile."""
+    curves = {}
+    for tag, extra in (("eager", []), ("graphed", ["--graphed"])):
+        argv = ["avdigits", "--smoke", "--device", "cpu", "--out", str(tmp_path), "--tag", tag,
+                "--models", "dilated", "--digits", "2", "--max-steps", "3", "--log-every", "1",
+                "--time-budget", "600", *extra]  # fmt: skip
+        assert bench.main(argv) == 0
+        data = json.loads((tmp_path / f"quality_avdigits_{tag}.json").read_text())
+        curves[tag] = [loss for _, _, loss in data["results"]["dilated"]["train"]["curve"]]
+    assert len(curves["graphed"]) == 3
+    assert curves["graphed"] == pytest.approx(curves["eager"], abs=1e-4)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["avdigits", "--smoke", "--graphed", "--compile"])
+
+
 def test_a_peeked_batch_is_the_next_one_of_its_length():
     counter = iter(range(100))
     curriculum = bench.Curriculum([8, 16], lambda n: (n * 1000 + next(counter) for _ in range(10)), "mixed")

@@ -141,6 +141,11 @@ def test_overrides_set_size_batch_and_the_dense_schedule():
             f"--model.init_args.model.{stack}.dilation_rates",
             "[1]",
         ]
+    graphed = bench.row_overrides(spec, "dilated", None, graphed=True)
+    assert graphed[-2:] == ["--model.init_args.graphed", "true"]
+    assert bench.row_overrides(bench.ROWS["lm32k"], "dilated", None, graphed=True)[-2:] != graphed[-2:]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--graphed", "--compile", "--device", "cpu"])
     lm = bench.row_overrides(bench.ROWS["lm32k"], "dense", None)
     assert lm == [
         "--data.init_args.window", "32768", "--data.init_args.batch_size", "4",

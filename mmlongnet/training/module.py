@@ -353,10 +353,31 @@ class MultimodalClassifier(_Trained):
         if self.graphed_steps is None:
             return self._step(batch, "train")
         self._check_graphable()
+        clipping = (self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm)
+        loss, correct = self.graphed_step(batch, clipping)
+        self._log_metrics("train", loss, correct, batch)
+        return loss
+
+    def graphed_step(
+        self, batch: Batch, clipping: tuple[float | None, str | None] = (None, None)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step of a `graphed=True` module through its `graphed_steps`: forward, loss,
+        backward and gradient clipping, replayed as a CUDA graph once its signature is recorded.
+
+        Args:
+            batch: with its inputs on the module's device (`transfer_batch_to_device`).
+            clipping: (value, "norm" or "value"), as the Trainer's `gradient_clip_val` and
+                `gradient_clip_algorithm`; (None, None) clips nothing.
+
+        Returns (loss, labelled samples predicted right), () each, on the device, detached. The
+        optimizer step is the caller's; the next step zeroes the gradients (in place) itself.
+        `training_step` calls it with the Trainer's clipping; a loop of one's own may too.
+        """
+        if self.graphed_steps is None:
+            raise ValueError("graphed_step needs a module made with graphed=True")
         plan = self._plan(batch)
         labels = batch.labels.to(self.device, non_blocking=True)  # (B,)
         tensors = [*(batch.inputs[name] for name in plan.order), *plan.tensors(), labels]
-        clipping = (self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm)
         device = labels.device.type
         signature = (
             plan.signature(), tuple((tuple(x.shape), x.dtype) for x in tensors), clipping,
@@ -373,8 +394,7 @@ class MultimodalClassifier(_Trained):
             return [loss, correct]
 
         loss, correct = self.graphed_steps(signature, tensors, step)
-        self._log_metrics("train", loss, correct, batch)
-        return loss
+        return loss, correct
 
     def _check_graphable(self) -> None:
         """ValueError for a run that graphed steps do not support."""
