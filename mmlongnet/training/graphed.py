@@ -15,6 +15,7 @@ None), so that the optimizer, outside the graph, reads them as usual.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
@@ -47,9 +48,12 @@ class GraphedSteps:
     list per step, same shapes for a signature); `step(tensors)` does the step's device work and
     returns its outputs (small tensors: the loss, counts). Returns fresh copies of the outputs.
 
-    Graphs share one memory pool (they never run concurrently and keep only their outputs); a
-    signature is recorded once, with the autocast state of that call (part of the signature the
-    caller gives). `signatures` tells how many there are and `recorded` how many are graphs.
+    Graphs share one memory pool (they never run concurrently and keep only their outputs); each
+    also keeps a copy of its batch's tensors (its input buffers). A signature is recorded once, with
+    the autocast state of that call (part of the signature the caller gives). A step that cannot be
+    recorded (an operation CUDA graphs do not take) warns once, naming the error, and its signature
+    runs eagerly from then on. `signatures` tells how many there are, `recorded` how many are
+    graphs.
     """
 
     def __init__(self, module: nn.Module, *, warmup: int = 2, record: bool = True) -> None:
@@ -60,12 +64,13 @@ class GraphedSteps:
         self.warmup, self.record = warmup, record
         self.runs: dict[Hashable, int] = {}  # eager runs so far, per signature not yet recorded
         self.graphs: dict[Hashable, _Recorded] = {}
+        self.unrecordable: set[Hashable] = set()  # signatures whose recording failed: eager
         self.pool = None
         self.stream: torch.cuda.Stream | None = None  # where eager GPU steps and recordings run
 
     @property
     def signatures(self) -> int:
-        return len(self.runs) + len(self.graphs)
+        return len(self.runs) + len(self.graphs)  # an unrecordable one counts among the eager runs
 
     @property
     def recorded(self) -> int:
@@ -108,14 +113,12 @@ class GraphedSteps:
         caller = torch.cuda.current_stream(tensors[0].device)
         self.stream.wait_stream(caller)
         with torch.cuda.stream(self.stream):
-            if runs < self.warmup:
+            outputs = recorded = None
+            if runs >= self.warmup and signature not in self.unrecordable:
+                recorded = self._try_record(signature, tensors, step)
+            if recorded is None:
                 self.runs[signature] = runs + 1
                 outputs = self._eager(tensors, step)
-            else:
-                del self.runs[signature]
-                recorded = self._record(tensors, step)
-                self.graphs[signature] = recorded
-                outputs = None
         caller.wait_stream(self.stream)
         if outputs is None:
             recorded.graph.replay()
@@ -125,6 +128,22 @@ class GraphedSteps:
     def _eager(self, tensors: list[torch.Tensor], step) -> list[torch.Tensor]:
         self._zero_grads()
         return [out.detach() for out in step(tensors)]
+
+    def _try_record(self, signature: Hashable, tensors: list[torch.Tensor], step) -> _Recorded | None:
+        """`_record`, or None (with a warning) when the step cannot be recorded."""
+        try:
+            recorded = self._record(tensors, step)
+        except RuntimeError as error:  # the CUDA error of the first operation a recording refuses
+            self.unrecordable.add(signature)
+            warnings.warn(
+                f"a training step could not be recorded as a CUDA graph ({type(error).__name__}: "
+                f"{str(error).splitlines()[0]}); batches of its signature run eagerly from now on",
+                stacklevel=3,
+            )
+            return None
+        del self.runs[signature]
+        self.graphs[signature] = recorded
+        return recorded
 
     def _record(self, tensors: list[torch.Tensor], step) -> _Recorded:
         """Record `step` over copies of `tensors` (the graph's input buffers), on `self.stream`."""

@@ -136,6 +136,29 @@ def test_graphed_steps_replay_the_eager_step_on_new_values():
 
 @pytest.mark.cuda
 @cuda
+def test_a_step_that_cannot_be_recorded_warns_and_runs_eagerly():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1).cuda()
+    steps = GraphedSteps(model, warmup=1)
+
+    def step(tensors):
+        loss = model(tensors[0]).square().mean()
+        loss.backward()
+        return [loss * float(loss)]  # a host read: refused while recording
+
+    x = torch.randn(8, 4, device="cuda")
+    steps("a", [x], step)
+    with pytest.warns(UserWarning, match="could not be recorded as a CUDA graph"):
+        (loss,) = steps("a", [x], step)
+    (again,) = steps("a", [x], step)
+    want = model(x).square().mean()
+    torch.testing.assert_close(loss, want * want)
+    torch.testing.assert_close(again, want * want)
+    assert steps.recorded == 0 and steps.unrecordable == {"a"}
+
+
+@pytest.mark.cuda
+@cuda
 def test_a_graphed_classifier_trains_as_the_eager_one_on_a_gpu():
     """Recorded after two eager steps, the replays over new batches of the bucket (other lengths,
     other modalities missing) train as the eager module does, float32."""
