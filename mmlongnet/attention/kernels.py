@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -280,7 +281,8 @@ class KernelSelector:
     then on it takes the chain in its own order, so cuDNN builds its plan once, for a shape that
     recurs. A planning kernel still runs a new shape that every plan-free kernel refuses. Inside
     CUDA-graph capture a shape is not promoted (its plan would be built during the capture); one
-    promoted in an eager call before runs on its plan.
+    promoted in an eager call before runs on its plan. Inside `promoting()` every shape is promoted
+    at its first call: for the eager step before a capture.
 
     A kernel that raises a RuntimeError (out of memory excepted, which propagates) is skipped for
     that (method, shape) during its next `retry_after` calls, then tried again; it warns once per
@@ -301,6 +303,19 @@ class KernelSelector:
         self.promote_after, self.retry_after, self.max_entries = promote_after, retry_after, max_entries
         self.calls: OrderedDict[tuple, int] = OrderedDict()  # (method, shape key) -> calls so far
         self.refusals: OrderedDict[tuple, int] = OrderedDict()  # (kernel, method, shape) -> calls to skip
+        self.promote_now = False  # inside `promoting()`; an attribute, read by autograd's threads too
+
+    @contextmanager
+    def promoting(self) -> Iterator[None]:
+        """Calls inside take their chain in its own order at once, as if their shape had recurred
+        `promote_after` times: planning kernels build their plans now (or refuse the shape now).
+        For an eager step that a CUDA graph records next (`GraphedSteps` runs the last warm-up
+        step of a signature so): the recording then runs every shape on its fastest kernel."""
+        self.promote_now = True
+        try:
+            yield
+        finally:
+            self.promote_now = False
 
     def clear(self) -> None:
         """Forget every call count and refusal: every shape is new again."""
@@ -311,6 +326,8 @@ class KernelSelector:
         """Count this call of (method, shape) and return the kernels to try for it, in order."""
         key = (method, shape_key)
         calls = self.calls.get(key, 0) + 1
+        if self.promote_now:
+            calls = max(calls, self.promote_after)
         _put(self.calls, key, calls, self.max_entries)
         # While a CUDA graph is being captured no plan may be built: a shape promoted only now waits.
         capturing = torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()

@@ -15,12 +15,15 @@ None), so that the optimizer, outside the graph, reads them as usual.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from mmlongnet.attention.kernels import SELECTOR
 
 
 @dataclass
@@ -39,7 +42,9 @@ class GraphedSteps:
         module: what is trained; its parameters that require a gradient (taken at the first step)
             get their `.grad` allocated (zeros) then and only written in place afterwards.
         warmup: eager runs of a signature before it is recorded (>= 1: lazy initialisation, kernel
-            choice and caches happen there, outside the recording). Every run is a real step.
+            choice and caches happen there, outside the recording; the last one promotes every
+            attention shape to its fastest kernel, `KernelSelector.promoting`). Every run is a real
+            step.
         record: record graphs where the step's tensors are on a CUDA device; False runs every step
             eagerly through the same path (as on a CPU).
 
@@ -118,7 +123,11 @@ class GraphedSteps:
                 recorded = self._try_record(signature, tensors, step)
             if recorded is None:
                 self.runs[signature] = runs + 1
-                outputs = self._eager(tensors, step)
+                # The last eager step before the recording chooses each attention call's fastest
+                # kernel now (cuDNN plans included), which the graph then keeps.
+                last = runs == self.warmup - 1 and signature not in self.unrecordable
+                with SELECTOR.promoting() if last else contextlib.nullcontext():
+                    outputs = self._eager(tensors, step)
         caller.wait_stream(self.stream)
         if outputs is None:
             recorded.graph.replay()

@@ -60,6 +60,26 @@ def test_no_shape_is_promoted_while_a_cuda_graph_is_captured(monkeypatch):
     assert selector.run(chain, "forward", ("a",)) == "planner"  # planned before the capture
 
 
+def test_shapes_promoted_at_once_before_a_capture_keep_their_plans_in_it(monkeypatch):
+    planner, _, _, chain = fakes()
+    selector = KernelSelector(promote_after=5)
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    assert selector.run(chain, "forward", ("seen",)) == "flash"
+    with selector.promoting():
+        assert selector.run(chain, "forward", ("new",)) == "planner"  # plans at its first call
+        assert selector.run(chain, "backward", ("seen",)) == "planner"
+    assert not selector.promote_now
+    capturing[0] = True
+    assert selector.run(chain, "forward", ("new",)) == "planner"  # the capture keeps the plan
+    assert selector.run(chain, "backward", ("seen",)) == "planner"
+    assert selector.run(chain, "forward", ("seen",)) == "flash"  # not promoted: 2 calls of 5
+    capturing[0] = False
+    assert selector.run(chain, "forward", ("other",)) == "flash"  # outside it, counted as usual
+    assert len(planner.calls) == 4
+
+
 def test_the_cuda_chain_runs_a_new_shape_on_flash_or_memory_efficient_then_cudnn():
     selector = KernelSelector(promote_after=2)
     cuda = torch.device("cuda")  # kernel_chain only reads the device type: no GPU needed
