@@ -171,3 +171,22 @@ def test_a_graphed_classifier_trains_as_the_eager_one_on_a_gpu():
     assert graphed.graphed_steps.recorded == 1
     for (name, a), b in zip(eager.named_parameters(), graphed.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.cuda
+@cuda
+def test_a_graphed_classifier_records_under_bf16_mixed_precision():
+    """Lightning's bf16-mixed autocast around the recorded step: recorded once, the same training
+    as the eager module within bf16's rounding."""
+    eager, graphed = twins()
+    start = [p.detach().clone() for p in eager.parameters()]
+    batches = bucket_batches(6)
+    train(eager, batches, "gpu", precision="bf16-mixed")
+    train(graphed, batches, "gpu", precision="bf16-mixed")
+    assert graphed.graphed_steps.recorded == 1
+    assert all(torch.isfinite(p).all() for p in graphed.parameters())
+    final = [p.detach().cpu() for p in eager.parameters()]
+    moved = torch.cat([(a - s.cpu()).flatten() for a, s in zip(final, start, strict=True)])
+    got = [p.detach().cpu() for p in graphed.parameters()]
+    apart = torch.cat([(b - a).flatten() for a, b in zip(final, got, strict=True)])
+    assert moved.norm() > 0 and apart.norm() < 0.2 * moved.norm()  # the same updates, to bf16's rounding
