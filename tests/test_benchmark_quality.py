@@ -295,39 +295,41 @@ def test_recall_table_buckets_end_at_the_longest_length():
     assert header.endswith("| d 0-512 | d 512-2K | d 2K-8K | d 8K-16K |")
 
 
+def trained_twice(tmp_path, capsys, experiment: str, option: str, *argv: str) -> dict[str, dict]:
+    """The dilated model trained by `experiment` (--smoke, logging every step) without `option`
+    and with it: per run ("eager", option's name), the training record and what was printed."""
+    runs = {}
+    for tag, extra in (("eager", []), (option.strip("-"), [option])):
+        common = ["--smoke", "--device", "cpu", "--out", str(tmp_path), "--tag", tag, "--models", "dilated"]
+        assert (
+            bench.main([experiment, *common, "--log-every", "1", "--time-budget", "600", *argv, *extra]) == 0
+        )
+        data = json.loads((tmp_path / f"quality_{experiment}_{tag}.json").read_text())
+        runs[tag] = {**data["results"]["dilated"]["train"], "printed": capsys.readouterr().out}
+        runs[tag]["losses"] = [loss for _, _, loss in runs[tag]["curve"]]
+    return runs
+
+
 def test_compiled_recall_training_takes_the_eager_steps(tmp_path, capsys, one_thread):
     """--compile runs the same model through torch.compile, every length compiled before training
     (gradients discarded, the batch kept): the same losses, step by step."""
-    curves, compile_seconds, printed = {}, {}, {}
-    for tag, extra in (("eager", []), ("compiled", ["--compile"])):
-        argv = ["recall", "--smoke", "--device", "cpu", "--out", str(tmp_path), "--tag", tag,
-                "--models", "dilated", "--lengths", "64", "--max-steps", "2", "--log-every", "1",
-                "--time-budget", "600", *extra]  # fmt: skip
-        assert bench.main(argv) == 0
-        data = json.loads((tmp_path / f"quality_recall_{tag}.json").read_text())
-        curves[tag] = [loss for _, _, loss in data["results"]["dilated"]["train"]["curve"]]
-        compile_seconds[tag] = data["results"]["dilated"]["train"]["compile_seconds"]
-        printed[tag] = capsys.readouterr().out
-    assert len(curves["compiled"]) == 2
-    assert curves["compiled"] == pytest.approx(curves["eager"], abs=1e-3)  # compiled first: same batches
-    assert compile_seconds["compiled"] > 0 and compile_seconds["eager"] == 0
-    assert "[recall] dilated: 2 steps in " in printed["compiled"]
-    assert "s compiling)" in printed["compiled"] and "compiling" not in printed["eager"]
+    runs = trained_twice(tmp_path, capsys, "recall", "--compile", "--lengths", "64", "--max-steps", "2")
+    curves = {tag: run["losses"] for tag, run in runs.items()}
+    compile_seconds = {tag: run["compile_seconds"] for tag, run in runs.items()}
+    printed = {tag: run["printed"] for tag, run in runs.items()}
+    assert len(curves["compile"]) == 2
+    assert curves["compile"] == pytest.approx(curves["eager"], abs=1e-3)  # compiled first: same batches
+    assert compile_seconds["compile"] > 0 and compile_seconds["eager"] == 0
+    assert "[recall] dilated: 2 steps in " in printed["compile"]
+    assert "s compiling)" in printed["compile"] and "compiling" not in printed["eager"]
 
 
-def test_graphed_avdigits_training_takes_the_eager_steps(tmp_path, one_thread):
+def test_graphed_avdigits_training_takes_the_eager_steps(tmp_path, capsys, one_thread):
     """--graphed trains through the classifier's graphed steps (eager on the CPU): the same losses,
     step by step, as the usual loop; it refuses --compile."""
-    curves = {}
-    for tag, extra in (("eager", []), ("graphed", ["--graphed"])):
-        argv = ["avdigits", "--smoke", "--device", "cpu", "--out", str(tmp_path), "--tag", tag,
-                "--models", "dilated", "--digits", "2", "--max-steps", "3", "--log-every", "1",
-                "--time-budget", "600", *extra]  # fmt: skip
-        assert bench.main(argv) == 0
-        data = json.loads((tmp_path / f"quality_avdigits_{tag}.json").read_text())
-        curves[tag] = [loss for _, _, loss in data["results"]["dilated"]["train"]["curve"]]
-    assert len(curves["graphed"]) == 3
-    assert curves["graphed"] == pytest.approx(curves["eager"], abs=1e-4)
+    runs = trained_twice(tmp_path, capsys, "avdigits", "--graphed", "--digits", "2", "--max-steps", "3")
+    assert len(runs["graphed"]["losses"]) == 3
+    assert runs["graphed"]["losses"] == pytest.approx(runs["eager"]["losses"], abs=1e-4)
     with pytest.raises(SystemExit):
         bench.parse_args(["avdigits", "--smoke", "--graphed", "--compile"])
 

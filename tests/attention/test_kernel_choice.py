@@ -44,12 +44,18 @@ def test_a_new_shape_never_plans_and_a_recurring_one_is_promoted():
     assert len(planner.calls) == 2 and len(flash.calls) == 4
 
 
-def test_no_shape_is_promoted_while_a_cuda_graph_is_captured(monkeypatch):
+@pytest.fixture
+def capturing(monkeypatch) -> list[bool]:
+    """[whether a CUDA graph is being captured], as the selector sees it; set it to switch."""
+    state = [False]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state[0])
+    return state
+
+
+def test_no_shape_is_promoted_while_a_cuda_graph_is_captured(capturing):
     _, _, _, chain = fakes()
     selector = KernelSelector(promote_after=2)
-    capturing = [False]
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     assert selector.run(chain, "forward", ("a",)) == "flash"  # eager, first call
     capturing[0] = True
     assert selector.run(chain, "forward", ("a",)) == "flash"  # would be promoted now: not in a capture
@@ -60,12 +66,9 @@ def test_no_shape_is_promoted_while_a_cuda_graph_is_captured(monkeypatch):
     assert selector.run(chain, "forward", ("a",)) == "planner"  # planned before the capture
 
 
-def test_shapes_promoted_at_once_before_a_capture_keep_their_plans_in_it(monkeypatch):
+def test_shapes_promoted_at_once_before_a_capture_keep_their_plans_in_it(capturing):
     planner, _, _, chain = fakes()
     selector = KernelSelector(promote_after=5)
-    capturing = [False]
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     assert selector.run(chain, "forward", ("seen",)) == "flash"
     with selector.promoting():
         assert selector.run(chain, "forward", ("new",)) == "planner"  # plans at its first call
