@@ -370,7 +370,7 @@ class MultimodalClassifier(_Trained):
                 `gradient_clip_algorithm`; (None, None) clips nothing.
 
         Returns (loss, labelled samples predicted right), () each, on the device, detached. The
-        optimizer step is the caller's; the next step zeroes the gradients (in place) itself.
+        optimizer step is the caller's; the next step sets the gradients itself (`GraphedSteps`).
         `training_step` calls it with the Trainer's clipping; a loop of one's own may too.
         """
         if self.graphed_steps is None:
@@ -413,7 +413,7 @@ class MultimodalClassifier(_Trained):
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         if self.graphed_steps is None:
             super().optimizer_zero_grad(epoch, batch_idx, optimizer)
-        # A graphed step zeroes the gradients in place first: its graph writes into them.
+        # A graphed step sets the gradients itself: its graphs write into one tensor per parameter.
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._step(batch, "val")

@@ -15,8 +15,9 @@ from mmlongnet.training.graphed import GraphedSteps
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def bucket_batches(count: int, seed: int = 0):
-    """`count` labelled batches of one length bucket, with other lengths and modalities each."""
+def bucket_batches(count: int, seed: int = 0, video_every: int = 1):
+    """`count` labelled batches of one length bucket, with other lengths and modalities each; only
+    every `video_every`-th batch holds video (the others leave the video encoder out)."""
     buckets, batches = LengthBuckets(), []
     for index in range(count):
         generator = torch.Generator().manual_seed(seed + index)
@@ -30,6 +31,8 @@ def bucket_batches(count: int, seed: int = 0):
             {"id": "c", "text": "count", "label": 3,
              "video": torch.randn(frames[2], 3, 16, 16, generator=generator)},
         ]  # fmt: skip
+        if index % video_every:
+            samples = [{key: value for key, value in sample.items() if key != "video"} for sample in samples]
         batches.append(collate_samples(samples, buckets=buckets))
     return batches
 
@@ -68,8 +71,25 @@ def test_a_graphed_classifier_trains_as_the_eager_one():
     train(graphed, batches)
     for (name, a), b in zip(eager.named_parameters(), graphed.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
-    assert graphed.graphed_steps.signatures == 1 and graphed.graphed_steps.recorded == 0
-    assert all(p.grad is not None for p in graphed.parameters())  # kept, never set to None
+    steps = graphed.graphed_steps
+    assert steps.signatures == 1 and steps.recorded == 0
+    assert all(p.grad is grad for p, grad in zip(steps.parameters, steps.grads, strict=True))
+
+
+def test_parameters_a_batch_does_not_train_are_left_to_the_optimizer_as_eager_steps_leave_them():
+    """Batches without video between batches with it: the video encoder gets no gradient there
+    (`.grad` None), so AdamW neither decays nor moves it, as in the eager steps."""
+    eager, graphed = twins()
+    batches = bucket_batches(5, video_every=2)
+    assert "video" not in batches[1].inputs and "video" in batches[2].inputs
+    train(eager, batches)
+    train(graphed, batches)
+    for (name, a), b in zip(eager.named_parameters(), graphed.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    steps = graphed.graphed_steps
+    assert steps.signatures == 2
+    video = [p.grad for name, p in graphed.named_parameters() if name.startswith("model.encoders.video")]
+    assert video and all(grad is not None for grad in video)  # the last batch held video
 
 
 def test_a_graphed_classifier_refuses_what_its_steps_do_not_do():
