@@ -393,7 +393,15 @@ class MultimodalClassifier(_Trained):
             _clip(self.graphed_steps.parameters, *clipping)
             return [loss, correct]
 
+        recorded = self.graphed_steps.recorded
         loss, correct = self.graphed_steps(signature, tensors, step)
+        if self.graphed_steps.recorded > recorded:
+            inputs = zip(plan.order, tensors, strict=False)  # the inputs come first
+            sizes = ", ".join(f"{name} " + "x".join(map(str, x.shape)) for name, x in inputs)
+            rank_zero_info(
+                f"recorded a training step as a CUDA graph for a new batch signature "
+                f"(#{self.graphed_steps.recorded}: {sizes}), once per signature"
+            )
         return loss, correct
 
     def _check_graphable(self) -> None:

@@ -2,6 +2,8 @@
 as the eager steps, gradients kept in place, one graph per signature; on a GPU, replays equal the
 eager steps over batches of one length bucket."""
 
+import logging
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -179,16 +181,19 @@ def test_a_step_that_cannot_be_recorded_warns_and_runs_eagerly():
 
 @pytest.mark.cuda
 @cuda
-def test_a_graphed_classifier_trains_as_the_eager_one_on_a_gpu():
+def test_a_graphed_classifier_trains_as_the_eager_one_on_a_gpu(caplog):
     """Recorded after two eager steps, the replays over new batches of the bucket (other lengths,
-    other modalities missing) train as the eager module does, float32."""
+    other modalities missing) train as the eager module does, float32; the recording is logged."""
     eager, graphed = twins()
     batches = bucket_batches(6)
+    caplog.set_level(logging.INFO)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         torch.backends.cuda.matmul.allow_tf32 = False
         train(eager, batches, "gpu")
         train(graphed, batches, "gpu")
     assert graphed.graphed_steps.recorded == 1
+    logged = [r.getMessage() for r in caplog.records if "as a CUDA graph" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].startswith("recorded a training step as a CUDA graph for a new")
     for (name, a), b in zip(eager.named_parameters(), graphed.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
 
