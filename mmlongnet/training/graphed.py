@@ -81,6 +81,14 @@ class GraphedSteps:
         self.pool = None
         self.stream: torch.cuda.Stream | None = None  # where eager GPU steps and recordings run
 
+    def __getstate__(self) -> dict:
+        """A copy (`copy.deepcopy`, pickling with its module) starts afresh: graphs, gradient
+        tensors and streams belong to the original and are recorded anew where the copy trains."""
+        return {"module": self.module, "warmup": self.warmup, "record": self.record}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["module"], warmup=state["warmup"], record=state["record"])
+
     @property
     def signatures(self) -> int:
         return len(self.runs) + len(self.graphs)  # an unrecordable one counts among the eager runs

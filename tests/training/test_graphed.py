@@ -2,7 +2,9 @@
 as the eager steps, gradients kept in place, one graph per signature; on a GPU, replays equal the
 eager steps over batches of one length bucket."""
 
+import copy
 import logging
+import pickle
 
 import lightning.pytorch as pl
 import pytest
@@ -92,6 +94,17 @@ def test_parameters_a_batch_does_not_train_are_left_to_the_optimizer_as_eager_st
     assert steps.signatures == 2
     video = [p.grad for name, p in graphed.named_parameters() if name.startswith("model.encoders.video")]
     assert video and all(grad is not None for grad in video)  # the last batch held video
+
+
+def test_a_copy_of_a_graphed_classifier_trains_afresh():
+    _, graphed = twins()
+    train(graphed, bucket_batches(2))
+    for copied in (copy.deepcopy(graphed), pickle.loads(pickle.dumps(graphed))):
+        steps = copied.graphed_steps
+        assert steps.module is copied and steps.signatures == 0 and steps.parameters == []
+        assert (steps.warmup, steps.record) == (graphed.graphed_steps.warmup, graphed.graphed_steps.record)
+        torch.testing.assert_close(dict(copied.state_dict()), dict(graphed.state_dict()))
+    assert graphed.graphed_steps.signatures == 1
 
 
 def test_a_graphed_classifier_refuses_what_its_steps_do_not_do():
