@@ -7,7 +7,10 @@
   short by a kill). A temporary file left by a killed write is removed by the next save.
 - `RunCheckpoint` is Lightning's `ModelCheckpoint` whose folder defaults to
   `<trainer.default_root_dir>/checkpoints`, the same for every run of a config (not one per logger
-  version), so that `fit --ckpt_path last` finds the last checkpoint of the previous run.
+  version), so that `fit --ckpt_path last` finds the last checkpoint of the previous run, and
+  `test`/`validate`/`predict --ckpt_path best` in a new process find its best one
+  (`<dirpath>/<filename>.ckpt`, which a monitoring `RunCheckpoint` with a fixed `filename`
+  overwrites on every improvement).
 """
 
 from __future__ import annotations
@@ -95,6 +98,30 @@ class RunCheckpoint(ModelCheckpoint):
     def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
         self._default_dirpath(trainer)  # `--ckpt_path last` looks before `setup`
         return super()._find_last_checkpoints(trainer)
+
+    def find_best(self, trainer: pl.Trainer) -> str:
+        """The best checkpoint's path, also in a process that did not fit: `best_model_path` when
+        this process saved one, else the file an earlier run of the same folder left, which then
+        becomes `best_model_path` (Lightning's `ckpt_path="best"` reads it). Raises ValueError,
+        saying what to pass instead, when there is none."""
+        if self.best_model_path:
+            return self.best_model_path
+        self._default_dirpath(trainer)
+        if self.monitor is None or not self.filename or "{" in self.filename:
+            raise ValueError(
+                'ckpt_path="best" needs a RunCheckpoint with a `monitor` and a fixed `filename` (such '
+                f"as filename: best), got monitor={self.monitor!r}, filename={self.filename!r}; pass "
+                "the checkpoint file instead (--ckpt_path path/to/file.ckpt)"
+            )
+        path = os.path.join(self.dirpath, self.filename + self.FILE_EXTENSION)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f'ckpt_path="best": no best checkpoint at {path}. Run `fit` with this config first '
+                "(it writes the file there), pass the --trainer.default_root_dir of the run that "
+                "did, or pass the checkpoint file (--ckpt_path path/to/file.ckpt)"
+            )
+        self.best_model_path = path
+        return path
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.fast_dev_run:  # a trial run leaves no checkpoint behind, at its end either

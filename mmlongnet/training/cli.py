@@ -10,6 +10,8 @@ import lightning.pytorch as pl
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from mmlongnet.training.checkpoint import RunCheckpoint
+
 __all__ = ["CLI"]
 
 # A line of a jsonargparse error that names the offending key, most specific first.
@@ -80,3 +82,17 @@ class CLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir", _run_root)
+
+    def _find_best_checkpoint(self) -> None:
+        """`--ckpt_path best` in a process that did not fit: the run folder's best checkpoint
+        (`RunCheckpoint.find_best`), or an error that says what to pass instead."""
+        if self.config_init[self.subcommand].get("ckpt_path") != "best":
+            return
+        callback = self.trainer.checkpoint_callback
+        if isinstance(callback, RunCheckpoint):
+            try:
+                callback.find_best(self.trainer)
+            except ValueError as error:
+                sys.exit(f"{self.subcommand}: {error}")
+
+    before_validate = before_test = before_predict = _find_best_checkpoint

@@ -6,11 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import yaml
 
 from mmlongnet.models import MMLongNetConfig
-from mmlongnet.training import CLI, ManifestDataModule
+from mmlongnet.training import CLI, ManifestDataModule, RunCheckpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -97,3 +98,39 @@ def test_manifest_config_fits_and_predicts_with_class_names_under_default_root_d
         if "label" in record:
             assert record["label_name"] == classes[record["label"]]
     assert "label" not in records[-1]
+    # a new process (here: a new CLI) finds the run's best checkpoint by name
+    best = root / "checkpoints" / "best.ckpt"
+    assert best.is_file()
+    cli = CLI(args=["predict", *common, "--ckpt_path", "best"])
+    assert cli.trainer.ckpt_path == str(best.resolve())
+
+
+def test_ckpt_path_best_without_a_run_says_what_to_pass(tmp_path, capsys):
+    root = tmp_path / "no_run"
+    code, _, err = _exit(
+        ["test", "--config", str(REPO / "configs/demo.yaml"), "--trainer.default_root_dir", str(root),
+         "--ckpt_path", "best"],
+        capsys,
+    )  # fmt: skip
+    assert code != 0
+    message = str(code) + err
+    assert f"no best checkpoint at {root.resolve() / 'checkpoints' / 'best.ckpt'}" in message
+    assert "Run `fit` with this config first" in message
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"monitor": None, "filename": "best"}, {"monitor": "val_loss", "filename": "{epoch}-{val_loss:.2f}"}],
+)
+def test_ckpt_path_best_needs_a_monitor_and_a_fixed_file_name(options, tmp_path):
+    trainer = pl.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="needs a RunCheckpoint with a `monitor` and a fixed `filename`"):
+        RunCheckpoint(**options).find_best(trainer)
+    found = RunCheckpoint(monitor="val_loss", filename="best")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best.ckpt").write_bytes(b"")
+    assert (
+        found.find_best(trainer)
+        == found.best_model_path
+        == str((tmp_path / "checkpoints" / "best.ckpt").resolve())
+    )
