@@ -7,6 +7,7 @@ import re
 import sys
 
 import lightning.pytorch as pl
+import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -82,6 +83,19 @@ class CLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir", _run_root)
+
+    def before_instantiate_classes(self) -> None:
+        """A config that asks for a GPU on a machine without one ends with what to change, instead
+        of Lightning's traceback ("No supported gpu backend found!")."""
+        trainer = self._get(self.config, "trainer")
+        accelerator = trainer.get("accelerator") if trainer is not None else None
+        if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            sys.exit(
+                f"{self.subcommand}: the config asks for a GPU (trainer.accelerator: {accelerator}) and "
+                "torch finds no CUDA device here. Run it on a machine with one, or on the CPU with "
+                "--trainer.accelerator cpu --trainer.precision 32-true (much slower; bf16 on a CPU "
+                "slower still; configs/demo.yaml is the CPU-sized job)"
+            )
 
     def _find_best_checkpoint(self) -> None:
         """`--ckpt_path best` in a process that did not fit: the run folder's best checkpoint

@@ -134,3 +134,10 @@ def test_ckpt_path_best_needs_a_monitor_and_a_fixed_file_name(options, tmp_path)
         == found.best_model_path
         == str((tmp_path / "checkpoints" / "best.ckpt").resolve())
     )
+
+
+def test_a_gpu_config_without_a_gpu_says_how_to_run_it(monkeypatch, capsys):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    code, _, _ = _exit(["fit", "--config", str(REPO / "configs/avdigits_k16.yaml")], capsys)
+    assert "the config asks for a GPU (trainer.accelerator: gpu)" in str(code)
+    assert "--trainer.accelerator cpu --trainer.precision 32-true" in str(code)
