@@ -70,6 +70,19 @@ def test_packing_groups_the_offsets_of_a_block_into_one_call():
     assert len(branch_calls(61, 6, 20, 4)) == 5  # 4 offsets of the full block, 1 of the short one
 
 
+def test_a_block_that_packing_would_pad_runs_as_diagonal_calls():
+    # 8192 % 6 = 2: rows not a multiple of the rate, so a packed block of rate 6 would be padded
+    calls = branch_calls(8192, 12, 8192, 6, pack=True, diagonal=True)
+    assert len(calls) == 4 and all(
+        type(c) is BranchCall and c.diagonal for c in calls
+    )  # 2 groups x 2 row counts
+    assert type(branch_calls(8192, 12, 8192, 6, pack=True)[0]) is PackedBlock  # no diagonal calls: packed
+    (packed,) = branch_calls(8192, 12, 8192, 4, pack=True, diagonal=True)  # unpadded, 3 diagonal calls
+    assert type(packed) is PackedBlock and not packed.is_padded
+    calls = branch_calls(60, 16, 20, 3, pack=True, diagonal=True)  # heads 16 % 3: padded, 3 offsets
+    assert [type(c) for c in calls] == [BranchCall] * 3 and not any(c.diagonal for c in calls)
+
+
 @pytest.mark.parametrize(("length", "heads", "rate"), [(12, 6, 3), (11, 7, 4), (9, 5, 6)])
 def test_packed_rows_are_the_per_offset_rows_and_place_inverts_them(length, heads, rate):
     x = torch.randn(2, 2 * length, heads, 3)  # two segments of `length` rows
