@@ -6,6 +6,7 @@ benchmarks/ is not a package: a script puts its own folder on `sys.path` and imp
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
 import importlib.util
@@ -50,6 +51,18 @@ def use_repository() -> None:
 # --------------------------------------------------------------------------------------------
 # Run metadata
 # --------------------------------------------------------------------------------------------
+
+
+def add_op_arguments(parser: argparse.ArgumentParser, sizes: Sequence[int]) -> None:
+    """The options of one dilated-attention op call: --sizes (N), --segments, --rates (the paper's
+    schedule by default), --causal, --heads, --head-dim, --batch."""
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(sizes))
+    parser.add_argument("--segments", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
+    parser.add_argument("--rates", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="default: the paper's")
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1)
 
 
 def command_line() -> str:

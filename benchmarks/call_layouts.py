@@ -31,7 +31,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, environment, free_memory, slug, synchronize, use_repository, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS_DIR,
+    add_op_arguments,
+    environment,
+    free_memory,
+    slug,
+    synchronize,
+    use_repository,
+    write_json,
+)
 
 SWITCHES = {"diagonal": "DIAGONAL_CALLS", "in_place": "WRITE_IN_PLACE", "dense": "DENSE_SMALL_INPUTS"}
 
@@ -106,13 +115,7 @@ def table(rows: list[dict]) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="A/B of the dilated-attention op's call layouts.")
     parser.add_argument("--switch", choices=sorted(SWITCHES), default="diagonal")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 32768, 65536, 131072, 262144])
-    parser.add_argument("--segments", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
-    parser.add_argument("--rates", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="default: the paper's")
-    parser.add_argument("--causal", action="store_true")
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=1)
+    add_op_arguments(parser, sizes=[8192, 32768, 65536, 131072, 262144])
     parser.add_argument("--backend", default="auto", help="dilated_attention backend (default: auto)")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the two settings (default: 2)")
     parser.add_argument("--warmup", type=int, default=3)

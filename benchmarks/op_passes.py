@@ -28,7 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import use_repository  # noqa: E402
+from _common import add_op_arguments, use_repository  # noqa: E402
 
 VIEWS = {
     "alias", "as_strided", "detach", "diagonal", "empty", "empty_strided", "expand", "narrow", "permute",
@@ -98,13 +98,7 @@ def table(rows: Sequence[dict]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[8192])
-    parser.add_argument("--segments", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
-    parser.add_argument("--rates", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="default: the paper's")
-    parser.add_argument("--causal", action="store_true")
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=1)
+    add_op_arguments(parser, sizes=[8192])
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     if len(args.segments) != len(args.rates):
