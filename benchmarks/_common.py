@@ -222,6 +222,13 @@ def cell(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table of the column names and the rows' cells (each cell as `str` gives it)."""
+    lines = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
+    lines += [f"| {' | '.join(str(c) for c in row)} |" for row in rows]
+    return "\n".join(lines)
+
+
 def format_n(n: int) -> str:
     """8192 -> "8K", 1048576 -> "1M"; other values unchanged."""
     if n % 2**20 == 0:

@@ -13,7 +13,9 @@ up to the largest N that fits in memory, beside two cuDNN baselines timed in the
 Writes ``<out>/attention_<tag>.json`` (rows appended to ``.json.tmp`` as they come, so a
 killed run keeps what it measured) and ``<out>/attention_<tag>.png``, and prints a markdown
 table. ``--plot-only FILE.json`` redraws the PNG and the table from a saved file, without a GPU;
-``--dry-run`` prints the plan and an estimated runtime, also without a GPU.
+``--dry-run`` prints the plan and an estimated runtime, also without a GPU. ``--graphed`` times the
+dilated op's calls recorded as CUDA graphs and replayed, as graphed training steps and compiled
+models run it (no launch work on the host; the dense baselines, one kernel a call, stay eager).
 
     python benchmarks/attention.py                    # the full sweep (~3-5 min on an H100)
     python benchmarks/attention.py --quick            # smoke test: N in {8K, 64K}, D=64, paper
@@ -286,8 +288,34 @@ def load_attention() -> types.ModuleType:
     return attention
 
 
-def measure_dilated(task: Task, heads: int, batch: int, causal: bool, target_ms: float) -> Timing:
-    """Time dilated_attention on q, k, v: (B, N, H, D) with the task's schedule and backend."""
+def graphed_step(step: Callable[[int], None], n_sets: int) -> Callable[[int], None]:
+    """`step(i)` of each input set recorded as a CUDA graph; returns a step that replays set i's.
+
+    Each set's step runs eagerly first (kernel choice, lazy initialisation), the last time with
+    every attention shape promoted to its fastest kernel, as graphed training steps do before a
+    recording."""
+    selector = load_attention().kernels.SELECTOR
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graphs = []
+    with torch.cuda.stream(stream):
+        for i in range(n_sets):
+            step(i)
+            with selector.promoting():
+                step(i)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                step(i)
+            graphs.append(graph)
+    torch.cuda.current_stream().wait_stream(stream)
+    return lambda i: graphs[i].replay()
+
+
+def measure_dilated(
+    task: Task, heads: int, batch: int, causal: bool, target_ms: float, graphed: bool = False
+) -> Timing:
+    """Time dilated_attention on q, k, v: (B, N, H, D) with the task's schedule and backend;
+    `graphed`: its calls recorded as CUDA graphs (`graphed_step`)."""
     dilated_attention = load_attention().dilated_attention
     segment_lengths, dilation_rates = SCHEDULES[task.schedule]
     sets = make_input_sets((batch, task.n, heads, task.head_dim), task.mode)  # (B, N, H, D) each
@@ -297,7 +325,8 @@ def measure_dilated(task: Task, heads: int, batch: int, causal: bool, target_ms:
             q, k, v, segment_lengths, dilation_rates, is_causal=causal, backend=task.backend
         )
 
-    times = time_cuda(make_step(attend, sets, task.mode), len(sets), target_ms)
+    step = make_step(attend, sets, task.mode)
+    times = time_cuda(graphed_step(step, len(sets)) if graphed else step, len(sets), target_ms)
     return Timing(statistics.median(times), times)
 
 
@@ -454,7 +483,8 @@ class Sweep:
         started = time.monotonic()
         try:
             torch.cuda.reset_peak_memory_stats()
-            timing = MEASURES[task.kind](task, args.heads, args.batch, args.causal, args.target_ms)
+            graphed = {"graphed": True} if task.kind == "dilated" and args.graphed else {}
+            timing = MEASURES[task.kind](task, args.heads, args.batch, args.causal, args.target_ms, **graphed)
         except Exception as exc:  # noqa: BLE001 - any failure ends this series, not the sweep
             row.status = "oom" if is_oom(exc) else "error"
             row.error = error_line(exc)
@@ -723,6 +753,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         default=480.0,
         help="seconds; a series whose next size would end past this is skipped (default: 480)",
+    )
+    parser.add_argument(
+        "--graphed", action="store_true", help="time the dilated op replayed from CUDA graphs (see above)"
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and an estimated runtime")
     parser.add_argument("--plot-only", type=Path, metavar="JSON", help="redraw PNG and table from a JSON")

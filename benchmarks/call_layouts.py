@@ -1,10 +1,13 @@
 """A/B of the dilated-attention op's call layouts, in one run: forward + backward time, peak memory.
 
-A layout switch is a module constant of `mmlongnet.attention.dilated`:
+A layout switch is a module constant of `mmlongnet.attention.dilated` (or `.merge`):
 - `diagonal` (DIAGONAL_CALLS): a high-rate branch's offsets in the kernel's head dimension, against
   one call per offset;
 - `in_place` (WRITE_IN_PLACE): the covering calls' kernels write into the op's output and
   gradients, against new tensors copied there.
+- `fused_merge` (merge.FUSED_MERGE): the merges into the output and the gradients as one Triton
+  kernel per call on CUDA at every size (merge.FUSED_MIN_ELEMENTS = 0 for the run), against
+  PyTorch's elementwise passes (rounding may differ by one unit in the last place);
 - `dense` (DENSE_SMALL_INPUTS): a small input as one dense kernel call with the schedule's bias,
   against the branch calls (this one changes the arithmetic's order: a difference of rounding).
 At every size the two settings alternate `--rounds` times (each: `--warmup` untimed calls, then the
@@ -42,7 +45,12 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-SWITCHES = {"diagonal": "DIAGONAL_CALLS", "in_place": "WRITE_IN_PLACE", "dense": "DENSE_SMALL_INPUTS"}
+SWITCHES = {  # switch -> (module of mmlongnet.attention, constant, other constants set for the run)
+    "diagonal": ("dilated", "DIAGONAL_CALLS", {}),
+    "in_place": ("dilated", "WRITE_IN_PLACE", {}),
+    "dense": ("dilated", "DENSE_SMALL_INPUTS", {}),
+    "fused_merge": ("merge", "FUSED_MERGE", {"FUSED_MIN_ELEMENTS": 0}),
+}
 
 
 def time_ms(step, device: torch.device, warmup: int, runs: int) -> float:
@@ -62,13 +70,18 @@ def time_ms(step, device: torch.device, warmup: int, runs: int) -> float:
 def measure(args: argparse.Namespace, n: int, device: torch.device) -> dict:
     """One size: the switch on and off, alternating; times (ms) per round, peak GiB, output difference."""
     use_repository()
-    from mmlongnet.attention import dilated, dilated_attention
+    from mmlongnet import attention
+    from mmlongnet.attention import dilated_attention
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = (args.batch, n, args.heads, args.head_dim)  # (B, N, H, D)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn(shape, device=device, dtype=dtype)
-    name, saved = SWITCHES[args.switch], getattr(dilated, SWITCHES[args.switch])
+    module_name, name, settings = SWITCHES[args.switch]
+    module = getattr(attention, module_name)
+    saved = {key: getattr(module, key) for key in (name, *settings)}
+    for key, value in settings.items():
+        setattr(module, key, value)
 
     def attend() -> torch.Tensor:
         return dilated_attention(
@@ -83,19 +96,20 @@ def measure(args: argparse.Namespace, n: int, device: torch.device) -> dict:
     try:
         for _ in range(args.rounds):
             for setting in ("on", "off"):
-                setattr(dilated, name, setting == "on")
+                setattr(module, name, setting == "on")
                 free_memory(device, reset_peak=True)
                 row[f"{setting}_ms"].append(round(time_ms(step, device, args.warmup, args.runs), 3))
                 if device.type == "cuda":
                     row[f"{setting}_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         outputs = []
         for setting in (True, False):
-            setattr(dilated, name, setting)
+            setattr(module, name, setting)
             with torch.no_grad():
                 outputs.append(attend().float())
         row["max_abs_difference"] = (outputs[0] - outputs[1]).abs().max().item()
     finally:
-        setattr(dilated, name, saved)
+        for key, value in saved.items():
+            setattr(module, key, value)
     row["on_over_off"] = round(statistics.median(row["on_ms"]) / statistics.median(row["off_ms"]), 3)
     return row
 

@@ -1,4 +1,4 @@
-"""The dilated-attention op's passes, counted on the CPU: operations and elements written.
+"""The dilated-attention op's passes: operations and elements written (CPU), GPU time by kernel (CUDA).
 
 What the op's forward and backward cost besides their attention kernels is passes over memory
 (gathers, placements, merges, accumulations) and the launches of those passes. This script counts
@@ -12,6 +12,16 @@ above ~2-3 is merge and copy work. Counts do not depend on the machine; times do
 
     python benchmarks/op_passes.py --sizes 8192 32768 --heads 12 --rates 1 2 4 6 12 --causal
 
+With `--profile` (a CUDA GPU) it measures instead where the GPU time of the op's forward + backward
+goes: bf16, the median of `--runs` eager calls and of as many replays of the same call recorded in
+a CUDA graph (no launch overhead), dense cuDNN causal-or-not attention over the whole sequence as
+the baseline, and from `torch.profiler` the kernel time per call in the attention kernels and in
+everything else (merges, placements, copies), with the largest kernels by name, of the eager
+calls and (the JSON's "graphed") of the replays:
+
+    python benchmarks/op_passes.py --profile --sizes 8192 65536 --heads 12 --rates 1 2 4 6 12 \
+        --causal --backend flash_attn --json benchmarks/results/op_profile_h200.json
+
 Prints a markdown table; `--json PATH` also writes the rows.
 """
 
@@ -20,7 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +40,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_op_arguments, use_repository  # noqa: E402
+from _common import add_op_arguments, environment, markdown_table, use_repository  # noqa: E402
 
 VIEWS = {
     "alias", "as_strided", "detach", "diagonal", "empty", "empty_strided", "expand", "narrow", "permute",
@@ -82,24 +94,138 @@ def count(args: argparse.Namespace, n: int) -> dict:
     }
 
 
-def table(rows: Sequence[dict]) -> str:
-    lines = [
-        "| N | forward: operations | forward: elements written / input | backward: operations "
-        "| backward: elements written / input |",
-        "|---|---|---|---|---|",
-    ]
+# Substrings of the names of attention kernels: cuDNN's, PyTorch's flash and memory-efficient
+# ones, flash-attn's (CuTe DSL kernels are named after their classes: FlashAttentionForward...).
+ATTENTION_KERNELS = ("sdpa", "fmha", "flash", "attention", "attn")
+
+
+def is_attention_kernel(name: str) -> bool:
+    """Whether a GPU kernel's name is one of an attention kernel (`ATTENTION_KERNELS`)."""
+    lowered = name.lower()
+    return any(part in lowered for part in ATTENTION_KERNELS)
+
+
+def _median_ms(step, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - started) * 1e3)
+    return round(statistics.median(times), 3)
+
+
+def _graphed(step):
+    """`step` recorded as one CUDA graph after warm-up calls on a side stream; returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def kernel_times(step, runs: int) -> dict:
+    """GPU kernel time per call of `step()` from `torch.profiler` over `runs` calls: total and
+    attention milliseconds, kernels per call, and the ten largest kernels by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            step()
+        torch.cuda.synchronize()
+    by_name: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time > 0:
+            by_name.setdefault(event.name, []).append(event.device_time / 1e3)  # ms
+    per_call = {name: (sum(times) / runs, len(times) / runs) for name, times in by_name.items()}
+    largest = sorted(per_call.items(), key=lambda item: -item[1][0])[:10]
+    return {
+        "kernel_ms": round(sum(ms for ms, _ in per_call.values()), 3),
+        "attention_kernel_ms": round(sum(ms for n, (ms, _) in per_call.items() if is_attention_kernel(n)), 3),
+        "kernels": round(sum(count for _, count in per_call.values()), 1),
+        "largest": [{"name": n[:160], "ms": round(ms, 4), "count": c} for n, (ms, c) in largest],
+    }
+
+
+def profile_gpu(args: argparse.Namespace, n: int) -> dict:
+    """One size on the GPU: eager and graphed ms of the op's forward + backward, the dense baseline,
+    and the op's kernel time by kind (`kernel_times`)."""
+    use_repository()
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from mmlongnet.attention import dilated_attention
+
+    torch.manual_seed(0)
+    shape = (args.batch, n, args.heads, args.head_dim)  # (B, N, H, D)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    segments = [min(w, n) for w in args.segments]
+
+    def dilated() -> None:
+        out = dilated_attention(q, k, v, segments, args.rates, is_causal=args.causal, backend=args.backend)
+        q.grad, k.grad, v.grad = torch.autograd.grad(out, (q, k, v), grad)
+
+    def dense() -> None:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            heads_first = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D)
+            out = F.scaled_dot_product_attention(*heads_first, is_causal=args.causal)
+        torch.autograd.grad(out, (q, k, v), grad.transpose(1, 2))
+
+    row: dict = {"n": n}
+    replays = {}
+    for name, step in (("dilated", dilated), ("dense", dense)):
+        for _ in range(args.warmup):
+            step()
+        row[f"{name}_eager_ms"] = _median_ms(step, args.runs)
+        replays[name] = _graphed(step)
+        row[f"{name}_graphed_ms"] = _median_ms(replays[name], args.runs)
+    row.update(kernel_times(dilated, args.runs))
+    row["graphed"] = kernel_times(replays["dilated"], args.runs)  # the merges may differ (see merge.py)
+    row["graphed_over_dense"] = round(row["dilated_graphed_ms"] / row["dense_graphed_ms"], 3)
+    return row
+
+
+def profile_table(rows: Sequence[dict]) -> str:
+    header = ["N", "eager ms", "graphed ms", "dense cuDNN graphed ms", "graphed / dense",
+              "kernel ms eager / graphed", "attention kernels ms", "other kernels ms", "kernels"]  # fmt: skip
+    cells = []
     for r in rows:
-        lines.append(
-            f"| {r['n']:,} | {r['forward_ops']} | {r['forward_writes']} | {r['backward_ops']} | "
-            f"{r['backward_writes']} |"
-        )
-    return "\n".join(lines)
+        eager, graphed = r, r["graphed"]
+        other = [f"{t['kernel_ms'] - t['attention_kernel_ms']:.3f}" for t in (eager, graphed)]
+        cells.append([
+            f"{r['n']:,}", r["dilated_eager_ms"], r["dilated_graphed_ms"], r["dense_graphed_ms"],
+            r["graphed_over_dense"], f"{eager['kernel_ms']} / {graphed['kernel_ms']}",
+            f"{eager['attention_kernel_ms']} / {graphed['attention_kernel_ms']}", " / ".join(other),
+            f"{eager['kernels']:g} / {graphed['kernels']:g}",
+        ])  # fmt: skip
+    return markdown_table(header, cells)
+
+
+def table(rows: Sequence[dict]) -> str:
+    header = ["N", "forward: operations", "forward: elements written / input", "backward: operations",
+              "backward: elements written / input"]  # fmt: skip
+    cells = [
+        [f"{r['n']:,}", r["forward_ops"], r["forward_writes"], r["backward_ops"], r["backward_writes"]]
+        for r in rows
+    ]
+    return markdown_table(header, cells)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_op_arguments(parser, sizes=[8192])
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--profile", action="store_true", help="time the op on a CUDA GPU (see above)")
+    parser.add_argument("--backend", default="auto", help="with --profile: the op's backend (default: auto)")
+    parser.add_argument("--warmup", type=int, default=5, help="with --profile: untimed calls (default: 5)")
+    parser.add_argument("--runs", type=int, default=20, help="with --profile: timed calls (default: 20)")
     args = parser.parse_args(argv)
     if len(args.segments) != len(args.rates):
         parser.error(f"--segments and --rates need as many values, got {args.segments} and {args.rates}")
@@ -108,12 +234,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    rows = [count(args, n) for n in args.sizes]
-    print(table(rows))
+    if args.profile and not torch.cuda.is_available():
+        print("--profile needs a CUDA GPU", file=sys.stderr)
+        return 1
+    rows = []
+    for n in args.sizes:
+        rows.append(profile_gpu(args, n) if args.profile else count(args, n))
+        if args.profile:
+            print(rows[-1], flush=True)
+    print((profile_table if args.profile else table)(rows))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
+        meta = environment(torch.device("cuda" if args.profile else "cpu"))
         args.json.write_text(
-            json.dumps({"args": {**vars(args), "json": str(args.json)}, "rows": rows}, indent=1)
+            json.dumps({"meta": meta, "args": {**vars(args), "json": str(args.json)}, "rows": rows}, indent=1)
         )
     return 0
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from mmlongnet.attention.dilated import check_schedule
-from mmlongnet.attention.merge import accumulation_dtype, merge_lse, merge_output, part_weight
+from mmlongnet.attention.merge import accumulation_dtype, merge_lse, merge_weighted
 
 # (query position, key positions (n,)) -> additive score bias (H, n)
 ScoreBias = Callable[[int, torch.Tensor], torch.Tensor]
@@ -110,7 +110,7 @@ class DilatedKVCache:
             parts.append((heads, out, branch_lse))
         out = q.new_zeros((batch, num_heads, head_dim), dtype=acc_dtype)  # (B, H, D)
         for heads, branch_out, branch_lse in parts:
-            merge_output(out[:, heads], branch_out, part_weight(branch_lse, lse[:, heads]))
+            merge_weighted(out[:, heads], branch_out, branch_lse, lse[:, heads])
         self.length = t + 1
         return out.to(q.dtype)[:, None]  # (B, 1, H, D)
 

@@ -40,9 +40,9 @@ from mmlongnet.attention.geometry import BranchCall, PackedBlock, branch_calls
 from mmlongnet.attention.kernels import SELECTOR, Kernel, biased_attention, kernel_chain
 from mmlongnet.attention.merge import (
     accumulation_dtype,
+    add_parts,
     merge_lse,
-    merge_output,
-    part_weight,
+    merge_weighted,
     silence_keyless_rows,
 )
 from mmlongnet.attention.reference import branch_multiplicity, dilated_attention_reference
@@ -273,9 +273,8 @@ def dilated_attention_forward_op(
     # no mask and a covering branch, every merged lse is finite.
     lse_safe = lse if key_padding_mask is None and covering else silence_keyless_rows(lse)
     for index, (call, out_call, lse_call) in enumerate(parts):
-        weight = part_weight(lse_call, call.target(lse_safe))  # laid out like the call's target
         part = None if out_call is None else call.place(out_call, 0.0)  # None: already in `out`
-        merge_output(call.target(out), part, weight, first=index < covering)
+        merge_weighted(call.target(out), part, lse_call, call.target(lse_safe), first=index < covering)
     return out, lse
 
 
@@ -310,9 +309,12 @@ def dilated_attention_backward_op(
         # a covering call's gradients may go straight to their rows of the gradients
         into = _rows_of(call, grads) if index < covering else None
         call_grads = SELECTOR.run(chain, "backward", key, *rows, lse_rows, bias, is_causal, scale, into)
-        for grad, call_grad, written in zip(grads, call_grads, into or (None,) * 3, strict=True):
-            if call_grad is not written:
-                merge_output(call.target(grad), call.place(call_grad, 0.0), first=index < covering)
+        pending = [
+            (call.target(grad), call.place(call_grad, 0.0))
+            for grad, call_grad, written in zip(grads, call_grads, into or (None,) * 3, strict=True)
+            if call_grad is not written
+        ]
+        add_parts([target for target, _ in pending], [part for _, part in pending], first=index < covering)
     return tuple(grads)
 
 

@@ -61,9 +61,19 @@ def _heads_first(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _dense_heads_first(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """(b, c, h, D) -> (b, h, c, D) over dense (b, c, h, D) storage: the layout a backward kernel
-    expects for the output and its gradient (cuDNN reads both with the output's strides)."""
+    """(b, c, h, D) -> (b, h, c, D) over dense (b, c, h, D) storage: the layout the memory-efficient
+    kernel's backward needs for the output and its gradient (it gives a wrong dq on strided ones)."""
     return [t.contiguous().transpose(1, 2) for t in tensors]
+
+
+def _alike_heads_first(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """(b, c, h, D) -> (b, h, c, D) views of the output and its gradient in one layout, for the
+    backward kernels that read both with the output's strides (cuDNN, flash): as they are where
+    they share their strides (views of the op's output and gradient at the same rows), else over
+    dense copies."""
+    if all(t.stride() == tensors[0].stride() and t.stride(-1) == 1 for t in tensors):
+        return _heads_first(*tensors)
+    return _dense_heads_first(*tensors)
 
 
 def _keys_last(bias: torch.Tensor) -> torch.Tensor:
@@ -102,7 +112,7 @@ def _cpu_forward(q, k, v, bias, is_causal, scale, into=None):
 
 def _cpu_backward(dout, q, k, v, out, lse, bias, is_causal, scale, into=None):
     qh, kh, vh = _heads_first(q, k, v)
-    douth, outh = _dense_heads_first(dout, out)
+    douth, outh = _alike_heads_first(dout, out)
     grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(
         douth,
         qh,
@@ -135,7 +145,7 @@ def _cudnn_forward(q, k, v, bias, is_causal, scale, into=None):
 
 def _cudnn_backward(dout, q, k, v, out, lse, bias, is_causal, scale, into=None):
     qh, kh, vh = _heads_first(q, k, v)
-    douth, outh = _dense_heads_first(dout, out)
+    douth, outh = _alike_heads_first(dout, out)
     rows = qh.shape[2]
     empty = _cuda_empty(q)
     grads = aten._scaled_dot_product_cudnn_attention_backward(
@@ -167,7 +177,7 @@ def _flash_forward(q, k, v, bias, is_causal, scale, into=None):
 
 def _flash_backward(dout, q, k, v, out, lse, bias, is_causal, scale, into=None):
     qh, kh, vh = _heads_first(q, k, v)
-    douth, outh = _dense_heads_first(dout, out)
+    douth, outh = _alike_heads_first(dout, out)
     rows = qh.shape[2]
     empty = _cuda_empty(q)
     grads = aten._scaled_dot_product_flash_attention_backward(

@@ -11,6 +11,9 @@ l_i into l, then `merge_output` adds every o_i with its weight. A row no part gi
 l = -inf; `silence_keyless_rows` turns it into +inf, which gives it weight exp(l_i - inf) = 0 in the
 forward and probability 0 in a backward that recomputes exp(score - l).
 
+On CUDA, `merge_weighted` and `add_parts` run as one kernel per call (`fused_merge`, Triton) where
+the tensors' layout allows; these functions' PyTorch code is its twin (and runs everywhere else).
+
 The dilated-attention op (its branch calls), the decoding cache (its branches) and the sharded
 op (its local and remote branches) merge with these functions; none reads a value on the host.
 """
@@ -18,6 +21,17 @@ op (its local and remote branches) merge with these functions; none reads a valu
 from __future__ import annotations
 
 import torch
+
+# Merge through `fused_merge`'s kernels where they run (CUDA, Triton); False: PyTorch's passes only.
+FUSED_MERGE = True
+# A kernel launch from Python costs more host time than the PyTorch passes it replaces (H200,
+# LM schedule, causal, H = 12: eager forward + backward 1.1-1.5x slower with the kernels from 8K
+# to 128K tokens, where the eager op is bound by the host), while it takes 0.45x their GPU time
+# (the op's other kernels 3.6 -> 1.4 ms at 128K). So the kernels run where the GPU time counts:
+# while a CUDA graph records (graphed steps, compiled models; launches cost nothing at replay),
+# and eagerly for targets of at least this many elements (smaller ones run a kernel variant's
+# first call only, which compiles it outside the recordings).
+FUSED_MIN_ELEMENTS = 1 << 26
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -85,3 +99,67 @@ def part_weight(lse_part: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     may have no key (then such a row gets weight 0, not NaN).
     """
     return torch.exp(lse_part - lse)
+
+
+def _fused(tensor: torch.Tensor):
+    """(`mmlongnet.attention.fused_merge`, which of its kernel variants may run: see its
+    `merge_rows`) for a merge into `tensor` on CUDA: the compiled ones while a CUDA graph records,
+    any for FUSED_MIN_ELEMENTS and more, else a new one (compiled now, for the recordings to come).
+    None off CUDA. Imported on first use: Triton loads only where a merge runs on a GPU."""
+    if not FUSED_MERGE or tensor.device.type != "cuda":
+        return None
+    from mmlongnet.attention import fused_merge
+
+    if torch.cuda.is_current_stream_capturing():
+        return fused_merge, "compiled"
+    return fused_merge, "any" if tensor.numel() >= FUSED_MIN_ELEMENTS else "new"
+
+
+def merge_weighted(
+    out: torch.Tensor,
+    out_part: torch.Tensor | None,
+    lse_part: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    first: bool = False,
+) -> torch.Tensor:
+    """`merge_output` with the weight `part_weight(lse_part, lse)`: out = out_part * weight (`first`)
+    or out += out_part * weight, in place; one kernel on CUDA.
+
+    Args:
+        out: (..., D) the merged output so far (a view may be passed).
+        out_part: (..., D) the part's output; None when the part is already in `out` (`first` only).
+        lse_part: (...) the part's log-sum-exp.
+        lse: (...) the merged log-sum-exp (see `part_weight`).
+        first: `out` holds nothing yet: write instead of add.
+
+    Returns:
+        `out`.
+    """
+    fused = _fused(out)
+    if out_part is None and not first:
+        raise ValueError("merge_weighted: a part already in `out` must be the first one there")
+    source = out if out_part is None else out_part
+    if fused is not None:
+        kernels, variants = fused
+        if kernels.merge_rows([out], [source], lse_part, lse, accumulate=not first, variants=variants):
+            return out
+    return merge_output(out, out_part, part_weight(lse_part, lse), first=first)
+
+
+def add_parts(outs: list[torch.Tensor], parts: list[torch.Tensor], *, first: bool = False) -> None:
+    """outs[i] = parts[i] (`first`) or outs[i] += parts[i], in place, for gradients of parts over
+    disjoint rows (no weights); on CUDA one kernel for up to three pairs of one layout.
+
+    Args:
+        outs: (..., D) targets (views may be passed).
+        parts: (..., D) as many parts, each its target's shape.
+        first: the targets hold nothing yet: write instead of add.
+    """
+    fused = _fused(outs[0]) if outs else None
+    if fused is not None:
+        kernels, variants = fused
+        if kernels.merge_rows(outs, parts, accumulate=not first, variants=variants):
+            return
+    for out, part in zip(outs, parts, strict=True):
+        merge_output(out, part, first=first)

@@ -61,8 +61,7 @@ from mmlongnet.attention.dilated import (
 from mmlongnet.attention.merge import (
     accumulation_dtype,
     merge_lse,
-    merge_output,
-    part_weight,
+    merge_weighted,
     silence_keyless_rows,
 )
 from mmlongnet.distributed.collectives import Group, all_gather, all_gather_no_grad, group_rank, group_size
@@ -278,7 +277,7 @@ class ShardedDilatedAttentionFunction(torch.autograd.Function):
         lse_weights = silence_keyless_rows(lse)
         out = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, n, H, D)
         for out_part, lse_part in parts:
-            merge_output(out, out_part, part_weight(lse_part, lse_weights))
+            merge_weighted(out, out_part, lse_part, lse_weights)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, key_padding_mask, padding, out, lse, *gathered)
         ctx.options = options

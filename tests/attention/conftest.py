@@ -5,13 +5,15 @@ import math
 import pytest
 
 from mmlongnet.attention import dilated as dilated_module
+from mmlongnet.attention import merge
 
 
 @pytest.fixture(params=["dense", "packed", "per-offset", "diagonal"])
 def call_layout(request, monkeypatch):
     """Run small inputs four ways: as one dense biased call, as the op's branch calls (packed and
     diagonal calls), one branch call per offset, or diagonal calls wherever they are fewer than
-    the per-offset ones."""
+    the per-offset ones. The merges run as the fused kernels wherever those run (CUDA), at any size."""
+    monkeypatch.setattr(merge, "FUSED_MIN_ELEMENTS", 0)
     if request.param == "dense":
         monkeypatch.setattr(dilated_module, "DENSE_MAX_WORK", math.inf)
     else:
