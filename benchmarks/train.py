@@ -36,7 +36,11 @@ Per row and kind: `--warmup` untimed steps, then `--steps` timed steps, each tim
 between two `torch.cuda.synchronize()` (fetching the next batch from the loader is outside the
 timed step and reported apart as `data_ms`); then `--profile-steps` steps under
 `torch.profiler` (CPU and CUDA activities), each marked by `record_function`, from which come
-the GPU-busy share, the kernel and launch counts and the host syncs of a step.
+the GPU-busy share, the kernel and launch counts and the host syncs of a step. The synchronisation
+after every step leaves the GPU idle while the host prepares the next one (in a fit, nothing
+synchronises between steps and that host work overlaps the GPU's); `--pipelined-steps N` also runs
+N steps back to back as a fit does, batches fetched from the loader in between and one
+synchronisation at the end, under the profiler.
 
 Columns of the table (JSON fields in brackets):
 - tokens/step [tokens_per_step]: mean over the timed steps of `module.last_batch_tokens`, the
@@ -49,6 +53,10 @@ Columns of the table (JSON fields in brackets):
 - peak GiB [peak_gib]: `torch.cuda.max_memory_allocated` over the timed steps;
 - GPU busy [gpu_busy_share]: the union of the CUDA kernel intervals of a profiled step over its
   span (from the step's start to the end of the synchronisation after it); median over steps;
+- pipelined: ms/step, tokens/s, GPU busy [pipelined_step_ms, pipelined_tokens_per_s,
+  pipelined_gpu_busy_share]: with `--pipelined-steps`, the span of the N back-to-back steps (from
+  the first one's batch fetch to the end of the final synchronisation) over N, their tokens over
+  that span, and the union of the kernel intervals over it;
 - kernels/step, launches/step: kernels run on the GPU, and kernel launch calls on the host
   (`cudaLaunchKernel`, `cuLaunchKernel*`, graph launches), per profiled step;
 - syncs/step [syncs_per_step, by name in syncs]: host syncs inside a profiled step's own code:
@@ -140,6 +148,7 @@ AV_STACKS = ("text_stack", "audio_stack", "video_stack", "fusion_stack")
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 LAUNCH_PREFIXES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchCooperativeKernel", "cudaGraphLaunch")
 STEP_MARK, SYNC_MARK = "benchmark_train_step_", "benchmark_device_sync_"
+PIPELINE_MARK = "benchmark_pipelined_steps"
 GAPS_KEPT, GAP_HOST_EVENTS = 5, 4  # GPU gaps reported per row; host events named per gap
 CLI_ARGS_WARNING = r"LightningCLI's args parameter is intended to run from within Python"
 NO_TRAINER_LOG = r"You are trying to `self.log\(\)` but the `self.trainer` reference is not registered"
@@ -450,6 +459,15 @@ def peak_memory_gib(device: torch.device) -> float | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class Pipelined:
+    """Steps run back to back (`profile_pipelined`): ms per step, tokens per second, GPU busy."""
+
+    step_ms: float
+    tokens_per_s: float
+    gpu_busy_share: float | None
+
+
+@dataclasses.dataclass(frozen=True)
 class Event:
     """A profiler event reduced to what is counted: name, where it ran, [start, end) in us."""
 
@@ -483,6 +501,31 @@ def profile_steps(
         trace.parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(trace))
     return to_events(prof.events()), [shape_key(batch) for batch in host_batches]
+
+
+def profile_pipelined(trainee: Trainee, batches: Iterator, count: int, first: int) -> Pipelined:
+    """Run `count` steps back to back as a fit does (the next batch fetched from the loader between
+    steps, no synchronisation until the end) under `torch.profiler`; their span, tokens and the
+    union of the kernel intervals over the span (GPU busy: None without CUDA)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU]
+    activities += [ProfilerActivity.CUDA] if trainee.device.type == "cuda" else []
+    tokens = 0
+    synchronize(trainee.device)
+    with profile(activities=activities, acc_events=True) as prof:
+        with record_function(PIPELINE_MARK):
+            for index in range(first, first + count):
+                trainee.step(next(batches), index)
+                tokens += trainee.tokens()
+            synchronize(trainee.device)
+    events = to_events(prof.events())
+    span = next(e for e in events if e.annotation and not e.device and e.name == PIPELINE_MARK)
+    us = span.end - span.start
+    busy = None
+    if trainee.device.type == "cuda":
+        busy = interval_union([(e.start, e.end) for e in events if is_kernel(e)], (span.start, span.end)) / us
+    return Pipelined(us / 1e3 / count, tokens * 1e6 / us, busy)
 
 
 def to_events(function_events) -> list[Event]:
@@ -527,7 +570,7 @@ def interval_union(intervals: Sequence[tuple[float, float]], window: tuple[float
 def is_kernel(event: Event) -> bool:
     """A CUDA kernel run on the GPU (not a copy, a fill, or an annotation: the GPU-side copies of
     the benchmark's own step marks are left out by name too)."""
-    skipped = ("Memcpy", "Memset", STEP_MARK, SYNC_MARK)
+    skipped = ("Memcpy", "Memset", STEP_MARK, SYNC_MARK, PIPELINE_MARK)
     return event.device and not event.annotation and not event.name.startswith(skipped)
 
 
@@ -663,6 +706,9 @@ class Row:
     syncs: dict[str, float] | None = None
     gpu_gaps: list[dict] | None = None  # the longest stretches without a kernel, with the host's events
     profiled_step_ms: float | None = None
+    pipelined_step_ms: float | None = None  # --pipelined-steps: their span over their count
+    pipelined_tokens_per_s: float | None = None
+    pipelined_gpu_busy_share: float | None = None
     distinct_shapes: int | None = None  # over every step run (warm-up, timed, profiled)
     shapes: list[str] | None = None
     warmup_steps: int | None = None  # untimed steps run first (more with --compile: each shape's)
@@ -693,6 +739,11 @@ def measure(spec: RowSpec, kind: str, args: argparse.Namespace, device: torch.de
         events, profiled_shapes = profile_steps(
             trainee, batches, args.profile_steps, args.warmup + args.steps, trace
         )
+        if args.pipelined_steps:
+            first = args.warmup + args.steps + args.profile_steps
+            pipelined = profile_pipelined(trainee, batches, args.pipelined_steps, first)
+            row.pipelined_step_ms, row.pipelined_tokens_per_s = pipelined.step_ms, pipelined.tokens_per_s
+            row.pipelined_gpu_busy_share = pipelined.gpu_busy_share
     finally:
         batches.close()  # ends the loader's workers
     fill_timing(row, timed, warm.shapes)
@@ -793,6 +844,12 @@ def describe(row: Row) -> str:
         f"busy {cell(row.gpu_busy_share, '.2f')}  syncs/step {cell(row.syncs_per_step, '.1f')}  "
         f"shapes {row.distinct_shapes}  loss {row.loss:.3f}"
         + (f"  longest GPU gap {row.gpu_gaps[0]['ms']:.1f} ms" if row.gpu_gaps else "")
+        + (
+            f"  pipelined {row.pipelined_step_ms:.1f} ms/step, "
+            f"busy {cell(row.pipelined_gpu_busy_share, '.2f')}"
+            if row.pipelined_step_ms is not None
+            else ""
+        )
     )
 
 
@@ -800,8 +857,9 @@ def markdown_table(rows: Sequence[Row]) -> str:
     """The results, one line per (row, kind)."""
     lines = [
         "| row | attention | B | tokens/step | steps/s | tokens/s | ms/step, seen shapes | peak GiB "
-        "| GPU busy | kernels/step | launches/step | syncs/step | shapes | data ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GPU busy | kernels/step | launches/step | syncs/step | shapes | data ms "
+        "| pipelined: ms/step | tokens/s | GPU busy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rate = cell(r.steps_per_s, ".2f") if r.status == "ok" else r.status
@@ -811,7 +869,9 @@ def markdown_table(rows: Sequence[Row]) -> str:
             f"{cell(r.peak_gib, '.1f')} | "
             f"{cell(r.gpu_busy_share, '.2f')} | {cell(r.kernels_per_step, ',.0f')} | "
             f"{cell(r.launches_per_step, ',.0f')} | {cell(r.syncs_per_step, '.1f')} | "
-            f"{cell(r.distinct_shapes, 'd')} | {cell(r.data_ms, '.1f')} |"
+            f"{cell(r.distinct_shapes, 'd')} | {cell(r.data_ms, '.1f')} | "
+            f"{cell(r.pipelined_step_ms, '.1f')} | {cell(r.pipelined_tokens_per_s, ',.0f')} | "
+            f"{cell(r.pipelined_gpu_busy_share, '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -923,6 +983,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps (default 3)")
     parser.add_argument(
+        "--pipelined-steps", type=int, default=0,
+        help="also run this many steps back to back, synchronised at the end only (default 0: none)",
+    )  # fmt: skip
+    parser.add_argument(
         "--time-budget", type=float, default=480.0, help="seconds; later rows are skipped (480)"
     )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
@@ -946,8 +1010,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.specs = [parse_row(text, args.batch) for text in args.rows]
     except ValueError as exc:
         parser.error(str(exc))
-    if args.warmup < 0 or args.steps < 1 or args.profile_steps < 1:
-        parser.error("need --warmup >= 0, --steps >= 1 and --profile-steps >= 1")
+    if args.warmup < 0 or args.steps < 1 or args.profile_steps < 1 or args.pipelined_steps < 0:
+        parser.error("need --warmup >= 0, --steps >= 1, --profile-steps >= 1 and --pipelined-steps >= 0")
     if args.graphed and args.compile:
         parser.error("--graphed records the eager model's steps; leave --compile off with it")
     if args.shapes is None and args.compile:

@@ -44,6 +44,8 @@ def test_smoke_run_trains_every_row_and_writes_json_png_table(tmp_path, capsys, 
         "t",
         "--trace",
         str(tmp_path / "traces"),
+        "--pipelined-steps",
+        "2",
     ]
     assert bench.main(argv) == 0
     assert (tmp_path / "train_t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -64,6 +66,11 @@ def test_smoke_run_trains_every_row_and_writes_json_png_table(tmp_path, capsys, 
         assert row["tokens_per_step"] == pytest.approx(statistics.fmean(row["tokens"]))
         assert row["tokens_per_s"] == pytest.approx(row["tokens_per_step"] * row["steps_per_s"])
         assert row["data_ms"] >= 0 and row["profiled_step_ms"] > 0
+        assert row["pipelined_step_ms"] > 0 and row["pipelined_tokens_per_s"] > 0
+        # two back-to-back steps of the same batches' sizes: tokens over their span
+        assert row["pipelined_tokens_per_s"] == pytest.approx(
+            statistics.fmean(row["tokens"]) * 1e3 / row["pipelined_step_ms"], rel=0.5
+        )
         assert math.isfinite(row["loss"])
         assert row["distinct_shapes"] == len(row["shapes"]) >= 1
         assert set(row["first_run_ms"]) <= set(row["shapes"]) and min(row["first_run_ms"].values()) > 0
@@ -75,6 +82,7 @@ def test_smoke_run_trains_every_row_and_writes_json_png_table(tmp_path, capsys, 
             "launches_per_step",
             "syncs_per_step",
             "gpu_gaps",
+            "pipelined_gpu_busy_share",
         ):
             assert row[field] is None
         trace = json.loads(
@@ -85,6 +93,7 @@ def test_smoke_run_trains_every_row_and_writes_json_png_table(tmp_path, capsys, 
     av_dilated, av_dense, lm_dilated, lm_dense = rows
     for row in (lm_dilated, lm_dense):  # B = 2 windows of N = 64 inputs (65 ids with the target)
         assert row["tokens"] == [128, 128] and row["shapes"] == ["2x65"] and row["lengths"] is None
+        assert row["pipelined_tokens_per_s"] == pytest.approx(128e3 / row["pipelined_step_ms"])
         assert abs(row["loss"] - math.log(259)) < 1.5  # bytes at initialisation: near ln V
     for row in (av_dilated, av_dense):  # the fused valid tokens the batch holds
         assert [expected_av_tokens(lengths) for lengths in row["lengths"]] == row["tokens"]
