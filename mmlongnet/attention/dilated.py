@@ -113,18 +113,21 @@ def _valid_rows(padding: torch.Tensor, is_causal: bool) -> torch.Tensor:
 
 # flash-attn 4's kernels are faster on the GPU than PyTorch's, but each call costs more host time
 # (H200, LM schedule, causal, H=16, D=64, eager forward+backward: 0.8x the "sdpa" backend's speed
-# at 32K tokens, 1.3x at 128K). Calls of less work than this (b * c * c * h * D multiply-adds of
-# the scores) run on the "sdpa" kernels, whose host work is lighter.
+# at 32K tokens, 1.3x at 128K). Eager calls of less work than this (b * c * c * h * D multiply-adds
+# of the scores) run on the "sdpa" kernels, whose host work is lighter; calls that a CUDA graph
+# records (or that the eager step before a recording runs, `KernelSelector.recording_next`) take
+# flash-attn at any size, as a replay pays no host work.
 FLASH_MIN_WORK = 1 << 36
 
 
 def _kernels(q_rows: torch.Tensor, has_bias: bool, backend: str) -> list[Kernel]:
     """The kernels that may run one call on q_rows (b, c, h, D), fastest first: the "sdpa" chain,
     behind the flash-attn kernel on the "flash_attn" backend for a call without a key bias (masked
-    calls run on the chain) and of at least FLASH_MIN_WORK."""
+    calls run on the chain) and of at least FLASH_MIN_WORK or recorded in a CUDA graph."""
     chain = kernel_chain(q_rows.device, q_rows.dtype, has_bias, rows=q_rows.shape[1])
     batch, rows, heads, head_dim = q_rows.shape
-    if backend == "flash_attn" and not has_bias and batch * rows * rows * heads * head_dim >= FLASH_MIN_WORK:
+    large = batch * rows * rows * heads * head_dim >= FLASH_MIN_WORK
+    if backend == "flash_attn" and not has_bias and (large or SELECTOR.recording_next()):
         chain.insert(0, flash_kernel(q_rows.device, q_rows.dtype))
     return chain
 

@@ -118,7 +118,7 @@ def _flash4_kernel(interface) -> Kernel:
             raise _refusal(FLASH_ATTN_4, error) from error
         return tuple(grads[:3])
 
-    return Kernel("flash_attn_4", forward, backward, takes_bias=False)
+    return Kernel("flash_attn_4", forward, backward, takes_bias=False, compiles_on_first_call=True)
 
 
 # --- flash-attn 2 ------------------------------------------------------------------------------

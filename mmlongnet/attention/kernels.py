@@ -53,6 +53,9 @@ class Kernel:
     backward: KernelBackward
     takes_bias: bool
     plans_per_shape: bool = False
+    # compiles a variant on its first call of one (flash-attn 4's JIT): while a CUDA graph records,
+    # it runs only the shapes it has run before, eagerly (`KernelSelector.order`)
+    compiles_on_first_call: bool = False
 
 
 def _heads_first(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -292,7 +295,10 @@ class KernelSelector:
     recurs. A planning kernel still runs a new shape that every plan-free kernel refuses. Inside
     CUDA-graph capture a shape is not promoted (its plan would be built during the capture); one
     promoted in an eager call before runs on its plan. Inside `promoting()` every shape is promoted
-    at its first call: for the eager step before a capture.
+    at its first call: for the eager step before a capture. While a capture records, a kernel that
+    compiles on its first call of a variant (`Kernel.compiles_on_first_call`) runs only the
+    (method, shape)s it has run eagerly before (the `ran` table), so that nothing compiles inside the
+    recording.
 
     A kernel that raises a RuntimeError (out of memory excepted, which propagates) is skipped for
     that (method, shape) during its next `retry_after` calls, then tried again; it warns once per
@@ -313,6 +319,7 @@ class KernelSelector:
         self.promote_after, self.retry_after, self.max_entries = promote_after, retry_after, max_entries
         self.calls: OrderedDict[tuple, int] = OrderedDict()  # (method, shape key) -> calls so far
         self.refusals: OrderedDict[tuple, int] = OrderedDict()  # (kernel, method, shape) -> calls to skip
+        self.ran: OrderedDict[tuple, int] = OrderedDict()  # (kernel, method, shape) run eagerly -> 1
         self.promote_now = False  # inside `promoting()`; an attribute, read by autograd's threads too
 
     @contextmanager
@@ -328,9 +335,15 @@ class KernelSelector:
             self.promote_now = False
 
     def clear(self) -> None:
-        """Forget every call count and refusal: every shape is new again."""
+        """Forget every call count, refusal and eager run: every shape is new again."""
         self.calls.clear()
         self.refusals.clear()
+        self.ran.clear()
+
+    def recording_next(self) -> bool:
+        """Whether this call is recorded into a CUDA graph now, or in an eager step that one records
+        next (`promoting()`): where per-call host work costs nothing at replay."""
+        return self.promote_now or _capturing()
 
     def order(self, chain: list[Kernel], method: str, shape_key: tuple) -> list[Kernel]:
         """Count this call of (method, shape) and return the kernels to try for it, in order."""
@@ -339,8 +352,11 @@ class KernelSelector:
         if self.promote_now:
             calls = max(calls, self.promote_after)
         _put(self.calls, key, calls, self.max_entries)
-        # While a CUDA graph is being captured no plan may be built: a shape promoted only now waits.
-        capturing = torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+        # While a CUDA graph is being captured no plan may be built (a shape promoted only now waits)
+        # and nothing compiled (a compiling kernel takes the shapes it has run before only).
+        capturing = _capturing()
+        if capturing:
+            chain = [k for k in chain if not k.compiles_on_first_call or (k.name, *key) in self.ran]
         if calls >= self.promote_after and not (capturing and calls - 1 < self.promote_after):
             return chain
         return [k for k in chain if not k.plans_per_shape] + [k for k in chain if k.plans_per_shape]
@@ -378,8 +394,15 @@ class KernelSelector:
                 errors.append(f"{kernel.name}: {error}")
                 continue
             self.refusals.pop(key, None)  # accepted on its retry
+            if kernel.compiles_on_first_call and not _capturing():
+                _put(self.ran, key, 1, self.max_entries)
             return result
         raise RuntimeError("no attention kernel accepted this call:\n" + "\n".join(errors))
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is recording a CUDA graph."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 SELECTOR = KernelSelector()  # the one the dilated-attention op uses

@@ -16,10 +16,12 @@ class FakeKernel:
     """A kernel's forward and backward as plain callables: records each call, raises the errors
     queued in `failures` first (one per call), then returns its name."""
 
-    def __init__(self, name: str, plans_per_shape: bool = False, takes_bias: bool = True):
+    def __init__(
+        self, name: str, plans_per_shape: bool = False, takes_bias: bool = True, compiles: bool = False
+    ):
         self.calls: list[tuple] = []
         self.failures: list[Exception] = []
-        self.kernel = Kernel(name, self._call, self._call, takes_bias, plans_per_shape)
+        self.kernel = Kernel(name, self._call, self._call, takes_bias, plans_per_shape, compiles)
 
     def _call(self, *args):
         self.calls.append(args)
@@ -64,6 +66,36 @@ def test_no_shape_is_promoted_while_a_cuda_graph_is_captured(capturing):
     assert selector.run(chain, "forward", ("a",)) == "planner"  # eager again: plans
     capturing[0] = True
     assert selector.run(chain, "forward", ("a",)) == "planner"  # planned before the capture
+
+
+def test_a_compiling_kernel_records_only_the_shapes_it_ran_before_the_capture(capturing):
+    compiler = FakeKernel("compiler", compiles=True)
+    _, flash, _, chain = fakes()
+    chain = [compiler.kernel, *chain]
+    selector = KernelSelector(promote_after=1)
+    assert selector.run(chain, "forward", ("ran",)) == "compiler"  # eager: compiles, and is noted
+    capturing[0] = True
+    assert selector.run(chain, "forward", ("ran",)) == "compiler"  # compiled before: recorded
+    assert selector.run(chain, "backward", ("ran",)) == "flash"  # its backward never ran: skipped
+    assert selector.run(chain, "forward", ("new",)) == "flash"  # new and not promoted in a capture
+    assert ("compiler", "forward", ("new",)) not in selector.ran  # nothing noted inside a capture
+    capturing[0] = False
+    selector.clear()
+    assert not selector.ran
+
+
+def test_recorded_calls_take_flash_attn_at_any_size(monkeypatch, capturing):
+    flash = FakeKernel("flash_attn_4", takes_bias=False, compiles=True).kernel
+    monkeypatch.setattr(dilated_module, "flash_kernel", lambda device, dtype: flash)
+    monkeypatch.setattr(dilated_module, "SELECTOR", KernelSelector())
+    small = torch.empty(2, 16, 2, 8)  # (b, c, h, D): far below FLASH_MIN_WORK
+    assert flash not in dilated_module._kernels(small, False, "flash_attn")  # eager: host work counts
+    with dilated_module.SELECTOR.promoting():  # the eager step before a recording
+        assert dilated_module._kernels(small, False, "flash_attn")[0] is flash
+        assert flash not in dilated_module._kernels(small, True, "flash_attn")  # a key bias: never
+    capturing[0] = True
+    assert dilated_module._kernels(small, False, "flash_attn")[0] is flash
+    assert flash not in dilated_module._kernels(small, False, "sdpa")
 
 
 def test_shapes_promoted_at_once_before_a_capture_keep_their_plans_in_it(capturing):
