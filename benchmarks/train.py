@@ -81,9 +81,9 @@ per shape on the H200 for the AV model, so a compiled row runs the batches of it
 `--shapes` (default 2) distinct shapes only, passing over the others, and its warm-up goes on
 until each shape it has run has run three times: the timed steps on those shapes are the steady
 state a long run reaches (a kept shape first met in a timed step is reported apart, as above).
-`--graphed` runs the AV rows with the classifier's `graphed` option: each training step (forward,
-loss, backward, clipping) recorded as one CUDA graph per batch signature after two eager steps of
-it, then replayed; the warm-up goes on until each shape has replayed (the LM rows run eagerly).
+`--graphed` runs the modules' `graphed` option (the classifier's and the LM's): each training step
+(forward, loss, backward, clipping) recorded as one CUDA graph per batch signature after two eager
+steps of it, then replayed; the warm-up goes on until each shape has replayed.
 On the CPU (`--smoke`) the profiler records CPU activity only and the GPU fields are null.
 
 Writes `<out>/train_<tag>.json` (rows also to `.json.tmp` as they come) and `<out>/train_<tag>.png`
@@ -212,7 +212,7 @@ def row_overrides(
     spec: RowSpec, kind: str, workers: int | None, compiled: bool = False, graphed: bool = False
 ) -> list[str]:
     """LightningCLI arguments after `--config`: size, batch, workers, the dense schedule, compile,
-    graphed steps (AV rows: the classifier's option), extras."""
+    graphed steps (the modules' option), extras."""
     data = "--data.init_args"
     size = (
         [f"{data}.dataset.num_digits", str(spec.size)]
@@ -225,7 +225,7 @@ def row_overrides(
         args += dense_overrides(spec.task)
     if compiled:
         args += ["--model.init_args.compile", "true"]
-    if graphed and spec.task == "av":
+    if graphed:
         args += ["--model.init_args.graphed", "true"]
     return args + list(spec.extra)
 
@@ -375,8 +375,9 @@ class Trainee:
         graphed = getattr(module, "graphed_steps", None) is not None
         batch = module.transfer_batch_to_device(batch, self.device, 0)
         with mixed_precision(self.device):
-            if graphed:
-                loss, _ = module.graphed_step(batch, (self.clip, "norm"))
+            if graphed:  # the classifier's returns (loss, correct), the LM's the loss
+                loss = module.graphed_step(batch, (self.clip, "norm"))
+                loss = loss[0] if isinstance(loss, tuple) else loss
             else:
                 loss = module.training_step(batch, index)
         if not graphed:

@@ -179,10 +179,48 @@ def _total_steps(module: pl.LightningModule) -> int:
 
 
 class _Trained(pl.LightningModule):
-    """What the modules share: the optimizer from their `optimizer_config`, and gradient clipping
-    that works with it."""
+    """What the modules share: the optimizer from their `optimizer_config`, gradient clipping that
+    works with it, and training steps recorded as CUDA graphs (`graphed_steps`, or None)."""
 
     optimizer_config: OptimizerConfig
+    graphed_steps: GraphedSteps | None = None
+
+    def _graphed_training(self) -> tuple[float | None, str | None]:
+        """The Trainer's clipping (value, algorithm) for a graphed step, after checking that the run
+        is one graphed steps support (ValueError otherwise)."""
+        trainer = self.trainer
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError("graphed=True does not run fp16's loss scaling; use precision bf16-mixed or 32")
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError("graphed=True steps the optimizer every batch; set accumulate_grad_batches: 1")
+        if trainer.world_size > 1:
+            raise ValueError("graphed=True runs on one device; leave it off with several")
+        return trainer.gradient_clip_val, trainer.gradient_clip_algorithm
+
+    def _run_graphed(
+        self, signature: tuple, tensors: list[torch.Tensor], step, sizes: str
+    ) -> list[torch.Tensor]:
+        """`graphed_steps(signature, tensors, step)`, announcing each new recording (`sizes`: the
+        batch's shapes, for the message)."""
+        if self.graphed_steps is None:
+            raise ValueError(f"graphed steps need a {type(self).__name__} made with graphed=True")
+        recorded = self.graphed_steps.recorded
+        outputs = self.graphed_steps(signature, tensors, step)
+        if self.graphed_steps.recorded > recorded:
+            rank_zero_info(
+                f"recorded a training step as a CUDA graph for a new batch signature "
+                f"(#{self.graphed_steps.recorded}: {sizes}), once per signature"
+            )
+        return outputs
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        if self.graphed_steps is None:
+            super().backward(loss, *args, **kwargs)  # a graphed step has run its backward itself
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        if self.graphed_steps is None:
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+        # A graphed step sets the gradients itself: its graphs write into one tensor per parameter.
 
     def configure_optimizers(self) -> dict:
         return self.optimizer_config.build(self, _total_steps(self))
@@ -194,7 +232,7 @@ class _Trained(pl.LightningModule):
         "value"), applied here because Lightning's mixed-precision plugins refuse to clip for an
         optimizer that unscales gradients itself, as the fused AdamW does. bf16 has no loss scale;
         with fp16's the gradients are unscaled first, and the optimizer step then knows they are."""
-        if not gradient_clip_val or getattr(self, "graphed_steps", None) is not None:
+        if not gradient_clip_val or self.graphed_steps is not None:
             return  # a graphed step has clipped its gradients itself
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
@@ -352,9 +390,7 @@ class MultimodalClassifier(_Trained):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         if self.graphed_steps is None:
             return self._step(batch, "train")
-        self._check_graphable()
-        clipping = (self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm)
-        loss, correct = self.graphed_step(batch, clipping)
+        loss, correct = self.graphed_step(batch, self._graphed_training())
         self._log_metrics("train", loss, correct, batch)
         return loss
 
@@ -374,7 +410,7 @@ class MultimodalClassifier(_Trained):
         `training_step` calls it with the Trainer's clipping; a loop of one's own may too.
         """
         if self.graphed_steps is None:
-            raise ValueError("graphed_step needs a module made with graphed=True")
+            raise ValueError("graphed_step needs a MultimodalClassifier made with graphed=True")
         plan = self._plan(batch)
         labels = batch.labels.to(self.device, non_blocking=True)  # (B,)
         tensors = [*(batch.inputs[name] for name in plan.order), *plan.tensors(), labels]
@@ -393,35 +429,10 @@ class MultimodalClassifier(_Trained):
             _clip(self.graphed_steps.parameters, *clipping)
             return [loss, correct]
 
-        recorded = self.graphed_steps.recorded
-        loss, correct = self.graphed_steps(signature, tensors, step)
-        if self.graphed_steps.recorded > recorded:
-            inputs = zip(plan.order, tensors, strict=False)  # the inputs come first
-            sizes = ", ".join(f"{name} " + "x".join(map(str, x.shape)) for name, x in inputs)
-            rank_zero_info(
-                f"recorded a training step as a CUDA graph for a new batch signature "
-                f"(#{self.graphed_steps.recorded}: {sizes}), once per signature"
-            )
+        inputs = zip(plan.order, tensors, strict=False)  # the inputs come first
+        sizes = ", ".join(f"{name} " + "x".join(map(str, x.shape)) for name, x in inputs)
+        loss, correct = self._run_graphed(signature, tensors, step, sizes)
         return loss, correct
-
-    def _check_graphable(self) -> None:
-        """ValueError for a run that graphed steps do not support."""
-        trainer = self.trainer
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            raise ValueError("graphed=True does not run fp16's loss scaling; use precision bf16-mixed or 32")
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError("graphed=True steps the optimizer every batch; set accumulate_grad_batches: 1")
-        if trainer.world_size > 1:
-            raise ValueError("graphed=True runs on one device; leave it off with several")
-
-    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
-        if self.graphed_steps is None:
-            super().backward(loss, *args, **kwargs)  # a graphed step has run its backward itself
-
-    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
-        if self.graphed_steps is None:
-            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
-        # A graphed step sets the gradients itself: its graphs write into one tensor per parameter.
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._step(batch, "val")
@@ -453,6 +464,13 @@ class LanguageModel(_Trained):
         optimizer: `OptimizerConfig`.
         compile: run the model compiled whole (`torch.compile(fullgraph=True)`; CUDA graphs on a
             GPU); not with sequence sharding.
+        graphed: record each training step (forward, loss, backward, gradient clipping) as one CUDA
+            graph per window shape (`GraphedSteps`) and replay it for the later batches: one launch
+            a step instead of the dilated attention's hundreds of kernel calls a layer, with no
+            compiling. The first `graph_warmup` steps of a shape run eagerly; on a CPU every step
+            does, through the same path. One device, bf16 or fp32 (not fp16's loss scaling),
+            `accumulate_grad_batches` 1; not with `compile` nor with sequence sharding.
+        graph_warmup: eager steps of a window shape before it is recorded (>= 1).
 
     Batches are (B, N + 1) long token windows: the model reads tokens [:-1] and predicts [1:].
     Logs loss (nats per token) and bits per token.
@@ -464,15 +482,23 @@ class LanguageModel(_Trained):
     """
 
     def __init__(
-        self, model: LongNetLM, optimizer: OptimizerConfig | None = None, compile: bool = False
+        self,
+        model: LongNetLM,
+        optimizer: OptimizerConfig | None = None,
+        compile: bool = False,
+        graphed: bool = False,
+        graph_warmup: int = 2,
     ) -> None:
         super().__init__()
+        if compile and graphed:
+            raise ValueError("graphed=True records the eager model's steps; leave compile off with it")
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.compiled = CompiledModel(model) if compile else None
         self.optimizer_config = optimizer or OptimizerConfig()
         self.sequence_parallel = False  # whether `parallelize` has sharded the model
         self.last_batch_tokens = 0  # input tokens of the last batch (for throughput)
+        self.graphed_steps = GraphedSteps(self, warmup=graph_warmup) if graphed else None
 
     def parallelize(self, group: Group, *, validate: bool = True) -> None:
         """Shard the LM's sequence over `group` (`parallelize_sequence`): each rank then runs its slice
@@ -483,7 +509,9 @@ class LanguageModel(_Trained):
         self.last_batch_tokens = tokens.numel()
         return (self.compiled or self.model)(tokens)  # (B, N, V)
 
-    def _step(self, windows: torch.Tensor, stage: str) -> torch.Tensor:
+    def _loss(self, windows: torch.Tensor) -> torch.Tensor:
+        """(B, N + 1) windows -> () mean next-token cross-entropy (nats), over this rank's slice of
+        the positions once parallelized."""
         inputs, targets = windows[:, :-1], windows[:, 1:]  # (B, N), (B, N)
         shard = getattr(self.model.decoder, "sequence_shard", None)  # (p, P) once parallelized
         if shard is not None:  # this rank's slice of positions: (B, n), (B, n)
@@ -491,15 +519,54 @@ class LanguageModel(_Trained):
             inputs = split_sequence(inputs, num_shards, index)
             targets = split_sequence(targets, num_shards, index)
         logits = self(inputs)  # (B, N or n, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def _log_loss(self, stage: str, loss: torch.Tensor, windows: torch.Tensor) -> None:
         self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=stage != "train", batch_size=len(windows))
         self.log(
             f"{stage}_bits_per_token", loss / math.log(2), sync_dist=stage != "train", batch_size=len(windows)
         )
+
+    def _step(self, windows: torch.Tensor, stage: str) -> torch.Tensor:
+        loss = self._loss(windows)
+        self._log_loss(stage, loss, windows)
         return loss
 
     def training_step(self, windows: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        return self._step(windows, "train")
+        if self.graphed_steps is None:
+            return self._step(windows, "train")
+        loss = self.graphed_step(windows, self._graphed_training())
+        self._log_loss("train", loss, windows)
+        return loss
+
+    def graphed_step(
+        self, windows: torch.Tensor, clipping: tuple[float | None, str | None] = (None, None)
+    ) -> torch.Tensor:
+        """One training step of a `graphed=True` LM through its `graphed_steps`: forward, loss,
+        backward and gradient clipping, replayed as a CUDA graph once its window shape is recorded.
+
+        Args:
+            windows: (B, N + 1) token windows on the module's device.
+            clipping: (value, "norm" or "value"), as the Trainer's `gradient_clip_val` and
+                `gradient_clip_algorithm`; (None, None) clips nothing.
+
+        Returns the loss, (), on the device, detached. The optimizer step is the caller's.
+        """
+        device = windows.device.type
+        signature = (
+            tuple(windows.shape), windows.dtype, clipping,
+            torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
+        )  # fmt: skip
+
+        def step(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+            loss = self._loss(tensors[0])
+            loss.backward()
+            _clip(self.graphed_steps.parameters, *clipping)
+            return [loss]
+
+        self.last_batch_tokens = windows[:, :-1].numel()  # (a replayed step does not run forward)
+        sizes = "windows " + "x".join(map(str, windows.shape))
+        return self._run_graphed(signature, [windows], step, sizes)[0]
 
     def validation_step(self, windows: torch.Tensor, batch_idx: int) -> None:
         self._step(windows, "val")

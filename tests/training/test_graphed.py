@@ -1,6 +1,6 @@
-"""Graphed training steps (`GraphedSteps`, `MultimodalClassifier(graphed=True)`): the same training
-as the eager steps, gradients kept in place, one graph per signature; on a GPU, replays equal the
-eager steps over batches of one length bucket."""
+"""Graphed training steps (`GraphedSteps`, `MultimodalClassifier(graphed=True)`,
+`LanguageModel(graphed=True)`): the same training as the eager steps, gradients kept in place, one
+graph per signature; on a GPU, replays equal the eager steps over batches of one length bucket."""
 
 import copy
 import logging
@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from mmlongnet.data.collate import LengthBuckets, collate_samples
-from mmlongnet.models import MMLongNetConfig
-from mmlongnet.training import MultimodalClassifier, OptimizerConfig
+from mmlongnet.models import LongNetLM, MMLongNetConfig
+from mmlongnet.training import LanguageModel, MultimodalClassifier, OptimizerConfig
 from mmlongnet.training.graphed import GraphedSteps
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -228,3 +228,54 @@ def test_a_graphed_classifier_records_under_bf16_mixed_precision():
     got = [p.detach().cpu() for p in graphed.parameters()]
     apart = torch.cat([(b - a).flatten() for a, b in zip(final, got, strict=True)])
     assert moved.norm() > 0 and apart.norm() < 0.2 * moved.norm()  # the same updates, to bf16's rounding
+
+
+def lm_twins() -> tuple[LanguageModel, LanguageModel]:
+    """An eager byte LM and a graphed one with the same weights (dilated attention, two branches)."""
+    torch.manual_seed(0)
+    optimizer = OptimizerConfig(lr=1e-3, warmup_steps=0)
+
+    def lm():
+        return LongNetLM(num_tokens=256, d_model=32, nhead=4, num_layers=2, dim_feedforward=64,
+                         segment_lengths=[16, 64], dilation_rates=[1, 2])  # fmt: skip
+
+    eager = LanguageModel(lm(), optimizer=optimizer)
+    graphed = LanguageModel(lm(), optimizer=optimizer, graphed=True)
+    graphed.load_state_dict(eager.state_dict())
+    return eager, graphed
+
+
+def windows(count: int, length: int = 96) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 256, (2, length + 1), generator=generator) for _ in range(count)]
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=[pytest.mark.cuda, cuda])])
+def test_a_graphed_language_model_trains_as_the_eager_one(accelerator, caplog):
+    """On the CPU the graphed path runs eagerly; on a GPU the later steps replay the recording
+    (float32). Either way the same training as the eager module, step for step, with clipping."""
+    eager, graphed = lm_twins()
+    batches = windows(5)
+    caplog.set_level(logging.INFO)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        train(eager, batches, accelerator)
+        train(graphed, batches, accelerator)
+    for (name, a), b in zip(eager.named_parameters(), graphed.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    steps = graphed.graphed_steps
+    assert steps.signatures == 1 and steps.recorded == (accelerator == "gpu")
+    assert graphed.last_batch_tokens == 2 * 96
+    logged = [r.getMessage() for r in caplog.records if "as a CUDA graph" in r.getMessage()]
+    assert logged == (["recorded a training step as a CUDA graph for a new batch signature "
+                       "(#1: windows 2x97), once per signature"] if accelerator == "gpu" else [])  # fmt: skip
+
+
+def test_a_graphed_language_model_refuses_what_its_steps_do_not_do():
+    _, graphed = lm_twins()
+    with pytest.raises(ValueError, match="accumulate_grad_batches: 1"):
+        train(graphed, windows(2), accumulate_grad_batches=2)
+    with pytest.raises(ValueError, match="graphed=True does not run with sequence sharding"):
+        graphed.parallelize(None)
+    with pytest.raises(ValueError, match="leave compile off with it"):
+        LanguageModel(graphed.model, graphed=True, compile=True)
