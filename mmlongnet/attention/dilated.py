@@ -85,15 +85,26 @@ DENSE_MAX_WORK = 2.0
 
 def _calls(
     q: torch.Tensor, segment_lengths: list[int], dilation_rates: list[int]
-) -> tuple[list[BranchCall | PackedBlock], int]:
+) -> tuple[tuple[BranchCall | PackedBlock, ...], int]:
     """The op's kernel calls, those of a branch of dilation 1 first, and how many of them that is
     (0 without such a branch): its calls cover every row and head of q exactly once."""
     _, seq_len, num_heads, _ = q.shape
     pack = q.numel() <= PACK_MAX_ELEMENTS
+    schedule = (tuple(segment_lengths), tuple(dilation_rates))
+    return _schedule_calls(seq_len, num_heads, *schedule, pack, DIAGONAL_CALLS)
+
+
+@functools.lru_cache(maxsize=256)
+def _schedule_calls(
+    seq_len: int, num_heads: int, segment_lengths: tuple, dilation_rates: tuple, pack: bool, diagonal: bool
+) -> tuple[tuple[BranchCall | PackedBlock, ...], int]:
+    """`_calls` for one shape and schedule, kept for the 256 most recent (the forward and the
+    backward of every layer ask for the same ones; `geometry`'s constants are read when a shape
+    is first seen)."""
     branches = sorted(zip(segment_lengths, dilation_rates, strict=True), key=lambda branch: branch[1] != 1)
-    calls = [branch_calls(seq_len, num_heads, w, r, pack=pack, diagonal=DIAGONAL_CALLS) for w, r in branches]
+    calls = [branch_calls(seq_len, num_heads, w, r, pack=pack, diagonal=diagonal) for w, r in branches]
     covering = len(calls[0]) if branches[0][1] == 1 else 0
-    return [call for branch in calls for call in branch], covering
+    return tuple(call for branch in calls for call in branch), covering
 
 
 def _key_bias(padding: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

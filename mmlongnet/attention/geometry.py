@@ -59,7 +59,7 @@ class BranchCall:
 
     def kernel_rows(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """(B, N, H, *rest) -> (B*S, C, Ho, *rest), a view (`fill` is not needed)."""
-        return branch_view(x, self).flatten(0, 1)
+        return branch_view(x, self, batch_first=True)
 
     def key_padding(self, mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
         """(B, N) bool padding mask -> (B*S, C), or per kernel head (B*S, C, Ho) for a diagonal call
@@ -68,8 +68,8 @@ class BranchCall:
             return None
         if self.diagonal:
             per_head = mask[:, :, None].expand(*like.shape[:3])  # (B, N, H), stride 0 over heads
-            return branch_view(per_head, self).flatten(0, 1)
-        return branch_view(mask, self, has_heads=False).flatten(0, 1)
+            return branch_view(per_head, self, batch_first=True)
+        return branch_view(mask, self, has_heads=False, batch_first=True)
 
     def target(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, H, *rest) -> (B, S, C, Ho, *rest), a view sharing x's storage."""
@@ -267,15 +267,22 @@ def branch_calls(
     return calls
 
 
-def branch_view(x: torch.Tensor, call: BranchCall, *, has_heads: bool = True) -> torch.Tensor:
+def branch_view(
+    x: torch.Tensor, call: BranchCall, *, has_heads: bool = True, batch_first: bool = False
+) -> torch.Tensor:
     """The rows (and heads) of `call` as a strided view of `x`, sharing its storage.
 
     x: (B, N, H, *rest) -> (B, S, C, Ho, *rest) when `has_heads`, else (B, N, *rest) -> (B, S, C, *rest)
     (the latter for per-token tensors such as the key padding mask, of per-offset calls).
+    `batch_first`: B and S as one dim, (B*S, ...), as `flatten(0, 1)` gives it (a view in one step
+    where B is 1 or the segments fill the batch stride, else a copy).
     """
     stride = x.stride()
     size = [x.shape[0], call.num_segments, call.rows]
     strides = [stride[0], call.segment_stride * stride[1], call.dilation * stride[1]]
+    if batch_first and (size[0] == 1 or strides[0] == size[1] * strides[1]):
+        size[:2], strides[:2] = [size[0] * size[1]], [strides[1]]
+        batch_first = False  # merged here
     offset = x.storage_offset() + (call.start + call.offset) * stride[1]
     rest = 2
     if has_heads:
@@ -289,4 +296,5 @@ def branch_view(x: torch.Tensor, call: BranchCall, *, has_heads: bool = True) ->
         rest = 3
     size += x.shape[rest:]
     strides += stride[rest:]
-    return x.as_strided(size, strides, offset)
+    view = x.as_strided(size, strides, offset)
+    return view.flatten(0, 1) if batch_first else view
