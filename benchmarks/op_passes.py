@@ -8,7 +8,10 @@ per direction, the operations that are not views, and the elements of the tensor
 units of the input's size B * N * H * D. Views and empty allocations are left out. The attention
 kernels write 2.0 (output and log-sum-exp: 1.0 + a little) per direction's call set, so what is
 above ~2-3 is merge and copy work. Counts do not depend on the machine; times do (see
-`attention.py` and `call_layouts.py` for those).
+`attention.py` and `call_layouts.py` for those). It also times the same forward + backward on
+the CPU (median of 5 rounds of `--runs` calls): at small sizes and head dims (e.g. `--sizes 256
+--segments 16 32 64 128 256 --head-dim 8`, the same calls as the LM schedule at 8K) mostly the
+op's host work, which the eager op pays on a GPU too.
 
     python benchmarks/op_passes.py --sizes 8192 32768 --heads 12 --rates 1 2 4 6 12 --causal
 
@@ -85,12 +88,26 @@ def count(args: argparse.Namespace, n: int) -> dict:
     with backward:
         dilated.dilated_attention_backward_op._init_fn(grad, q, k, v, out, lse, None, *options)
     size = q.numel()
+
+    def both() -> None:
+        out, lse = dilated.dilated_attention_forward_op._init_fn(q, k, v, None, *options)
+        dilated.dilated_attention_backward_op._init_fn(grad, q, k, v, out, lse, None, *options)
+
+    for _ in range(3):
+        both()
+    rounds = []
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(args.runs):
+            both()
+        rounds.append((time.perf_counter() - started) * 1e3 / args.runs)
     return {
         "n": n,
         "forward_ops": forward.operations,
         "forward_writes": round(forward.elements / size, 2),
         "backward_ops": backward.operations,
         "backward_writes": round(backward.elements / size, 2),
+        "cpu_ms": round(statistics.median(rounds), 3),
     }
 
 
@@ -210,11 +227,9 @@ def profile_table(rows: Sequence[dict]) -> str:
 
 def table(rows: Sequence[dict]) -> str:
     header = ["N", "forward: operations", "forward: elements written / input", "backward: operations",
-              "backward: elements written / input"]  # fmt: skip
-    cells = [
-        [f"{r['n']:,}", r["forward_ops"], r["forward_writes"], r["backward_ops"], r["backward_writes"]]
-        for r in rows
-    ]
+              "backward: elements written / input", "CPU ms, forward + backward"]  # fmt: skip
+    keys = ["forward_ops", "forward_writes", "backward_ops", "backward_writes", "cpu_ms"]
+    cells = [[f"{r['n']:,}", *(r[key] for key in keys)] for r in rows]
     return markdown_table(header, cells)
 
 
@@ -225,7 +240,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="time the op on a CUDA GPU (see above)")
     parser.add_argument("--backend", default="auto", help="with --profile: the op's backend (default: auto)")
     parser.add_argument("--warmup", type=int, default=5, help="with --profile: untimed calls (default: 5)")
-    parser.add_argument("--runs", type=int, default=20, help="with --profile: timed calls (default: 20)")
+    parser.add_argument("--runs", type=int, default=20, help="timed calls (a round of them) (default: 20)")
     args = parser.parse_args(argv)
     if len(args.segments) != len(args.rates):
         parser.error(f"--segments and --rates need as many values, got {args.segments} and {args.rates}")
