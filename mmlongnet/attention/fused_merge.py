@@ -25,6 +25,8 @@ that is new, which compiles it for the recordings to come.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:  # Triton ships with PyTorch's CUDA wheels; CPU-only installs have none
@@ -33,6 +35,9 @@ try:  # Triton ships with PyTorch's CUDA wheels; CPU-only installs have none
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
+# Triton's interpreter (TRITON_INTERPRET=1 before the import) runs the kernels on CPU tensors,
+# slowly: how the CPU tests check them against their twins.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 LEADING_DIMS = 4  # leading dims the kernel indexes (after merging those that are one run in memory)
 BLOCK_ELEMENTS = 4096  # elements one program handles (BLOCK_R rows x BLOCK_D)
 _compiled: set[tuple] = set()  # the variants (`_variant`) launched so far in this process
@@ -145,7 +150,7 @@ def merge_rows(
     first = outs[0]
     if (
         triton is None
-        or first.device.type != "cuda"
+        or first.device.type != ("cpu" if INTERPRETED else "cuda")
         or first.numel() == 0
         or len(outs) != len(srcs)
         or not 1 <= len(outs) <= 3

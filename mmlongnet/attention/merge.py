@@ -20,6 +20,8 @@ op (its local and remote branches) merge with these functions; none reads a valu
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 # Merge through `fused_merge`'s kernels where they run (CUDA, Triton); False: PyTorch's passes only.
@@ -32,6 +34,8 @@ FUSED_MERGE = True
 # and eagerly for targets of at least this many elements (smaller ones run a kernel variant's
 # first call only, which compiles it outside the recordings).
 FUSED_MIN_ELEMENTS = 1 << 26
+# where the kernels run: CUDA tensors; CPU ones under Triton's interpreter (`fused_merge.INTERPRETED`)
+_KERNEL_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -106,11 +110,11 @@ def _fused(tensor: torch.Tensor):
     `merge_rows`) for a merge into `tensor` on CUDA: the compiled ones while a CUDA graph records,
     any for FUSED_MIN_ELEMENTS and more, else a new one (compiled now, for the recordings to come).
     None off CUDA. Imported on first use: Triton loads only where a merge runs on a GPU."""
-    if not FUSED_MERGE or tensor.device.type != "cuda":
+    if not FUSED_MERGE or tensor.device.type != _KERNEL_DEVICE:
         return None
     from mmlongnet.attention import fused_merge
 
-    if torch.cuda.is_current_stream_capturing():
+    if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
         return fused_merge, "compiled"
     return fused_merge, "any" if tensor.numel() >= FUSED_MIN_ELEMENTS else "new"
 

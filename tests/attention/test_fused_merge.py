@@ -1,13 +1,25 @@
-"""The one-pass merge kernels (`fused_merge`, CUDA) against their PyTorch twins in `merge`."""
+"""The one-pass merge kernels (`fused_merge`) against their PyTorch twins in `merge`: on a GPU, and
+on the CPU in Triton's interpreter (a subprocess with TRITON_INTERPRET=1 runs this file's kernel
+tests there)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from mmlongnet.attention import fused_merge, merge
+from mmlongnet.attention import dilated_attention, fused_merge, merge
 from mmlongnet.attention.merge import add_parts, merge_weighted, part_weight
 
 cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or fused_merge.triton is None, reason="needs a CUDA GPU and Triton"
+)
+DEVICE = "cpu" if fused_merge.INTERPRETED else "cuda"  # where the kernels run in this process
+kernels = pytest.mark.skipif(
+    fused_merge.triton is None or not (fused_merge.INTERPRETED or torch.cuda.is_available()),
+    reason="needs Triton and a CUDA GPU (or Triton's interpreter)",
 )
 
 
@@ -48,7 +60,7 @@ def test_the_kernels_decline_cpu_tensors_and_the_twins_compute_the_merge():
     torch.testing.assert_close(grads[1], out * 2 + part * 3, rtol=1e-14, atol=1e-14)
 
 
-def _views(dtype, head_dim, device="cuda"):
+def _views(dtype, head_dim, device=DEVICE):
     """A target view as the op's calls address the output (every R-th row of some heads of each
     segment), parts laid out as a kernel writes them, and log-sum-exps, with keyless rows."""
     torch.manual_seed(1)
@@ -74,8 +86,7 @@ def _both(monkeypatch, run):
     return results
 
 
-@pytest.mark.cuda
-@cuda
+@kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("head_dim", [64, 128, 40])
 @pytest.mark.parametrize("mode", ["add", "first", "in place"])
@@ -95,14 +106,13 @@ def test_weighted_merge_kernel_matches_its_twin(monkeypatch, dtype, head_dim, mo
     fused, twin = _both(monkeypatch, run)
     # both compute in float32 and round once: at most one unit in the last place apart
     torch.testing.assert_close(fused.float(), twin.float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
-    untouched = torch.ones(out.shape[:3], dtype=torch.bool, device="cuda")
+    untouched = torch.ones(out.shape[:3], dtype=torch.bool, device=DEVICE)
     untouched.view(out.shape[0], 3, 40, 3, 6)[:, :, :, 1, 2:5] = False
     assert torch.equal(fused[untouched], out[untouched])  # rows outside the view stay as they were
     assert not torch.equal(fused, out)
 
 
-@pytest.mark.cuda
-@cuda
+@kernels
 @pytest.mark.parametrize("pairs", [1, 2, 3])
 @pytest.mark.parametrize("first", [False, True])
 def test_unweighted_merge_kernel_adds_up_to_three_gradients_as_the_twin(monkeypatch, pairs, first):
@@ -122,9 +132,9 @@ def test_unweighted_merge_kernel_adds_up_to_three_gradients_as_the_twin(monkeypa
         torch.testing.assert_close(a.float(), b.float(), rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-6)
 
 
-@pytest.mark.cuda
-@cuda
-def test_a_weighted_merge_gives_rows_without_keys_weight_zero():
+@kernels
+def test_a_weighted_merge_gives_rows_without_keys_weight_zero(monkeypatch):
+    monkeypatch.setattr(merge, "FUSED_MIN_ELEMENTS", 0)
     out, target, part, lse_part, lse = _views(torch.float32, 64)
     before = target.clone()
     merge_weighted(target, part, lse_part, lse)
@@ -133,8 +143,7 @@ def test_a_weighted_merge_gives_rows_without_keys_weight_zero():
     torch.testing.assert_close(target[0, 0, :5], before[0, 0, :5], rtol=0, atol=0)  # weight exp(-inf) or 0
 
 
-@pytest.mark.cuda
-@cuda
+@kernels
 def test_a_recording_runs_only_kernel_variants_compiled_before(monkeypatch):
     monkeypatch.setattr(fused_merge, "_compiled", set())
     out, target, part, lse_part, lse = _views(torch.bfloat16, 64)
@@ -189,3 +198,43 @@ def test_the_op_recorded_in_a_cuda_graph_merges_with_the_kernels(monkeypatch):
     assert seen and all(variants == "compiled" and ran for variants, ran in seen)
     for a, b in zip(recorded, eager, strict=True):  # one rounding each: a unit in the last place apart
         torch.testing.assert_close(a.float(), b.float(), rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-3)
+
+
+@kernels
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_the_op_merges_with_the_kernels_as_with_their_twins(monkeypatch, call_layout, is_causal, masked):
+    """The whole op, float32, every merge through the kernels against every merge through the
+    twins: the same outputs and gradients to float32's rounding."""
+    torch.manual_seed(0)
+    q, k, v, grad = (torch.randn(2, 96, 6, 16, device=DEVICE) for _ in range(4))
+    mask = torch.zeros(2, 96, dtype=torch.bool, device=DEVICE)
+    mask[1, 70:] = True
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(merge, "FUSED_MERGE", fused)
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = dilated_attention(
+            *inputs, [16, 32, 96], [1, 2, 3], is_causal=is_causal, key_padding_mask=mask if masked else None,
+            backend="sdpa",
+        )  # fmt: skip
+        results.append([out, *torch.autograd.grad(out, inputs, grad)])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_kernels_match_their_twins_in_triton_s_interpreter():
+    """This file's kernel tests, run on the CPU by Triton's interpreter in a subprocess."""
+    if fused_merge.triton is None:
+        pytest.skip("Triton is not installed")
+    if fused_merge.INTERPRETED:
+        pytest.skip("already the interpreted run")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", __file__,
+         "-k", "merge_kernel or rows_without_keys or compiled_before or op_merges_with_the_kernels", "-x"],
+        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in summary and "skipped" not in summary and "failed" not in summary, summary
