@@ -17,10 +17,16 @@ cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or fused_merge.triton is None, reason="needs a CUDA GPU and Triton"
 )
 DEVICE = "cpu" if fused_merge.INTERPRETED else "cuda"  # where the kernels run in this process
-kernels = pytest.mark.skipif(
+_runs_kernels = pytest.mark.skipif(
     fused_merge.triton is None or not (fused_merge.INTERPRETED or torch.cuda.is_available()),
     reason="needs Triton and a CUDA GPU (or Triton's interpreter)",
 )
+
+
+def kernels(test):
+    """A test of the kernels themselves: marked `cuda` (a GPU run selects it with `-m cuda`), and run
+    where the kernels run (a GPU, or the interpreted CPU run)."""
+    return pytest.mark.cuda(_runs_kernels(test))
 
 
 def test_leading_dims_merge_where_every_tensor_holds_them_as_one_run():
