@@ -102,6 +102,7 @@ from mmlongnet.data.text_files import split_text_files, stdlib_directory
 from mmlongnet.modalities.text import ByteTokenizer
 from mmlongnet.training import MultimodalClassifier, OptimizerConfig
 from mmlongnet.training.data import draw_stage
+from mmlongnet.training.graphed import GraphedSteps
 from mmlongnet.training.module import CompiledModel
 
 EXPERIMENTS = ("avdigits", "recall", "bytes")
@@ -283,19 +284,19 @@ def train_for(
     args: argparse.Namespace,
     device: torch.device,
     forward: Callable | None = None,
+    graphed: bool = False,
 ) -> TrainLog:
     """Train `model` for `seconds` of wall-clock time (or `--max-steps` steps, if fewer), with
     `--compile` the compiling of every length included (before the clock of the curriculum).
 
     Args:
         next_batch: (progress in [0, 1], rng) -> (length, batch): the curriculum picks the length.
-        loss_fn: (forward, batch) -> scalar loss; for a module with graphed steps, the loss of a
-            step that has run its backward and clipping (`av_graphed_step`).
+        loss_fn: (forward, batch) -> scalar loss; with `graphed`, the loss of a step that has run
+            its backward and clipping (`av_graphed_step`, `GraphedLMStep`).
         forward: what runs the model (default `model` itself; `CompiledModel(model)` with
             `--compile`).
     """
     forward = forward or model
-    graphed = getattr(model, "graphed_steps", None) is not None  # its loss_fn steps backward and clips
     optimizer = OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay).build(model, 1)["optimizer"]
     parameters = list(model.parameters())  # listed once: walking the ~330 modules costs ~2 ms a step
     rng = np.random.default_rng(args.seed)
@@ -549,7 +550,7 @@ def run_avdigits(args: argparse.Namespace, device: torch.device, start: float) -
             if args.graphed
             else partial(av_loss, device=device)
         )
-        log = train_for(module, curriculum, loss_fn, train_s, args, device)
+        log = train_for(module, curriculum, loss_fn, train_s, args, device, graphed=args.graphed)
         module.compiled = None  # tested eagerly: compiling the test shapes would cost more than it saves
         results[kind] = tested(
             module, log, eval_s, partial(av_evaluate, module, args=args, device=device), digits
@@ -640,6 +641,41 @@ def recall_loss(forward: Callable, batch: dict, device: torch.device) -> torch.T
     return F.cross_entropy(forward(tokens).float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX)
 
 
+class GraphedLMStep:
+    """`--graphed` for the LMs: a training step (forward, `loss_fn`, backward, clipping by norm)
+    recorded as one CUDA graph per batch shape (`GraphedSteps`) after two eager steps of it, and
+    replayed; called as the loss functions are, returns the step's loss (on a CPU every step runs
+    eagerly through the same path)."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, clip: float, device: torch.device):
+        self.steps, self.loss_fn, self.clip, self.device = GraphedSteps(model), loss_fn, clip, device
+
+    def __call__(self, forward: Callable, batch) -> torch.Tensor:
+        if isinstance(batch, dict):  # recall: the tokens and their targets
+            names = ("tokens", "targets")
+            tensors = [batch[name].to(self.device, non_blocking=True) for name in names]
+        else:  # bytes: the windows
+            names, tensors = None, [batch.to(self.device, non_blocking=True)]
+        signature = (
+            tuple((tuple(t.shape), t.dtype) for t in tensors),
+            torch.is_autocast_enabled(self.device.type),
+        )
+
+        def step(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+            loss = self.loss_fn(forward, dict(zip(names, tensors, strict=True)) if names else tensors[0])
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.steps.parameters, self.clip, foreach=True)
+            return [loss]
+
+        return self.steps(signature, tensors, step)[0]
+
+
+def lm_loss_fn(model: nn.Module, loss: Callable, args: argparse.Namespace, device: torch.device):
+    """The LMs' loss function: `loss` on the device, or with `--graphed` a `GraphedLMStep` of it."""
+    loss_fn = partial(loss, device=device)
+    return GraphedLMStep(model, loss_fn, args.clip, device) if args.graphed else loss_fn
+
+
 @torch.no_grad()
 def recall_evaluate(model, length, args, device, deadline: float) -> dict:
     """Accuracy at `length` tokens over the whole test set and per distance bucket."""
@@ -677,8 +713,8 @@ def run_recall(args: argparse.Namespace, device: torch.device, start: float) -> 
             args.advance_loss, args.newest_share,
         )  # fmt: skip
         forward = CompiledModel(model) if args.compile else model  # one graph per length
-        loss_fn = partial(recall_loss, device=device)
-        log = train_for(model, curriculum, loss_fn, train_s, args, device, forward)
+        loss_fn = lm_loss_fn(model, recall_loss, args, device)
+        log = train_for(model, curriculum, loss_fn, train_s, args, device, forward, graphed=args.graphed)
         evaluate = partial(recall_evaluate, model, args=args, device=device)
         results[kind] = tested(model, log, eval_s, evaluate, lengths)
         metrics = results[kind]["test"]
@@ -806,8 +842,8 @@ def run_bytes(args: argparse.Namespace, device: torch.device, start: float) -> d
         model = lm_for(args, kind, ByteTokenizer().vocab_size).to(device)
         windows = Curriculum([args.window], lambda n: bytes_loader(train, args), "mixed")
         forward = CompiledModel(model) if args.compile else model  # one graph: every window is N bytes
-        loss_fn = partial(bytes_loss, device=device)
-        log = train_for(model, windows, loss_fn, train_s, args, device, forward)
+        loss_fn = lm_loss_fn(model, bytes_loss, args, device)
+        log = train_for(model, windows, loss_fn, train_s, args, device, forward, graphed=args.graphed)
         models[kind] = tested(model, log, eval_s, partial(bytes_evaluate, model, test, args, device))
         metrics = models[kind]["test"]
         buckets = (f"{row['bucket']} {cell(row['bits_per_byte'], '.3f')}" for row in metrics["by_position"])
@@ -912,7 +948,7 @@ DEFAULTS = {
     "recall": dict(
         time_budget=540.0,
         models=["dilated", "local", "dense"], lengths=[4096, 16384, 65536], dense_max_length=16384,
-        curriculum="grow", advance_loss=None, newest_share=None, compile=False,
+        curriculum="grow", advance_loss=None, newest_share=None, compile=False, graphed=False,
         pairs=64, queries=32, num_keys=512, num_values=64, num_fillers=64,
         d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
         segments=[2048, 8192, 32768, 65536], rates=[1, 2, 4, 8],
@@ -921,7 +957,7 @@ DEFAULTS = {
     ),
     "bytes": dict(
         time_budget=540.0,
-        models=["dilated", "local"], window=32768, root=None, pattern="*.py", compile=False,
+        models=["dilated", "local"], window=32768, root=None, pattern="*.py", compile=False, graphed=False,
         d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
         segments=[2048, 4096, 8192, 16384, 32768], rates=[1, 2, 4, 8, 16],
         position_edges=[0, 2048, 8192, 32768], embedding_std=TIED, token_shift=0,
@@ -1045,6 +1081,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "video to one shape per K, recall has one per length, bytes one; each compile costs ~1-2 "
         "minutes of the model's training time on a GPU; testing runs eagerly",
     )  # fmt: skip
+    common.add_argument(
+        "--graphed", action="store_true", default=None,
+        help="train with graphed steps: each training step (forward, loss, backward, clipping) one CUDA "
+        "graph per input shape, after two eager steps of it, no compiling (avdigits: the classifier's; "
+        "recall and bytes: `GraphedSteps` around the LM's step); not with --compile",
+    )  # fmt: skip
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     common.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -1073,11 +1115,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=["mean", "text"],
         help="what the head reads (default text: the question's tokens)",
     )
-    av.add_argument(
-        "--graphed", action="store_true", default=None,
-        help="train with the classifier's graphed steps (each step one CUDA graph per length bucket, "
-        "after two eager steps of it; no compiling); not with --compile",
-    )  # fmt: skip
     av.add_argument("--patch-size", type=int, help="video patch size on 8x8 frames (8: one token a frame)")
     av.add_argument("--fusion-layers", type=int, help="multiway fusion layers (default 4)")
     av.add_argument("--modality-layers", type=int, help="layers of the audio and video stacks (default 1)")
