@@ -12,7 +12,8 @@ l = -inf; `silence_keyless_rows` turns it into +inf, which gives it weight exp(l
 forward and probability 0 in a backward that recomputes exp(score - l).
 
 On CUDA, `merge_weighted` and `add_parts` run as one kernel per call (`fused_merge`, Triton) where
-the tensors' layout allows; these functions' PyTorch code is its twin (and runs everywhere else).
+the GPU time counts (`FUSED_MIN_ELEMENTS`) and the tensors' layout allows; these functions'
+PyTorch code is its twin (and runs everywhere else).
 
 The dilated-attention op (its branch calls), the decoding cache (its branches) and the sharded
 op (its local and remote branches) merge with these functions; none reads a value on the host.
@@ -109,7 +110,8 @@ def _fused(tensor: torch.Tensor):
     """(`mmlongnet.attention.fused_merge`, which of its kernel variants may run: see its
     `merge_rows`) for a merge into `tensor` on CUDA: the compiled ones while a CUDA graph records,
     any for FUSED_MIN_ELEMENTS and more, else a new one (compiled now, for the recordings to come).
-    None off CUDA. Imported on first use: Triton loads only where a merge runs on a GPU."""
+    None elsewhere (CPU tensors run them only under Triton's interpreter, for the tests). Imported
+    on first use: Triton loads only where a merge runs on a GPU."""
     if not FUSED_MERGE or tensor.device.type != _KERNEL_DEVICE:
         return None
     from mmlongnet.attention import fused_merge
