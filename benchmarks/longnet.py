@@ -237,9 +237,13 @@ def choose_runs(warmup_s: float, steps: int) -> int:
 
 
 def time_steps(
-    step: Callable[[], torch.Tensor], device: torch.device, steps: int
+    step: Callable[[], torch.Tensor],
+    device: torch.device,
+    steps: int,
+    warmup_context: Callable[[], AbstractContextManager] = nullcontext,
 ) -> tuple[list[float], float]:
-    """Run WARMUP_STEPS untimed steps, then time `choose_runs` steps one by one.
+    """Run WARMUP_STEPS untimed steps (each inside `warmup_context()`), then time `choose_runs`
+    steps one by one.
 
     Each step is timed on the host between two device synchronisations (a training step's wall
     time, launch overhead included). Returns the times in milliseconds and the last loss.
@@ -254,7 +258,8 @@ def time_steps(
 
     warmup_s = 0.0
     for _ in range(WARMUP_STEPS):
-        warmup_s, loss = timed()
+        with warmup_context():
+            warmup_s, loss = timed()
     times_ms = []
     for _ in range(choose_runs(warmup_s, steps)):
         seconds, loss = timed()
@@ -281,11 +286,16 @@ def measure_config(
     steps: int,
     device: torch.device,
     compiled: bool = False,
+    promote_warmup: bool = False,
 ) -> Measurement:
     """Build the model, AdamW and tokens for one configuration and time its training steps.
 
     `compiled`: the model runs under `torch.compile` with `COMPILE_OPTIONS`; on CUDA the whole
     forward and backward replay as CUDA graphs (what mode "reduce-overhead" does).
+    `promote_warmup`: the warm-up steps (where those graphs are recorded) run inside
+    `SELECTOR.promoting()`, so that every attention call records its fastest kernel (flash-attn
+    at any size where it is installed) as `GraphedSteps` does; otherwise they choose as any eager
+    step does (cuDNN and PyTorch's flash for the calls below `FLASH_MIN_WORK`).
 
     Everything it allocates is local: it is freed when this returns or raises. Peak memory is
     `torch.cuda.max_memory_allocated` (the caller resets the statistics first): parameters,
@@ -297,7 +307,10 @@ def measure_config(
     graphs = compiled and device.type == "cuda"
     runnable = torch.compile(model, options=compile_options(graphs)) if compiled else model
     step = make_train_step(runnable, optimizer, tokens, kind, device, graphs=graphs)
-    times_ms, loss = time_steps(step, device, steps)
+    from mmlongnet.attention.kernels import SELECTOR
+
+    warmup_context = SELECTOR.promoting if promote_warmup else nullcontext
+    times_ms, loss = time_steps(step, device, steps, warmup_context)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return Measurement(times_ms, loss, peak)
 
@@ -383,7 +396,7 @@ class Sweep:
         args = self.args
         return measure_config(
             self.config, args.vocab, kind, n, args.batch, checkpointing, args.steps, self.device,
-            compiled=args.compile,
+            compiled=args.compile, promote_warmup=args.compile and args.promote_warmup,
         )  # fmt: skip
 
     def describe(self, row: Row) -> str:
@@ -669,6 +682,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--compile",
         action="store_true",
         help="both kinds under torch.compile (mmlongnet.training.COMPILE_OPTIONS; CUDA graphs on CUDA)",
+    )
+    parser.add_argument(
+        "--promote-warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --compile: the warm-up steps that record the CUDA graphs promote every attention "
+        "shape (KernelSelector.promoting), so each call records its fastest kernel, flash-attn at any "
+        "size where installed (default); --no-promote-warmup: they choose as eager steps do",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and an estimated runtime")
     parser.add_argument("--plot-only", type=Path, metavar="JSON", help="redraw PNG and table from a JSON")

@@ -37,6 +37,40 @@ def test_tiny_cpu_run_writes_json_png_and_table(tmp_path, capsys, one_thread):
     assert "| dilated | 64 | no |" in table and "| dense | 64 | no |" in table
 
 
+def test_warm_up_steps_run_inside_the_warmup_context_and_timed_steps_outside(monkeypatch):
+    inside, seen = [], []
+
+    class Context:
+        def __enter__(self):
+            inside.append(True)
+
+        def __exit__(self, *exc):
+            inside.pop()
+
+    def step():
+        seen.append(bool(inside))
+        return torch.tensor(1.0)
+
+    times, loss = bench.time_steps(step, torch.device("cpu"), 5, Context)
+    assert seen == [True] * bench.WARMUP_STEPS + [False] * 5
+    assert len(times) == 5 and loss == 1.0
+
+
+def test_compiled_runs_promote_their_warm_up_unless_told_not_to(tmp_path, monkeypatch):
+    options = []
+
+    def fake_measure(*args, **kwargs):
+        options.append(kwargs)
+        return bench.Measurement([1.0, 2.0, 3.0], 5.5, None)
+
+    monkeypatch.setattr(bench, "measure_config", fake_measure)
+    cases = (([], False), (["--compile"], True), (["--compile", "--no-promote-warmup"], False))
+    for flags, promoted in cases:
+        args = bench.parse_args(["--device", "cpu", "--tiny", "--sizes", "64", "--kinds", "dilated", *flags])
+        bench.Sweep(args, {}, tmp_path / "t.json", dry_run=False).measure("dilated", 64, False)
+        assert options.pop() == {"compiled": "--compile" in flags, "promote_warmup": promoted}
+
+
 def test_dry_run_plans_every_kind_at_every_size(tmp_path, capsys):
     assert bench.main(["--dry-run", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -61,7 +95,7 @@ def test_step_flops_count_matmuls_and_causal_pairs():
 def test_out_of_memory_retries_with_checkpointing_then_records_oom(tmp_path, monkeypatch):
     calls = []
 
-    def fake_measure(config, vocab, kind, n, batch, checkpointing, steps, device, compiled=False):
+    def fake_measure(config, vocab, kind, n, batch, checkpointing, steps, device, compiled=False, **options):
         calls.append((kind, n, checkpointing))
         if kind == "dense" and (not checkpointing or n >= 128):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
