@@ -167,6 +167,34 @@ def test_the_first_call_of_each_input_shape_says_it_compiles(monkeypatch, caplog
     assert "(#3: 1x" in messages[2] and messages[2].count("x") == 1  # text only
 
 
+def test_a_compiled_models_first_step_of_each_shape_promotes_its_forward_and_backward(monkeypatch):
+    """The step that compiles a shape runs eagerly (CUDA graphs record from the next one): inside
+    `SELECTOR.promoting()`, forward and backward, so that every attention call takes its fastest
+    kernel there and the recording finds it; later steps of the shape do not promote."""
+    from mmlongnet.attention.kernels import SELECTOR
+    from mmlongnet.training.module import LanguageModel
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)  # the logic, not the compiler
+    lm = LongNetLM(num_tokens=8, d_model=8, nhead=2, num_layers=1, dim_feedforward=8,
+                   segment_lengths=[4, 8], dilation_rates=[1, 2])  # fmt: skip
+    module = LanguageModel(lm, compile=True)
+    seen = []
+    layer = lm.decoder.layers[0]
+    layer.register_forward_hook(lambda *args: seen.append(("forward", SELECTOR.promote_now)))
+    layer.register_full_backward_hook(lambda *args: seen.append(("backward", SELECTOR.promote_now)))
+    for length in (8, 8, 6, 8, 6):
+        seen.append(("step", length))
+        module.backward(module(torch.randint(0, 8, (2, length))).float().square().mean())
+    assert seen == [
+        ("step", 8), ("forward", True), ("backward", True),
+        ("step", 8), ("forward", False), ("backward", False),
+        ("step", 6), ("forward", True), ("backward", True),
+        ("step", 8), ("forward", False), ("backward", False),
+        ("step", 6), ("forward", False), ("backward", False),
+    ]  # fmt: skip
+    assert SELECTOR.promote_now is False
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
