@@ -328,11 +328,11 @@ class KernelSelector:
         `promote_after` times: planning kernels build their plans now (or refuse the shape now).
         For an eager step that a CUDA graph records next (`GraphedSteps` runs the last warm-up
         step of a signature so): the recording then runs every shape on its fastest kernel."""
-        self.promote_now = True
+        outer, self.promote_now = self.promote_now, True
         try:
             yield
         finally:
-            self.promote_now = False
+            self.promote_now = outer  # nested: the outer context still promotes
 
     def clear(self) -> None:
         """Forget every call count, refusal and eager run: every shape is new again."""

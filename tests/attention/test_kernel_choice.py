@@ -115,6 +115,21 @@ def test_shapes_promoted_at_once_before_a_capture_keep_their_plans_in_it(capturi
     assert len(planner.calls) == 4
 
 
+def test_promoting_nests_and_ends_where_it_began():
+    planner, _, _, chain = fakes()
+    selector = KernelSelector(promote_after=5)
+    with selector.promoting():
+        with selector.promoting():  # e.g. a compiled model's first call inside a promoted warm-up
+            assert selector.run(chain, "forward", ("a",)) == "planner"
+        assert selector.promote_now  # the outer context still promotes
+        assert selector.run(chain, "forward", ("b",)) == "planner"
+    assert not selector.promote_now
+    assert selector.run(chain, "forward", ("c",)) == "flash"
+    with pytest.raises(KeyError), selector.promoting():
+        raise KeyError("an error inside ends the promotion too")
+    assert not selector.promote_now and len(planner.calls) == 2
+
+
 def test_the_cuda_chain_runs_a_new_shape_on_flash_or_memory_efficient_then_cudnn():
     selector = KernelSelector(promote_after=2)
     cuda = torch.device("cuda")  # kernel_chain only reads the device type: no GPU needed
