@@ -627,7 +627,7 @@ def lm_for(args: argparse.Namespace, kind: str, vocab: int) -> LongNetLM:
         dim_feedforward=args.ffn, segment_lengths=segments, dilation_rates=rates,
         attention="dense" if kind == "dense" else "dilated", tie_embeddings=args.embedding_std == TIED,
         embedding_std=None if args.embedding_std == TIED else args.embedding_std,
-        token_shift=args.token_shift,
+        token_shift=args.token_shift, positions=None if args.positions == "none" else args.positions,
     )  # fmt: skip
 
 
@@ -955,7 +955,7 @@ DEFAULTS = {
         pairs=64, queries=32, num_keys=512, num_values=64, num_fillers=64,
         d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
         segments=[2048, 8192, 32768, 65536], rates=[1, 2, 4, 8],
-        distance_edges=[0, 512, 2048, 8192, 32768], embedding_std=4.0, token_shift=9,
+        distance_edges=[0, 512, 2048, 8192, 32768], embedding_std=4.0, token_shift=9, positions="rope",
         lr=1e-3, warmup_steps=200, batch_size=16, batch_tokens=65536, eval_sequences=64,
     ),
     "bytes": dict(
@@ -963,7 +963,7 @@ DEFAULTS = {
         models=["dilated", "local"], window=32768, root=None, pattern="*.py", compile=False, graphed=False,
         d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
         segments=[2048, 4096, 8192, 16384, 32768], rates=[1, 2, 4, 8, 16],
-        position_edges=[0, 2048, 8192, 32768], embedding_std=TIED, token_shift=0,
+        position_edges=[0, 2048, 8192, 32768], embedding_std=TIED, token_shift=0, positions="rope",
         lr=1e-3, warmup_steps=200, batch_size=16, batch_tokens=65536, eval_windows=256,
     ),
 }  # fmt: skip
@@ -1063,6 +1063,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         help="recall and bytes: the LMs' causal token shift of this width, 0 for none "
         "(LongNetLMConfig.token_shift; default 9 for recall, the default rates' largest + 1; 0 for bytes)",
+    )
+    common.add_argument(
+        "--positions",
+        choices=["rope", "xpos", "none"],
+        help="recall and bytes: the LMs' positions in attention (LongNetLMConfig.positions; 'none': no "
+        "position encoding, the causal mask alone orders the tokens; default rope)",
     )
     common.add_argument(
         "--workers",
