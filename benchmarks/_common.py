@@ -269,3 +269,48 @@ def finish_sweep(
     plot(meta, rows, png_path(json_path))
     print("\n" + table)
     print(f"\nresults: {json_path}\nplot: {png_path(json_path)}")
+
+
+# Substrings of GPU kernel names, by kind, tried in this order (a kernel is of the first kind one
+# of whose substrings its lower-cased name contains; "other": elementwise, norms, copies, merges).
+# Attention: cuDNN's, PyTorch's flash and memory-efficient kernels, flash-attn's (CuTe DSL kernels
+# are named after their classes: FlashAttentionForward...). Matmul: cuBLAS / cuBLASLt (sm90_xmma,
+# nvjet) and CUTLASS GEMMs. Optimizer: the fused and foreach AdamW kernels.
+KERNEL_KINDS = {
+    "attention": ("sdpa", "fmha", "flash", "attention", "attn"),
+    "matmul": ("gemm", "xmma", "nvjet", "cutlass", "cublas"),
+    "optimizer": ("adam", "multi_tensor"),
+}
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a GPU kernel from its name: a key of `KERNEL_KINDS`, or "other"."""
+    lowered = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS.items() if any(p in lowered for p in parts)), "other")
+
+
+def kernel_times(step: Callable[[], object], runs: int) -> dict:
+    """GPU kernel time per call of `step()` from `torch.profiler` over `runs` calls (CUDA): the
+    total milliseconds, the milliseconds of each kernel kind (`kernel_kind`, as "<kind>_kernel_ms"),
+    kernels per call, and the ten largest kernels by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            step()
+        torch.cuda.synchronize()
+    by_name: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time > 0:
+            by_name.setdefault(event.name, []).append(event.device_time / 1e3)  # ms
+    per_call = {name: (sum(times) / runs, len(times) / runs) for name, times in by_name.items()}
+    by_kind = dict.fromkeys([*KERNEL_KINDS, "other"], 0.0)
+    for name, (ms, _) in per_call.items():
+        by_kind[kernel_kind(name)] += ms
+    largest = sorted(per_call.items(), key=lambda item: -item[1][0])[:10]
+    return {
+        "kernel_ms": round(sum(ms for ms, _ in per_call.values()), 3),
+        **{f"{kind}_kernel_ms": round(ms, 3) for kind, ms in by_kind.items()},
+        "kernels": round(sum(count for _, count in per_call.values()), 1),
+        "largest": [{"name": n[:160], "ms": round(ms, 4), "count": c} for n, (ms, c) in largest],
+    }

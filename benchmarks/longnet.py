@@ -23,6 +23,7 @@ run keeps what it measured) and ``<out>/longnet_<tag>.png``, and prints a markdo
     python benchmarks/longnet.py --tag h100               # N in {8K, 32K, 128K}, both kinds
     python benchmarks/longnet.py --quick                  # smoke test: N in {8K, 32K}
     python benchmarks/longnet.py --sizes 131072 262144 --kinds dilated
+    python benchmarks/longnet.py --sizes 32768 --compile --profile-steps 3  # + GPU time by kernel kind
     python benchmarks/longnet.py --device cpu --sizes 64 --tiny   # a tiny model, on the CPU
     python benchmarks/longnet.py --plot-only benchmarks/results/longnet_<tag>.json
 """
@@ -57,6 +58,7 @@ from _common import (  # noqa: E402
     format_n,
     free_memory,
     is_oom,
+    kernel_times,
     load_json,
     load_script,
     mixed_precision,
@@ -269,11 +271,13 @@ def time_steps(
 
 @dataclasses.dataclass
 class Measurement:
-    """What one configuration returns: every timed step, the last loss and the peak memory."""
+    """What one configuration returns: every timed step, the last loss, the peak memory and, with
+    `profile_steps`, the GPU kernel time per step by kind (`kernel_times`)."""
 
     times_ms: list[float]
     loss: float
     peak_gib: float | None
+    profile: dict | None = None
 
 
 def measure_config(
@@ -287,6 +291,7 @@ def measure_config(
     device: torch.device,
     compiled: bool = False,
     promote_warmup: bool = False,
+    profile_steps: int = 0,
 ) -> Measurement:
     """Build the model, AdamW and tokens for one configuration and time its training steps.
 
@@ -296,6 +301,8 @@ def measure_config(
     `SELECTOR.promoting()`, so that every attention call records its fastest kernel (flash-attn
     at any size where it is installed) as `GraphedSteps` does; otherwise they choose as any eager
     step does (cuDNN and PyTorch's flash for the calls below `FLASH_MIN_WORK`).
+    `profile_steps`: after the timed steps, this many more under `torch.profiler` (CUDA only), for
+    the kernel time per step by kind (attention, matmul, optimizer, other; `kernel_times`).
 
     Everything it allocates is local: it is freed when this returns or raises. Peak memory is
     `torch.cuda.max_memory_allocated` (the caller resets the statistics first): parameters,
@@ -312,7 +319,8 @@ def measure_config(
     warmup_context = SELECTOR.promoting if promote_warmup else nullcontext
     times_ms, loss = time_steps(step, device, steps, warmup_context)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return Measurement(times_ms, loss, peak)
+    profile = kernel_times(step, profile_steps) if profile_steps and device.type == "cuda" else None
+    return Measurement(times_ms, loss, peak, profile)
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,6 +350,7 @@ class Row:
     times_ms: list[float] | None = None
     oom_without_checkpointing: str | None = None  # why checkpointing was turned on
     error: str | None = None
+    profile: dict | None = None  # --profile-steps: GPU kernel ms per step by kind (kernel_times)
 
     @classmethod
     def from_dict(cls, data: dict) -> Row:
@@ -397,6 +406,7 @@ class Sweep:
         return measure_config(
             self.config, args.vocab, kind, n, args.batch, checkpointing, args.steps, self.device,
             compiled=args.compile, promote_warmup=args.compile and args.promote_warmup,
+            profile_steps=args.profile_steps,
         )  # fmt: skip
 
     def describe(self, row: Row) -> str:
@@ -450,7 +460,7 @@ class Sweep:
                     self.checkpoint_from.add(kind)
                 continue  # the exception and the frames holding the model are released here
             row.checkpointing, row.times_ms = checkpointing, result.times_ms
-            row.loss, row.peak_gib = result.loss, result.peak_gib
+            row.loss, row.peak_gib, row.profile = result.loss, result.peak_gib, result.profile
             row.runs = len(result.times_ms)
             row.ms = statistics.median(result.times_ms)
             row.tokens_per_s = row.batch * row.n / (row.ms / 1e3)
@@ -526,6 +536,17 @@ def markdown_table(rows: list[Row]) -> str:
             f"| {r.kind} | {format_n(r.n)} | {checkpointing} | {ms} | {cell(r.tokens_per_s, ',.0f')} | "
             f"{cell(r.tflops, '.1f')} | {cell(r.peak_gib, '.1f')} | {cell(r.ratio, '.2f')} |"
         )
+    profiled = [r for r in sorted(rows, key=sort_key) if r.profile]
+    if profiled:
+        kinds = ("attention", "matmul", "optimizer", "other")
+        header = ["attention", "N", "step ms", "GPU kernel ms", *(f"{k} ms" for k in kinds), "kernels"]
+        lines += ["", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        for r in profiled:
+            by_kind = " | ".join(f"{r.profile[f'{k}_kernel_ms']:.1f}" for k in kinds)
+            lines.append(
+                f"| {r.kind} | {format_n(r.n)} | {cell(r.ms, '.1f')} | {r.profile['kernel_ms']:.1f} | "
+                f"{by_kind} | {r.profile['kernels']:,.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -684,6 +705,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="both kinds under torch.compile (mmlongnet.training.COMPILE_OPTIONS; CUDA graphs on CUDA)",
     )
     parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="after the timed steps, this many more under torch.profiler (CUDA): GPU kernel time per "
+        "step by kind (attention, matmul, optimizer, other) in the JSON and a second table (default: 0)",
+    )
+    parser.add_argument(
         "--promote-warmup",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -700,6 +728,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--sizes must be >= 2 tokens, got {args.sizes}")
     if args.batch < 1 or args.vocab < 2:
         parser.error(f"need --batch >= 1 and --vocab >= 2, got {args.batch} and {args.vocab}")
+    if args.profile_steps < 0:
+        parser.error(f"--profile-steps must be >= 0, got {args.profile_steps}")
     if args.steps < LONG_STEP_RUNS:
         parser.error(f"--steps must be >= {LONG_STEP_RUNS}, got {args.steps}")
     if torch.device(args.device).type not in ("cuda", "cpu"):

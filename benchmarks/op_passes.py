@@ -43,7 +43,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_op_arguments, environment, markdown_table, use_repository  # noqa: E402
+from _common import add_op_arguments, environment, kernel_times, markdown_table, use_repository  # noqa: E402
 
 VIEWS = {
     "alias", "as_strided", "detach", "diagonal", "empty", "empty_strided", "expand", "narrow", "permute",
@@ -111,17 +111,6 @@ def count(args: argparse.Namespace, n: int) -> dict:
     }
 
 
-# Substrings of the names of attention kernels: cuDNN's, PyTorch's flash and memory-efficient
-# ones, flash-attn's (CuTe DSL kernels are named after their classes: FlashAttentionForward...).
-ATTENTION_KERNELS = ("sdpa", "fmha", "flash", "attention", "attn")
-
-
-def is_attention_kernel(name: str) -> bool:
-    """Whether a GPU kernel's name is one of an attention kernel (`ATTENTION_KERNELS`)."""
-    lowered = name.lower()
-    return any(part in lowered for part in ATTENTION_KERNELS)
-
-
 def _median_ms(step, runs: int) -> float:
     times = []
     for _ in range(runs):
@@ -145,29 +134,6 @@ def _graphed(step):
     with torch.cuda.graph(graph):
         step()
     return graph.replay
-
-
-def kernel_times(step, runs: int) -> dict:
-    """GPU kernel time per call of `step()` from `torch.profiler` over `runs` calls: total and
-    attention milliseconds, kernels per call, and the ten largest kernels by name."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(runs):
-            step()
-        torch.cuda.synchronize()
-    by_name: dict[str, list[float]] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time > 0:
-            by_name.setdefault(event.name, []).append(event.device_time / 1e3)  # ms
-    per_call = {name: (sum(times) / runs, len(times) / runs) for name, times in by_name.items()}
-    largest = sorted(per_call.items(), key=lambda item: -item[1][0])[:10]
-    return {
-        "kernel_ms": round(sum(ms for ms, _ in per_call.values()), 3),
-        "attention_kernel_ms": round(sum(ms for n, (ms, _) in per_call.items() if is_attention_kernel(n)), 3),
-        "kernels": round(sum(count for _, count in per_call.values()), 1),
-        "largest": [{"name": n[:160], "ms": round(ms, 4), "count": c} for n, (ms, c) in largest],
-    }
 
 
 def profile_gpu(args: argparse.Namespace, n: int) -> dict:

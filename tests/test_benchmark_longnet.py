@@ -68,7 +68,33 @@ def test_compiled_runs_promote_their_warm_up_unless_told_not_to(tmp_path, monkey
     for flags, promoted in cases:
         args = bench.parse_args(["--device", "cpu", "--tiny", "--sizes", "64", "--kinds", "dilated", *flags])
         bench.Sweep(args, {}, tmp_path / "t.json", dry_run=False).measure("dilated", 64, False)
-        assert options.pop() == {"compiled": "--compile" in flags, "promote_warmup": promoted}
+        expected = {"compiled": "--compile" in flags, "promote_warmup": promoted, "profile_steps": 0}
+        assert options.pop() == expected
+
+
+def test_gpu_kernels_are_sorted_by_kind_from_their_names():
+    common = load_benchmark("_common")
+    kinds = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26": "attention",
+        "kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90FlashAttentionForwardSm90": "attention",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+        "nvjet_tst_128x256_64x4_2x1_v_bz_coopB_TNN": "matmul",
+        "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+        "_merge_rows_kernel": "other",
+        "triton_per_fused_native_layer_norm_0": "other",
+    }
+    assert {name: common.kernel_kind(name) for name in kinds} == kinds
+
+
+def test_profiled_rows_add_a_table_of_kernel_time_by_kind():
+    kinds = {"attention_kernel_ms": 10.0, "matmul_kernel_ms": 15.0, "optimizer_kernel_ms": 1.0}
+    profile = {"kernel_ms": 30.0, **kinds, "other_kernel_ms": 4.0, "kernels": 1234.0, "largest": []}
+    profiled = bench.Row("dilated", 8192, 1, "ok", 1e12, checkpointing=False, ms=34.0, profile=profile)
+    plain = bench.Row("dense", 8192, 1, "ok", 1e12, checkpointing=False, ms=33.0)
+    table = bench.markdown_table([profiled, plain])
+    assert "| dilated | 8K | 34.0 | 30.0 | 10.0 | 15.0 | 1.0 | 4.0 | 1,234 |" in table
+    assert table.count("| dense | 8K |") == 1  # in the first table only
+    assert "GPU kernel ms" not in bench.markdown_table([plain])
 
 
 def test_dry_run_plans_every_kind_at_every_size(tmp_path, capsys):
