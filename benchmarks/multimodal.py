@@ -417,7 +417,7 @@ def measure_config(
     for message in fallbacks:
         print(f"warning: {message}", file=sys.stderr)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return Measurement(times_ms, loss, peak, fallbacks)
+    return Measurement(times_ms, loss, peak, kernel_fallbacks=fallbacks)
 
 
 # --------------------------------------------------------------------------------------------
