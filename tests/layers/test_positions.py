@@ -120,6 +120,29 @@ def test_batched_positions():
         RotaryEmbedding(8)(q, k, torch.arange(9), offset=3)
 
 
+def test_cos_sin_op_passes_opcheck():
+    for positions in (torch.arange(FAR, FAR + 7), torch.arange(12).view(2, 6) * 5):
+        for dtype in (torch.float32, torch.float64):
+            torch.library.opcheck(torch.ops.mmlongnet.rotary_cos_sin, (positions, 8, 10000.0, dtype))
+
+
+def test_compiled_rotary_computes_the_table_once_and_matches_eager():
+    """Under torch.compile the (N, D/2) table is one call of the op, not float64 arithmetic folded
+    into every element of q and k; the rotated values equal the eager ones."""
+    from torch._inductor.utils import run_and_get_code
+
+    q, k = randn(2, 33, 3, 8), randn(2, 33, 3, 8, seed=1)
+    rope = RotaryEmbedding(8)
+    compiled = torch.compile(rope, fullgraph=True, dynamic=False)
+    (got_q, got_k), code = run_and_get_code(compiled, q, k, None, FAR)
+    expected_q, expected_k = rope(q, k, offset=FAR)
+    torch.testing.assert_close(got_q, expected_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_k, expected_k, rtol=1e-6, atol=1e-6)
+    source = "\n".join(code)
+    assert source.count("torch.ops.mmlongnet.rotary_cos_sin.default(") == 1  # one table for q and k
+    assert "remainder" not in source and "fmod" not in source  # no angle reduction per element
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("module", [RotaryEmbedding(32), XPos(32, scale_base=64.0, block_length=256)])
 def test_low_precision_is_the_rounded_float32_result(dtype, module):
