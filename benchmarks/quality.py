@@ -628,6 +628,7 @@ def lm_for(args: argparse.Namespace, kind: str, vocab: int) -> LongNetLM:
         attention="dense" if kind == "dense" else "dilated", tie_embeddings=args.embedding_std == TIED,
         embedding_std=None if args.embedding_std == TIED else args.embedding_std,
         token_shift=args.token_shift, positions=None if args.positions == "none" else args.positions,
+        rotary_fraction=args.rotary_fraction,
     )  # fmt: skip
 
 
@@ -1069,6 +1070,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=["rope", "xpos", "none"],
         help="recall and bytes: the LMs' positions in attention (LongNetLMConfig.positions; 'none': no "
         "position encoding, the causal mask alone orders the tokens; default rope)",
+    )
+    common.add_argument(
+        "--rotary-fraction",
+        type=float,
+        default=1.0,
+        help="recall and bytes, with --positions rope: the share of each head's channels rotated, the "
+        "rest position-free (LongNetLMConfig.rotary_fraction; default 1.0, all)",
     )
     common.add_argument(
         "--workers",

@@ -15,6 +15,7 @@ from typing import Literal
 from mmlongnet._config import check_field_types
 from mmlongnet.attention.dilated import BACKENDS, check_schedule
 from mmlongnet.layers.feedforward import ACTIVATIONS, Activation
+from mmlongnet.layers.rope import rotary_dims
 
 LONGNET_SEGMENT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 LONGNET_DILATION_RATES = (1, 2, 4, 6, 12)  # the LongNet paper's language-model schedule
@@ -61,6 +62,10 @@ class LongNetLayerConfig:
     """Positions of the self-attention: "rope" (arXiv 2104.09864), "xpos" (arXiv 2212.10554,
     relative to blocks of the largest segment length, which the others must divide), "relative"
     (T5 bias, dense reference backend only) or None."""
+    rotary_fraction: float = 1.0
+    """With positions="rope": the share of each head's channels that are rotated (the first ones,
+    rounded to whole pairs, at least one); the rest carry no position, so a query matches a key's
+    content the same at every distance. 1.0: all (the paper's)."""
     checkpoint_activations: bool = False
     """Recompute each layer in the backward instead of storing its activations."""
     attention: Literal["dilated", "dense"] = "dilated"
@@ -95,3 +100,9 @@ class LongNetLayerConfig:
             raise ValueError(f"positions must be one of {POSITIONS} or None, got {self.positions!r}")
         if self.positions == "xpos":
             xpos_block_length(self.segment_lengths)
+        rotary_dims(self.d_model // self.nhead, self.rotary_fraction)  # ValueError outside (0, 1]
+        if self.rotary_fraction != 1.0 and self.positions != "rope":
+            raise ValueError(
+                f"rotary_fraction applies to positions='rope' only, got {self.rotary_fraction} with "
+                f"positions={self.positions!r}"
+            )

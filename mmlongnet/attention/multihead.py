@@ -30,7 +30,7 @@ from mmlongnet.layers.multiway import (
     route_parallel,
 )
 from mmlongnet.layers.relative_bias import RelativePositionBias
-from mmlongnet.layers.rope import RotaryEmbedding
+from mmlongnet.layers.rope import RotaryEmbedding, rotary_dims
 from mmlongnet.layers.xpos import XPos
 
 PositionsArg = Literal["rope", "xpos", "relative"] | RotaryEmbedding | XPos | RelativePositionBias | None
@@ -194,14 +194,17 @@ class MultiheadDilatedAttention(nn.Module):
     ) -> MultiheadDilatedAttention:
         """The self-attention of a LongNet layer, or with `cross_attention` its cross-attention of
         that kind (no positions): width, heads, schedule, attention dropout, LayerNorm epsilon,
-        positions, attention kind and backend come from `config`, validated when it was made and
-        not checked again. `causal`: a self-attention that only ever runs causally, whose
-        positions="relative" bias then measures distances to past keys only. `num_ways` and
-        `gamma_init` as in the constructor."""
+        positions (and the rotary fraction), attention kind and backend come from `config`,
+        validated when it was made and not checked again. `causal`: a self-attention that only ever
+        runs causally, whose positions="relative" bias then measures distances to past keys only.
+        `num_ways` and `gamma_init` as in the constructor."""
         _check_role(num_ways, gamma_init)
         positions = config.positions if cross_attention is None else None
         if positions == "relative" and causal:
             positions = RelativePositionBias(config.nhead, bidirectional=False, device=device, dtype=dtype)
+        if positions == "rope" and config.rotary_fraction != 1.0:
+            head_dim = config.d_model // config.nhead
+            positions = RotaryEmbedding(head_dim, rotary_dim=rotary_dims(head_dim, config.rotary_fraction))
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module._build(

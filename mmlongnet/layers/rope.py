@@ -5,7 +5,9 @@ Legend: B batch, N tokens, H heads, D head dim, P = D/2 channel pairs.
 Channel i is paired with channel i + D/2 (the GPT-NeoX "rotate-half" layout) and the pair is
 rotated by the angle position * inv_freq_i, inv_freq_i = base^(-2i/D). The score of a rotated
 query at position m and a rotated key at position n then depends on the positions only through
-m - n.
+m - n. `RotaryEmbedding(rotary_dim=R)` rotates only the first R channels of each head (pairs i,
+i + R/2, inv_freq_i = base^(-2i/R)) and leaves the other D - R position-free, so a query can match
+a key's content the same way at every distance (GPT-NeoX's partial rotary).
 
 Precision: the angle is formed in float64 from the integer positions and reduced modulo 2 pi
 before it is cast to float32. A float32 product position * inv_freq is off by up to half an ulp of
@@ -152,17 +154,27 @@ def rotary_angles(
     base: float,
     positions: torch.Tensor | None,
     offset: int,
+    rotary_dim: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The positions and rotary angles of self-attention q, k (B, N, H, D).
 
     Returns (positions, cos, sin): the positions of `resolve_positions` ((N,) or (B, N)) and their
-    cos, sin ((N, D/2) or (B, N, D/2)) in the rotation dtype of q and k together (float64 when
-    either is float64, else float32).
+    cos, sin ((N, R/2) or (B, N, R/2), R = rotary_dim, default D) in the rotation dtype of q and k
+    together (float64 when either is float64, else float32).
     """
     positions = resolve_positions(q, k, head_dim, positions, offset)
     dtype = torch.promote_types(rotation_dtype(q.dtype), rotation_dtype(k.dtype))
-    cos, sin = rotary_cos_sin(positions, head_dim, base, dtype=dtype)
+    cos, sin = rotary_cos_sin(positions, rotary_dim or head_dim, base, dtype=dtype)
     return positions, cos, sin
+
+
+def rotary_dims(head_dim: int, fraction: float) -> int:
+    """The even number of channels of a D-channel head that `fraction` (in (0, 1]) of it rotates:
+    round(fraction * D / 2) pairs, at least one."""
+    _check_head_dim(head_dim)
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"rotary_fraction must be in (0, 1], got {fraction!r}")
+    return 2 * max(1, round(fraction * head_dim / 2))
 
 
 class RotaryEmbedding(nn.Module):
@@ -171,6 +183,8 @@ class RotaryEmbedding(nn.Module):
     Args:
         head_dim: D, even.
         base: frequency base (10000 in the paper).
+        rotary_dim: R, the channels of each head that are rotated, the first R (even, <= D);
+            None: all D (the paper's). The other D - R channels pass unchanged.
 
     forward(q, k, positions=None, offset=0) -> (q, k):
         q, k: (B, N, H, D) (the head counts of q and k may differ).
@@ -179,11 +193,22 @@ class RotaryEmbedding(nn.Module):
         Returns the rotated q and k, (B, N, H, D) each, in their input dtypes.
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, base: float = 10000.0, rotary_dim: int | None = None) -> None:
         super().__init__()
         check_rotary(head_dim, base)
+        rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        if (
+            isinstance(rotary_dim, bool)
+            or not isinstance(rotary_dim, int)
+            or not 0 < rotary_dim <= head_dim
+            or rotary_dim % 2
+        ):
+            raise ValueError(
+                f"rotary_dim must be None or an even int in [2, head_dim={head_dim}], got {rotary_dim!r}"
+            )
         self.head_dim = head_dim
         self.base = float(base)
+        self.rotary_dim = rotary_dim
 
     def forward(
         self,
@@ -192,8 +217,16 @@ class RotaryEmbedding(nn.Module):
         positions: torch.Tensor | None = None,
         offset: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        _, cos, sin = rotary_angles(q, k, self.head_dim, self.base, positions, offset)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        _, cos, sin = rotary_angles(q, k, self.head_dim, self.base, positions, offset, self.rotary_dim)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (B, N, H, D) with its first R channels rotated."""
+        if self.rotary_dim == self.head_dim:
+            return apply_rotary(x, cos, sin)
+        rotated = apply_rotary(x[..., : self.rotary_dim], cos, sin)  # (B, N, H, R)
+        return torch.cat((rotated, x[..., self.rotary_dim :]), dim=-1)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, base={self.base:g}"
+        partial = "" if self.rotary_dim == self.head_dim else f", rotary_dim={self.rotary_dim}"
+        return f"head_dim={self.head_dim}, base={self.base:g}{partial}"

@@ -1,6 +1,7 @@
 """MultiheadDilatedAttention: the nn.MultiheadAttention drop-in, positions, cross-attention, errors."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from mmlongnet.attention import (
     dilated_attention_reference,
 )
 from mmlongnet.attention import dilated as dilated_module
+from mmlongnet.attention.config import LongNetLayerConfig
 from mmlongnet.layers import RelativePositionBias, RotaryEmbedding
 
 E, H = 16, 4
@@ -202,3 +204,19 @@ def test_module_instances_are_accepted_as_positions():
     bias = RelativePositionBias(H, bidirectional=False)
     mha = MultiheadDilatedAttention(E, H, [4], [1], positions=bias)
     assert mha.positions is bias
+
+
+def test_rotary_fraction_of_a_config_rotates_that_share_of_each_head():
+    config = LongNetLayerConfig(d_model=32, nhead=2, segment_lengths=[4], dilation_rates=[1],
+                                positions="rope", rotary_fraction=0.25)  # fmt: skip
+    mha = MultiheadDilatedAttention.from_config(config)
+    assert isinstance(mha.positions, RotaryEmbedding) and mha.positions.rotary_dim == 4
+    full = MultiheadDilatedAttention.from_config(replace(config, rotary_fraction=1.0))
+    assert full.positions.rotary_dim == 16
+    for kwargs, match in (
+        (dict(rotary_fraction=0.0), "rotary_fraction must be in"),
+        (dict(rotary_fraction=0.5, positions="xpos"), "positions='rope' only"),
+        (dict(rotary_fraction=0.5, positions=None), "positions='rope' only"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            replace(config, **kwargs)

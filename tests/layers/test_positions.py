@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmlongnet.layers.relative_bias import RelativePositionBias, relative_position_bucket
-from mmlongnet.layers.rope import RotaryEmbedding, apply_rotary, rotary_cos_sin
+from mmlongnet.layers.rope import RotaryEmbedding, apply_rotary, rotary_cos_sin, rotary_dims
 from mmlongnet.layers.xpos import XPos
 
 FAR = 2**20  # a position where a float32 angle product is off by ~0.06 rad
@@ -118,6 +118,34 @@ def test_batched_positions():
         RotaryEmbedding(8)(q, k, torch.arange(8))
     with pytest.raises(ValueError, match="offset"):
         RotaryEmbedding(8)(q, k, torch.arange(9), offset=3)
+
+
+def test_partial_rotary_rotates_the_first_channels_and_passes_the_rest():
+    q, k = randn(2, 21, 3, 12, dtype=torch.float64), randn(2, 21, 3, 12, dtype=torch.float64, seed=1)
+    positions = torch.arange(FAR, FAR + 21)
+    rope = RotaryEmbedding(12, rotary_dim=4)
+    q_rot, k_rot = rope(q, k, offset=FAR)
+    for got, x in ((q_rot, q), (k_rot, k)):
+        torch.testing.assert_close(got[..., :4], slow_rotary(x[..., :4], positions), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got[..., 4:], x[..., 4:], rtol=0, atol=0)
+    # the position-free channels score the same at every distance; the rotated ones by distance only
+    shifted = rope(q, k, offset=FAR + 1000)
+    torch.testing.assert_close(scores(*shifted), scores(q_rot, k_rot), rtol=1e-9, atol=1e-9)
+    assert "rotary_dim=4" in repr(rope) and "rotary_dim" not in repr(RotaryEmbedding(12))
+
+
+@pytest.mark.parametrize("rotary_dim", [0, 3, 14, 4.0, True])
+def test_bad_rotary_dim_is_refused(rotary_dim):
+    with pytest.raises(ValueError, match="rotary_dim"):
+        RotaryEmbedding(12, rotary_dim=rotary_dim)
+
+
+def test_rotary_dims_rounds_to_whole_pairs():
+    assert [rotary_dims(64, f) for f in (1.0, 0.5, 0.25, 0.01)] == [64, 32, 16, 2]
+    assert rotary_dims(8, 0.3) == 2  # 1.2 pairs -> 1
+    for bad in (0.0, 1.5, -0.5, True):
+        with pytest.raises(ValueError, match="rotary_fraction"):
+            rotary_dims(64, bad)
 
 
 def test_cos_sin_op_passes_opcheck():
