@@ -54,11 +54,38 @@ def xpos_log_zeta(head_dim: int, device: torch.device | None = None) -> torch.Te
     return torch.log((2.0 * pair / head_dim + GAMMA) / (1.0 + GAMMA))
 
 
-def _scaled(rotated: torch.Tensor, log_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """rotated (B, N, H, D) in its compute dtype, times exp(log_scale) (N, P) or (B, N, P) on both
+def xpos_factors(
+    positions: torch.Tensor, head_dim: int, scale_base: float, block_length: int | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query and key factors zeta_i^e(p) and zeta_i^-e(p), each (N, P) or (B, N, P) in `dtype`
+    (the rotation dtype) for integer positions (N,) or (B, N), their log clamped into the finite
+    range of `dtype`. One opaque op (`torch.ops.mmlongnet.xpos_factors`): a compiler computes the
+    table once per call, not its float64 logarithms for every element of q and k."""
+    return torch.ops.mmlongnet.xpos_factors(positions, head_dim, float(scale_base), block_length, dtype)
+
+
+@torch.library.custom_op("mmlongnet::xpos_factors", mutates_args=())
+def xpos_factors_op(
+    positions: torch.Tensor, head_dim: int, scale_base: float, block_length: int | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw op of `xpos_factors`."""
+    exponent = xpos_exponent(positions, scale_base, block_length)  # (N,) or (B, N), float64
+    log_scale = exponent.unsqueeze(-1) * xpos_log_zeta(head_dim, positions.device)  # (.., N, P)
+    limit = math.log(torch.finfo(dtype).max)
+    q_factor = log_scale.clamp(-limit, limit).to(dtype).exp()  # finite
+    k_factor = (-log_scale).clamp(-limit, limit).to(dtype).exp()
+    return q_factor, k_factor
+
+
+@xpos_factors_op.register_fake
+def _xpos_factors_fake(positions, head_dim, scale_base, block_length, dtype):
+    shape = (*positions.shape, head_dim // 2)
+    return positions.new_empty(shape, dtype=dtype), positions.new_empty(shape, dtype=dtype)
+
+
+def _scaled(rotated: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """rotated (B, N, H, D) in its compute dtype, times `factor` (N, P) or (B, N, P) on both
     channels of every pair, clamped into the finite range of `dtype` and cast to it."""
-    limit = math.log(torch.finfo(rotated.dtype).max)
-    factor = log_scale.clamp(-limit, limit).to(rotated.dtype).exp()  # (N, P) or (B, N, P), finite
     factor = torch.cat((factor, factor), dim=-1).unsqueeze(-2)  # (N, 1, D) or (B, N, 1, D)
     bound = torch.finfo(dtype).max
     return (rotated * factor).clamp(-bound, bound).to(dtype)  # inf from the product -> +-bound
@@ -114,10 +141,10 @@ class XPos(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         positions, cos, sin = rotary_angles(q, k, self.head_dim, self.base, positions, offset)
         compute = cos.dtype  # the rotation dtype of q and k
-        exponent = xpos_exponent(positions, self.scale_base, self.block_length)  # (N,) or (B, N)
-        log_scale = exponent.unsqueeze(-1) * xpos_log_zeta(self.head_dim, positions.device)  # (.., N, P)
-        q_out = _scaled(apply_rotary(q.to(compute), cos, sin), log_scale, q.dtype)
-        k_out = _scaled(apply_rotary(k.to(compute), cos, sin), -log_scale, k.dtype)
+        factors = xpos_factors(positions, self.head_dim, self.scale_base, self.block_length, compute)
+        q_factor, k_factor = factors  # (N, P) or (B, N, P) each
+        q_out = _scaled(apply_rotary(q.to(compute), cos, sin), q_factor, q.dtype)
+        k_out = _scaled(apply_rotary(k.to(compute), cos, sin), k_factor, k.dtype)
         return q_out, k_out
 
     def extra_repr(self) -> str:

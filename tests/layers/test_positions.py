@@ -148,27 +148,32 @@ def test_rotary_dims_rounds_to_whole_pairs():
             rotary_dims(64, bad)
 
 
-def test_cos_sin_op_passes_opcheck():
+def test_table_ops_pass_opcheck():
     for positions in (torch.arange(FAR, FAR + 7), torch.arange(12).view(2, 6) * 5):
         for dtype in (torch.float32, torch.float64):
             torch.library.opcheck(torch.ops.mmlongnet.rotary_cos_sin, (positions, 8, 10000.0, dtype))
+            for block_length in (None, 16):
+                args = (positions, 8, 64.0, block_length, dtype)
+                torch.library.opcheck(torch.ops.mmlongnet.xpos_factors, args)
 
 
-def test_compiled_rotary_computes_the_table_once_and_matches_eager():
-    """Under torch.compile the (N, D/2) table is one call of the op, not float64 arithmetic folded
-    into every element of q and k; the rotated values equal the eager ones."""
+@pytest.mark.parametrize("module", [RotaryEmbedding(8), XPos(8, scale_base=64.0, block_length=16)])
+def test_compiled_positions_compute_their_tables_once_and_match_eager(module):
+    """Under torch.compile the (N, D/2) tables are one call of each op, not float64 arithmetic
+    folded into every element of q and k; the rotated values equal the eager ones."""
     from torch._inductor.utils import run_and_get_code
 
     q, k = randn(2, 33, 3, 8), randn(2, 33, 3, 8, seed=1)
-    rope = RotaryEmbedding(8)
-    compiled = torch.compile(rope, fullgraph=True, dynamic=False)
+    compiled = torch.compile(module, fullgraph=True, dynamic=False)
     (got_q, got_k), code = run_and_get_code(compiled, q, k, None, FAR)
-    expected_q, expected_k = rope(q, k, offset=FAR)
+    expected_q, expected_k = module(q, k, offset=FAR)
     torch.testing.assert_close(got_q, expected_q, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got_k, expected_k, rtol=1e-6, atol=1e-6)
     source = "\n".join(code)
     assert source.count("torch.ops.mmlongnet.rotary_cos_sin.default(") == 1  # one table for q and k
-    assert "remainder" not in source and "fmod" not in source  # no angle reduction per element
+    assert source.count("torch.ops.mmlongnet.xpos_factors.default(") == isinstance(module, XPos)
+    for per_element in ("remainder", "fmod", ".log()", "std::log"):  # no angles or logs per element
+        assert per_element not in source, per_element
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
