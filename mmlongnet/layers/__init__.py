@@ -1,6 +1,7 @@
 """Small composable layers: positions (RoPE, XPOS, relative bias), feed-forward, multiway routing,
 the causal token shift."""
 
+from mmlongnet.layers.activation_norm import activation_layer_norm
 from mmlongnet.layers.feedforward import FeedForward, make_activation
 from mmlongnet.layers.multiway import MultiwayNetwork, MultiwayRouting
 from mmlongnet.layers.relative_bias import RelativePositionBias, relative_position_bucket
@@ -16,6 +17,7 @@ __all__ = [
     "RotaryEmbedding",
     "TokenShift",
     "XPos",
+    "activation_layer_norm",
     "apply_rotary",
     "make_activation",
     "relative_position_bucket",

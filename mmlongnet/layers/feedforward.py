@@ -10,6 +10,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mmlongnet.layers.activation_norm import activation_layer_norm, kernels_take
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 Activation = Literal["gelu", "relu", "silu"]
 
@@ -34,6 +36,10 @@ class FeedForward(nn.Module):
         bias: biases in fc1 and fc2.
 
     forward(x: (B, N, E)) -> (B, N, E); any leading shape works, e.g. (tokens, E).
+
+    On a GPU with Triton, the activation and the sub-LayerNorm run as one kernel each way
+    (`activation_layer_norm`: read the (B, N, F) hidden tensor once, computed in float32, written in
+    fc1's output dtype) wherever dropout is inactive; elsewhere as the modules above.
     """
 
     def __init__(
@@ -56,6 +62,7 @@ class FeedForward(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         factory = {"device": device, "dtype": dtype}
         self.gamma_init = gamma_init
+        self.activation_name = activation
         self.fc1 = nn.Linear(embed_dim, hidden_dim, bias=bias, **factory)
         self.activation = make_activation(activation)
         self.dropout = nn.Dropout(dropout)
@@ -72,7 +79,23 @@ class FeedForward(nn.Module):
             self.inner_norm.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.dropout(self.activation(self.fc1(x)))  # (B, N, F)
-        if self.inner_norm is not None:
-            hidden = self.inner_norm(hidden)
+        hidden = self.fc1(x)  # (B, N, F)
+        norm = self.inner_norm
+        if self._fused(hidden):
+            hidden = activation_layer_norm(hidden, norm.weight, norm.bias, norm.eps, self.activation_name)
+        else:
+            hidden = self.dropout(self.activation(hidden))
+            if norm is not None:
+                hidden = norm(hidden)
         return self.fc2(hidden)  # (B, N, E)
+
+    def _fused(self, hidden: torch.Tensor) -> bool:
+        """Whether activation, dropout and sub-LayerNorm run as `activation_layer_norm`'s kernels."""
+        norm = self.inner_norm
+        return (
+            norm is not None
+            and norm.weight is not None
+            and norm.bias is not None
+            and not (self.training and self.dropout.p > 0)
+            and kernels_take(hidden, norm.weight, norm.bias)
+        )

@@ -2,31 +2,18 @@
 on the CPU in Triton's interpreter (a subprocess with TRITON_INTERPRET=1 runs this file's kernel
 tests there)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from mmlongnet.attention import dilated_attention, fused_merge, merge
 from mmlongnet.attention.merge import add_parts, merge_weighted, part_weight
+from tests.triton_kernels import kernel_device, kernel_test, run_interpreted
 
 cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or fused_merge.triton is None, reason="needs a CUDA GPU and Triton"
 )
-DEVICE = "cpu" if fused_merge.INTERPRETED else "cuda"  # where the kernels run in this process
-_runs_kernels = pytest.mark.skipif(
-    fused_merge.triton is None or not (fused_merge.INTERPRETED or torch.cuda.is_available()),
-    reason="needs Triton and a CUDA GPU (or Triton's interpreter)",
-)
-
-
-def kernels(test):
-    """A test of the kernels themselves: marked `cuda` (a GPU run selects it with `-m cuda`), and run
-    where the kernels run (a GPU, or the interpreted CPU run)."""
-    return pytest.mark.cuda(_runs_kernels(test))
+DEVICE = kernel_device(fused_merge)  # where the kernels run in this process
+kernels = kernel_test(fused_merge)
 
 
 def test_leading_dims_merge_where_every_tensor_holds_them_as_one_run():
@@ -231,16 +218,5 @@ def test_the_op_merges_with_the_kernels_as_with_their_twins(monkeypatch, call_la
 
 def test_the_kernels_match_their_twins_in_triton_s_interpreter():
     """This file's kernel tests, run on the CPU by Triton's interpreter in a subprocess."""
-    if fused_merge.triton is None:
-        pytest.skip("Triton is not installed")
-    if fused_merge.INTERPRETED:
-        pytest.skip("already the interpreted run")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", __file__,
-         "-k", "merge_kernel or rows_without_keys or compiled_before or op_merges_with_the_kernels", "-x"],
-        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert " passed" in summary and "skipped" not in summary and "failed" not in summary, summary
+    selection = "merge_kernel or rows_without_keys or compiled_before or op_merges_with_the_kernels"
+    run_interpreted(fused_merge, __file__, selection)
