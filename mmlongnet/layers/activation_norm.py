@@ -146,13 +146,13 @@ if triton is not None:
     ):  # fmt: skip
         """Program p: dx of rows [p * ROWS, (p + 1) * ROWS) and those rows' sums of the weight and
         bias gradients, into row p of (programs, F) partial sums."""
-        program = tl.program_id(0)
+        program = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         inside = cols < features
         weight = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
         d_weight = tl.zeros([BLOCK], dtype=tl.float32)
         d_bias = tl.zeros([BLOCK], dtype=tl.float32)
-        first = program.to(tl.int64) * ROWS
+        first = program * ROWS
         for step in tl.range(0, ROWS):
             row = first + step
             mask = inside & (row < rows)
