@@ -161,6 +161,20 @@ def init_distributed(device: str) -> tuple[torch.device, int, int]:
     return where, dist.get_rank(), dist.get_world_size()
 
 
+def time_ms(step: Callable[[], Any], device: torch.device, warmup: int, runs: int) -> float:
+    """Median milliseconds of `step()` over `runs` calls after `warmup` untimed ones (synchronised)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(runs):
+        synchronize(device)
+        started = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
 def median_step_ms(
     step: Callable[[], Any], steps: int, device: torch.device, *, warmup: int, barrier: bool = True
 ) -> float:

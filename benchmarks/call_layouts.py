@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from _common import (  # noqa: E402
     environment,
     free_memory,
     slug,
-    synchronize,
+    time_ms,
     use_repository,
     write_json,
 )
@@ -51,20 +50,6 @@ SWITCHES = {  # switch -> (module of mmlongnet.attention, constant, other consta
     "dense": ("dilated", "DENSE_SMALL_INPUTS", {}),
     "fused_merge": ("merge", "FUSED_MERGE", {"FUSED_MIN_ELEMENTS": 0}),
 }
-
-
-def time_ms(step, device: torch.device, warmup: int, runs: int) -> float:
-    """Median milliseconds of `step()` over `runs` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(runs):
-        synchronize(device)
-        started = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
 
 
 def measure(args: argparse.Namespace, n: int, device: torch.device) -> dict:

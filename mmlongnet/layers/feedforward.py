@@ -12,6 +12,9 @@ from torch import nn
 
 from mmlongnet.layers.activation_norm import activation_layer_norm, kernels_take
 
+# False: FeedForward runs its activation and sub-LayerNorm as the modules everywhere, not as
+# `activation_layer_norm`'s kernels on a GPU (benchmarks/feedforward.py times the two).
+FUSED_ACTIVATION_NORM = True
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 Activation = Literal["gelu", "relu", "silu"]
 
@@ -39,7 +42,8 @@ class FeedForward(nn.Module):
 
     On a GPU with Triton, the activation and the sub-LayerNorm run as one kernel each way
     (`activation_layer_norm`: read the (B, N, F) hidden tensor once, computed in float32, written in
-    fc1's output dtype) wherever dropout is inactive; elsewhere as the modules above.
+    fc1's output dtype) wherever dropout is inactive; elsewhere as the modules above
+    (`FUSED_ACTIVATION_NORM = False` in this module runs the modules everywhere).
     """
 
     def __init__(
@@ -93,7 +97,8 @@ class FeedForward(nn.Module):
         """Whether activation, dropout and sub-LayerNorm run as `activation_layer_norm`'s kernels."""
         norm = self.inner_norm
         return (
-            norm is not None
+            FUSED_ACTIVATION_NORM
+            and norm is not None
             and norm.weight is not None
             and norm.bias is not None
             and not (self.training and self.dropout.p > 0)
