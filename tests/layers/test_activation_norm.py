@@ -131,17 +131,27 @@ def test_feedforward_runs_the_kernels_and_gives_the_modules_results(activation):
 
 @kernels
 def test_a_compiled_feedforward_calls_the_op_and_matches_eager():
+    """The compiled forward and backward call the two ops (the compiler does not inline the twin)."""
+    from torch._inductor.utils import run_and_get_code
+
     torch.manual_seed(0)
     ffn = FeedForward(16, 40).to(DEVICE)
     x = torch.randn(2, 9, 16, device=DEVICE, requires_grad=True)
-    compiled = torch.compile(ffn, fullgraph=True)
-    got, want = compiled(x), ffn(x)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(got)
+    grad = torch.randn(2, 9, 16, device=DEVICE)
     params = [x, *ffn.parameters()]
-    for a, b in zip(
-        torch.autograd.grad(got, params, grad), torch.autograd.grad(want, params, grad), strict=True
-    ):
+    compiled = torch.compile(ffn, fullgraph=True)
+
+    def step():
+        out = compiled(x)
+        return out, torch.autograd.grad(out, params, grad)
+
+    (got, got_grads), code = run_and_get_code(step)
+    source = "\n".join(code)
+    assert "torch.ops.mmlongnet.activation_layer_norm.default(" in source
+    assert "torch.ops.mmlongnet.activation_layer_norm_backward.default(" in source
+    want = ffn(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, torch.autograd.grad(want, params, grad), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
