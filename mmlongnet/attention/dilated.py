@@ -231,8 +231,12 @@ def _dense_attention(
         key_bias = torch.zeros(padding.shape, dtype=q.dtype, device=q.device).masked_fill(
             padding, float("-inf")
         )
+        # a query row has a key where the schedule pairs it with an unpadded one: counted as one
+        # (H, N, N) x (N, B) product, not a comparison and a reduction over the (B, H, N, N) bias
+        paired = (bias[..., :seq_len] > float("-inf")).float()  # (H, N, N)
+        has_key = torch.matmul(paired, (~key_padding_mask).float().T) > 0  # (H, N, B)
+        keep = keep & has_key.permute(2, 0, 1)  # (B, H, N)
         bias = bias + key_bias[:, None, None, :]  # (B, H, N, N8)
-        keep = keep & (bias[..., :seq_len] > float("-inf")).any(-1)  # (B, H, N)
         bias = bias.masked_fill_(~keep[..., None], 0.0)[..., :seq_len]  # a row with no key: zeroed below
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
     out = biased_attention(qh, kh, vh, bias, scale)  # (B, H, N, D)
