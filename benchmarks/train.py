@@ -223,10 +223,9 @@ def row_overrides(
     args += [] if workers is None else [f"{data}.num_workers", str(workers)]
     if kind == "dense":
         args += dense_overrides(spec.task)
-    if compiled:
-        args += ["--model.init_args.compile", "true"]
-    if graphed:
-        args += ["--model.init_args.graphed", "true"]
+    # both switches, always: a config may turn either on, and they exclude each other
+    args += ["--model.init_args.compile", str(compiled).lower()]
+    args += ["--model.init_args.graphed", str(graphed).lower()]
     return args + list(spec.extra)
 
 

@@ -140,6 +140,7 @@ def test_overrides_set_size_batch_and_the_dense_schedule():
     spec = bench.ROWS["av256"]
     assert bench.row_overrides(spec, "dilated", None) == [
         "--data.init_args.dataset.num_digits", "256", "--data.init_args.batch_size", "8",
+        "--model.init_args.compile", "false", "--model.init_args.graphed", "false",
     ]  # fmt: skip
     dense = bench.row_overrides(spec, "dense", 4)
     assert dense[4:6] == ["--data.init_args.num_workers", "4"]
@@ -151,7 +152,9 @@ def test_overrides_set_size_batch_and_the_dense_schedule():
             "[1]",
         ]
     graphed = bench.row_overrides(spec, "dilated", None, graphed=True)
-    assert graphed[-2:] == ["--model.init_args.graphed", "true"]
+    assert graphed[-4:] == ["--model.init_args.compile", "false", "--model.init_args.graphed", "true"]
+    compiled = bench.row_overrides(spec, "dilated", None, compiled=True)
+    assert compiled[-4:] == ["--model.init_args.compile", "true", "--model.init_args.graphed", "false"]
     assert bench.row_overrides(bench.ROWS["lm32k"], "dilated", None, graphed=True)[-2:] == graphed[-2:]
     with pytest.raises(SystemExit):
         bench.parse_args(["--graphed", "--compile", "--device", "cpu"])
@@ -159,7 +162,17 @@ def test_overrides_set_size_batch_and_the_dense_schedule():
     assert lm == [
         "--data.init_args.window", "32768", "--data.init_args.batch_size", "4",
         "--model.init_args.model.init_args.attention", "dense",
+        "--model.init_args.compile", "false", "--model.init_args.graphed", "false",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("compiled, graphed", [(True, False), (False, True), (False, False)])
+def test_each_mode_builds_the_av_config_it_names(compiled, graphed):
+    # the AV config turns graphed steps on: a compiled or eager row turns them off
+    spec = bench.ROWS["av16"]
+    overrides = bench.row_overrides(spec, "dilated", None, compiled=compiled, graphed=graphed)
+    module, _, _ = bench.build(spec, "dilated", torch.device("cpu"), overrides)
+    assert (module.compiled is not None, module.graphed_steps is not None) == (compiled, graphed)
 
 
 def test_interval_union_counts_overlaps_once_and_clips_to_the_window():
