@@ -13,8 +13,9 @@ row's mean and rstd) once; the backward kernel reads x and dy once, writes dx, a
 weight and bias gradients per program, which one small sum finishes: 0.26 ms forward and 0.42 ms
 backward at the same size (`benchmarks/results/longnet_h200_compiled_fused_ffn.json`).
 
-`activation_layer_norm` is an opaque op (`torch.ops.mmlongnet.activation_layer_norm`) with its
-own backward op, so a compiled model calls the kernels as they are. It runs the kernels on CUDA
+Under `torch.compile`, `activation_layer_norm` is an opaque op (`torch.ops.mmlongnet.activation_layer_norm`)
+with its own backward op, so a compiled model calls the kernels as they are; eager calls run the same
+computation through an autograd function, without the ops' dispatch cost. It runs the kernels on CUDA
 tensors of float32, float16 or bfloat16 with up to `MAX_FEATURES` features when Triton is
 installed (or, in Triton's interpreter, TRITON_INTERPRET=1, on CPU tensors: how the CPU tests
 check them), and the plain-PyTorch twin otherwise.
@@ -195,12 +196,11 @@ def _launch_shape(features: int) -> tuple[int, int]:
     return block, min(16, max(1, block // 512))
 
 
-@torch.library.custom_op("mmlongnet::activation_layer_norm", mutates_args=())
-def activation_layer_norm_op(
+def _forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, activation: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Raw op of `activation_layer_norm` (arguments checked there): x (..., F), weight and bias
-    (F,) -> y (..., F) in x's dtype, mean and rstd (...) (float32; float64 for float64 x)."""
+    """x (..., F), weight and bias (F,) -> y (..., F) in x's dtype, mean and rstd (...) (float32;
+    float64 for float64 x): the kernel where it runs, else the twin."""
     if not kernels_take(x, weight, bias):
         return _forward_twin(x, weight, bias, eps, activation)
     features = x.shape[-1]
@@ -217,19 +217,26 @@ def activation_layer_norm_op(
     return y, mean, rstd
 
 
+@torch.library.custom_op("mmlongnet::activation_layer_norm", mutates_args=())
+def activation_layer_norm_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, activation: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw op of `activation_layer_norm` (arguments checked there), as `_forward`."""
+    return _forward(x, weight, bias, eps, activation)
+
+
 @activation_layer_norm_op.register_fake
 def _activation_layer_norm_fake(x, weight, bias, eps, activation):
     stats = x.new_empty(x.shape[:-1], dtype=_compute_dtype(x.dtype))
     return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("mmlongnet::activation_layer_norm_backward", mutates_args=())
-def activation_layer_norm_backward_op(
+def _backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
     activation: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The gradients of `activation_layer_norm_op`: grad, x (..., F); mean, rstd (...) as the
-    forward returned them -> dx (..., F) in x's dtype, dweight and dbias (F,) in the weight's dtype."""
+    """The gradients of `_forward`: grad, x (..., F); mean, rstd (...) as the forward returned them
+    -> dx (..., F) in x's dtype, dweight and dbias (F,) in the weight's dtype."""
     if not (kernels_take(x, weight, weight) and mean.dtype == torch.float32 and grad.dtype in KERNEL_DTYPES):
         return _backward_twin(grad, x, weight, mean, rstd, activation)
     features = x.shape[-1]
@@ -248,6 +255,15 @@ def activation_layer_norm_backward_op(
     return dx, partial_weight.sum(0).to(weight.dtype), partial_bias.sum(0).to(weight.dtype)
 
 
+@torch.library.custom_op("mmlongnet::activation_layer_norm_backward", mutates_args=())
+def activation_layer_norm_backward_op(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Raw op of the gradients of `activation_layer_norm_op`, as `_backward`."""
+    return _backward(grad, x, weight, mean, rstd, activation)
+
+
 @activation_layer_norm_backward_op.register_fake
 def _activation_layer_norm_backward_fake(grad, x, weight, mean, rstd, activation):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -261,13 +277,32 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.activation = activation
 
 
-def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
+def _op_backward(ctx, grad_y, _grad_mean, _grad_rstd):
     x, weight, mean, rstd = ctx.saved_tensors
     dx, d_weight, d_bias = activation_layer_norm_backward_op(grad_y, x, weight, mean, rstd, ctx.activation)
     return dx, d_weight, d_bias, None, None
 
 
-activation_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
+activation_layer_norm_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class _EagerActivationLayerNorm(torch.autograd.Function):
+    """The op's computation without the custom-op dispatch, for eager calls: on an H200 the
+    dispatch of the two ops cost more host time than an 8K x 3072 call's kernels take on the GPU
+    (`benchmarks/results/feedforward_h200.json`), and eager steps of that size wait on the host."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, activation):
+        y, mean, rstd = _forward(x, weight, bias, eps, activation)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.activation = activation
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, d_weight, d_bias = _backward(grad_y, x, weight, mean, rstd, ctx.activation)
+        return dx, d_weight, d_bias, None, None
 
 
 def activation_layer_norm(
@@ -295,4 +330,6 @@ def activation_layer_norm(
         raise TypeError(
             f"x, weight and bias must be floating point; got {x.dtype}, {weight.dtype}, {bias.dtype}"
         )
-    return activation_layer_norm_op(x, weight, bias, float(eps), activation)[0]
+    if torch.compiler.is_compiling():  # the opaque op: compiled graphs call the kernels as they are
+        return activation_layer_norm_op(x, weight, bias, float(eps), activation)[0]
+    return _EagerActivationLayerNorm.apply(x, weight, bias, float(eps), activation)

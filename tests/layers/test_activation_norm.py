@@ -49,6 +49,24 @@ def test_low_precision_inputs_are_computed_in_float32_and_returned_in_their_dtyp
     torch.testing.assert_close(y.float(), want, rtol=8e-3, atol=8e-3)
 
 
+def test_eager_calls_skip_the_op_dispatch_and_give_the_op_s_values_and_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    eager = activation_layer_norm(x, weight, bias, 1e-5, "gelu")
+    assert type(eager.grad_fn).__name__ == "_EagerActivationLayerNormBackward"
+    op = torch.ops.mmlongnet.activation_layer_norm(x, weight, bias, 1e-5, "gelu")[0]
+    torch.testing.assert_close(eager, op, rtol=0, atol=0)
+    grad = torch.randn(5, 12, dtype=torch.float64)
+    for a, b in zip(
+        torch.autograd.grad(eager, (x, weight, bias), grad),
+        torch.autograd.grad(op, (x, weight, bias), grad),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_the_ops_pass_opcheck():
     torch.manual_seed(0)
     x = torch.randn(6, 24, requires_grad=True)
