@@ -331,7 +331,8 @@ class AudioEncoder(Pretrained, nn.Module):
             onesided=True,
             return_complex=True,
         )  # (B, n_fft // 2 + 1, F) complex
-        power = spec.abs().pow(2.0)  # (B, n_fft // 2 + 1, F)
+        parts = torch.view_as_real(spec)  # (B, n_fft // 2 + 1, F, 2): real, imaginary
+        power = parts[..., 0].square() + parts[..., 1].square()  # |spec|^2 without |spec|'s square root
         return torch.matmul(power.transpose(-1, -2), self.melspec.mel_scale.fb).transpose(-1, -2)
 
     def _check_input(self, waveform: torch.Tensor, sample_rate: int) -> None:

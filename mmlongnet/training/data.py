@@ -424,6 +424,9 @@ class AVDigitsDataModule(_Loaders):
         curriculum: train over growing numbers of digits first (`DigitsCurriculum`; needs the
             `AdvanceCurriculum` callback); None = train at the dataset's num_digits only. An
             epoch is then train_examples / (the last stage's batch size) batches of any K.
+        train_question_mix: the training split's probabilities of the question types (as
+            `AVDigitsConfig.question_mix`, e.g. more of a type learned last); validation, test
+            and predict keep the dataset's mix. None = the dataset's mix everywhere.
     """
 
     def __init__(
@@ -439,9 +442,16 @@ class AVDigitsDataModule(_Loaders):
         buckets: LengthBuckets | Literal["one_shape"] | None = DEFAULT_BUCKETS,
         data_dir: str | None = None,
         curriculum: DigitsCurriculum | None = None,
+        train_question_mix: dict[str, float] | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers)
         self.config = dataset or AVDigitsConfig()
+        self.train_config = self.config  # the training split's (and curriculum stages') config
+        if train_question_mix is not None:
+            try:  # checked as the dataset's own mix is
+                self.train_config = dataclasses.replace(self.config, question_mix=train_question_mix)
+            except ValueError as error:
+                raise ValueError(f"train_question_mix: {error}") from error
         if curriculum is not None and curriculum.num_digits[-1] >= self.config.num_digits:
             raise ValueError(
                 f"curriculum.num_digits {curriculum.num_digits} must stay below the dataset's "
@@ -451,7 +461,7 @@ class AVDigitsDataModule(_Loaders):
         self.stage_configs: list[AVDigitsConfig] = []  # the dataset's config at each earlier K
         for K in curriculum.num_digits if curriculum is not None else []:
             try:
-                config = dataclasses.replace(self.config, num_digits=K, seed=self.config.seed + K)
+                config = dataclasses.replace(self.train_config, num_digits=K, seed=self.config.seed + K)
             except ValueError as error:
                 raise ValueError(f"curriculum stage of {K} digits: {error}") from error
             self.stage_configs.append(config)
@@ -490,7 +500,8 @@ class AVDigitsDataModule(_Loaders):
 
     def setup(self, stage: str | None = None) -> None:
         for split, size in self.sizes.items():
-            self.datasets[split] = AVDigitsDataset(split, size, self.config, data_dir=self.data_dir)
+            config = self.train_config if split == "train" else self.config
+            self.datasets[split] = AVDigitsDataset(split, size, config, data_dir=self.data_dir)
         self.datasets["predict"] = AVDigitsDataset(
             "test", self.predict_examples, self.config, data_dir=self.data_dir
         )

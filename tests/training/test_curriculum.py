@@ -217,3 +217,23 @@ def test_a_fit_ends_its_stages_by_the_training_loss(tmp_path, caplog):
     assert cli.datamodule.curriculum_order.stage_starts == []
     assert caplog.text.count("joins") == 1  # the first fit's
     assert {value for _, value in _logged(tmp_path / "b", "curriculum_digits")} == {2.0}
+
+
+def test_a_training_question_mix_applies_to_the_training_split_only():
+    with pytest.raises(ValueError, match="train_question_mix: question_mix values must sum to 1"):
+        AVDigitsDataModule(AVDigitsConfig(num_digits=4), train_question_mix={"count": 0.5})
+    module = AVDigitsDataModule(
+        AVDigitsConfig(num_digits=4, questions=["first", "count"]), train_examples=200, val_examples=200,
+        test_examples=200, train_question_mix={"first": 0.1, "count": 0.9},
+        curriculum=DigitsCurriculum([2]),
+    )  # fmt: skip
+    module.setup("fit")
+    assert module.stage_configs[0].question_mix == {"first": 0.1, "count": 0.9}
+
+    def count_share(dataset) -> float:
+        return np.mean([dataset[i]["question"] == "count" for i in range(200)])
+
+    for stage in module.datasets["train"].datasets:  # the curriculum stage (K = 2), then K = 4
+        assert count_share(stage) > 0.8
+    for split in ("val", "test"):
+        assert 0.35 < count_share(module.datasets[split]) < 0.65  # the dataset's uniform mix
