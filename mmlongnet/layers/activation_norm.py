@@ -270,17 +270,25 @@ def _activation_layer_norm_backward_fake(grad, x, weight, mean, rstd, activation
     return dx, torch.empty_like(weight), torch.empty_like(weight)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, _bias, _eps, activation = inputs
-    _y, mean, rstd = output
+def _save(ctx, x, weight, mean, rstd, activation) -> None:
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.activation = activation
 
 
-def _op_backward(ctx, grad_y, _grad_mean, _grad_rstd):
+def _gradients(ctx, grad_y, backward) -> tuple:
+    """(dx, dweight, dbias, None, None) of the forward `_save` saved, by `backward` (op or twin)."""
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, d_weight, d_bias = activation_layer_norm_backward_op(grad_y, x, weight, mean, rstd, ctx.activation)
-    return dx, d_weight, d_bias, None, None
+    return (*backward(grad_y, x, weight, mean, rstd, ctx.activation), None, None)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, _bias, _eps, activation = inputs
+    _y, mean, rstd = output
+    _save(ctx, x, weight, mean, rstd, activation)
+
+
+def _op_backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    return _gradients(ctx, grad_y, activation_layer_norm_backward_op)
 
 
 activation_layer_norm_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -294,15 +302,12 @@ class _EagerActivationLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, activation):
         y, mean, rstd = _forward(x, weight, bias, eps, activation)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.activation = activation
+        _save(ctx, x, weight, mean, rstd, activation)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, mean, rstd = ctx.saved_tensors
-        dx, d_weight, d_bias = _backward(grad_y, x, weight, mean, rstd, ctx.activation)
-        return dx, d_weight, d_bias, None, None
+        return _gradients(ctx, grad_y, _backward)
 
 
 def activation_layer_norm(
