@@ -274,7 +274,10 @@ def build(spec: RowSpec, kind: str, device: torch.device, overrides: Sequence[st
     args += ["--trainer.accelerator", "gpu" if device.type == "cuda" else "cpu"]
     args += ["--trainer.precision", "32-true", "--trainer.logger", "false", "--trainer.callbacks", "[]"]
     with quiet_lightning():
-        cli = CLI(args=args, run=False)
+        try:
+            cli = CLI(args=args, run=False)
+        except SystemExit as exit_:  # the CLI's config error (printed above) ends this row, not the run
+            raise RuntimeError(f"the row's configuration does not build: {' '.join(overrides)}") from exit_
     cli.datamodule.setup("fit")
     return cli.model.to(device).train(), cli.datamodule, cli.trainer.gradient_clip_val
 

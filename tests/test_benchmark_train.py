@@ -175,6 +175,14 @@ def test_each_mode_builds_the_av_config_it_names(compiled, graphed):
     assert (module.compiled is not None, module.graphed_steps is not None) == (compiled, graphed)
 
 
+def test_a_row_whose_config_does_not_build_raises_an_error_the_row_records(capsys):
+    spec = bench.ROWS["av16"]
+    overrides = [*bench.row_overrides(spec, "dilated", None), "--model.init_args.model.d_model", "63"]
+    with pytest.raises(RuntimeError, match="configuration does not build"):
+        bench.build(spec, "dilated", torch.device("cpu"), overrides)
+    assert "error: nhead must divide d_model=63" in capsys.readouterr().err
+
+
 def test_interval_union_counts_overlaps_once_and_clips_to_the_window():
     intervals = [(0.0, 10.0), (5.0, 15.0), (20.0, 30.0)]
     assert bench.interval_union(intervals, (0.0, 40.0)) == 25.0

@@ -53,6 +53,14 @@ class _Parser(LightningArgumentParser):
         self.exit(2)
 
 
+def _raised_by_parser(error: BaseException) -> bool:
+    """Whether `error` was raised in jsonargparse's code (a wrapper), not in the class it built."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and "jsonargparse" in frame.tb_frame.f_code.co_filename
+
+
 def _run_root(default_root_dir: str | None) -> str:
     return os.fspath(default_root_dir) if default_root_dir else os.getcwd()
 
@@ -96,6 +104,24 @@ class CLI(LightningCLI):
                 "--trainer.accelerator cpu --trainer.precision 32-true (much slower; bf16 on a CPU "
                 "slower still; configs/demo.yaml is the CPU-sized job)"
             )
+
+    def instantiate_classes(self) -> None:
+        """A class whose arguments it refuses (a ValueError or TypeError of its own, e.g. `compile`
+        and `graphed` both on) ends with that class and its message as the last line, instead of
+        jsonargparse's traceback and a dump of the whole config."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as error:
+            cause = error  # the parser wraps the class's own error, maybe more than once
+            while _raised_by_parser(cause) and cause.__cause__ is not None:
+                cause = cause.__cause__
+            if cause is error:  # not raised while building a class of the config
+                raise
+            built = re.search(r"class_path='([^']+)'", str(error))
+            what = f" ({built.group(1)})" if built else ""
+            sys.stderr.write(f"{self.subcommand}: the configuration does not build{what}\n")
+            sys.stderr.write(f"error: {cause}\n")
+            sys.exit(2)
 
     def _find_best_checkpoint(self) -> None:
         """`--ckpt_path best` in a process that did not fit: the run folder's best checkpoint

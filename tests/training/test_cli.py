@@ -45,6 +45,30 @@ def test_a_typo_in_a_config_key_ends_the_error_with_the_line_naming_it(override,
     assert "usage:" not in err
 
 
+def test_a_class_that_refuses_its_arguments_ends_the_error_with_its_message(capsys):
+    code, _, err = _exit(
+        ["fit", "--config", str(REPO / "configs/demo.yaml"), "--model.init_args.compile", "true",
+         "--model.init_args.graphed", "true"],
+        capsys,
+    )  # fmt: skip
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines == [
+        "fit: the configuration does not build (mmlongnet.training.MultimodalClassifier)",
+        "error: graphed=True records the eager model's steps; leave compile off with it",
+    ]
+    code, _, err = _exit(
+        ["fit", "--config", str(REPO / "configs/demo.yaml"), "--data.init_args.train_question_mix",
+         "{count: 0.5}"],
+        capsys,
+    )  # fmt: skip
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "fit: the configuration does not build (mmlongnet.training.AVDigitsDataModule)",
+        "error: train_question_mix: question_mix values must sum to 1, got {'count': 0.5} (sum 0.5)",
+    ]
+
+
 def test_options_are_not_abbreviated(capsys):
     code, _, err = _exit(
         ["fit", "--config", str(REPO / "configs/demo.yaml"), "--trainer.max_epoch", "1"], capsys
