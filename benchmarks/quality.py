@@ -164,6 +164,36 @@ def accuracy_by_distance(distances: torch.Tensor, correct: torch.Tensor, edges: 
     return rows
 
 
+def accuracy_by_residue(
+    distances: torch.Tensor, correct: torch.Tensor, modulus: int, beyond: int
+) -> list[dict | None]:
+    """Accuracy of the queries farther than `beyond` by the residue of (distance - 1) mod `modulus`.
+
+    A branch of rate r pairs a query only with key rows of its own residue mod r; a query at
+    distance d from its pair's key is d - 1 from the pair's value, so without help from the token
+    shift it reaches the value in one hop only when (d - 1) mod r == 0. Accuracy flat over the
+    residues says the model reaches pairs at every residue; high at 0 only, that it does not.
+
+    Args:
+        distances: (n,) long, distance of each query to its pair.
+        correct: (n,) bool, whether its answer was right.
+        modulus: the largest dilation rate.
+        beyond: only queries with distance >= beyond count (e.g. the first segment, reached at rate 1).
+
+    Returns:
+        per residue 0..modulus-1, {"n", "correct", "accuracy"}, or None when no query has it.
+    """
+    far = distances >= beyond  # (n,)
+    residues = (distances[far] - 1) % modulus  # (m,)
+    hits = correct[far]  # (m,)
+    rows = []
+    for residue in range(modulus):
+        mine = residues == residue
+        n, right = int(mine.sum()), int((hits & mine).sum())
+        rows.append({"n": n, "correct": right, "accuracy": right / n} if n else None)
+    return rows
+
+
 def token_nats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy in nats of each target: logits (B, N, V), targets (B, N) -> (B, N) float32."""
     return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
@@ -701,6 +731,7 @@ def recall_evaluate(model, length, args, device, deadline: float) -> dict:
         "queries": int(correct.numel()),
         "accuracy": float(correct.float().mean()) if correct.numel() else None,
         "by_distance": accuracy_by_distance(distances, correct, edges),
+        "by_residue": accuracy_by_residue(distances, correct, max(args.rates), args.segments[0]),
     }
 
 
@@ -724,6 +755,10 @@ def run_recall(args: argparse.Namespace, device: torch.device, start: float) -> 
         metrics = results[kind]["test"]
         print(f"[recall] {kind}: {log.summary()}, " + ", ".join(
             f"N={n} {m['accuracy']}" for n, m in metrics.items()), flush=True)  # fmt: skip
+        residues = metrics[max(lengths)]["by_residue"]
+        print(f"[recall] {kind}: at N={max(lengths)}, pairs {args.segments[0]}+ back by (distance - 1) mod "
+              f"{max(args.rates)}: " + " ".join(cell(row and row["accuracy"], ".2f") for row in residues),
+              flush=True)  # fmt: skip
         del model, forward, curriculum
         free_memory(device)
     return results

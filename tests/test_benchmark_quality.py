@@ -51,6 +51,16 @@ def test_accuracy_by_distance_buckets_hand_made_predictions():
     assert empty[0]["n"] == 0 and empty[0]["accuracy"] is None
 
 
+def test_accuracy_by_residue_counts_far_queries_by_distance_to_the_value_mod_the_rate():
+    distances = torch.tensor([3, 65, 66, 69, 73, 74, 100])  # (d - 1) % 4: 2, 0, 1, 0, 0, 1, 3
+    correct = torch.tensor([True, True, False, True, False, True, False])
+    rows = bench.accuracy_by_residue(distances, correct, modulus=4, beyond=64)  # 3 is not far
+    assert rows[0] == {"n": 3, "correct": 2, "accuracy": pytest.approx(2 / 3)}
+    assert rows[1] == {"n": 2, "correct": 1, "accuracy": 0.5}
+    assert rows[2] is None
+    assert rows[3] == {"n": 1, "correct": 0, "accuracy": 0.0}
+
+
 def test_bits_per_byte_of_a_uniform_model_is_8_and_of_a_half_sure_one_is_1():
     targets = torch.randint(0, 256, (3, 40))
     uniform = torch.zeros(3, 40, 256)  # (B, N, V)
@@ -180,6 +190,8 @@ def test_recall_evaluation_of_a_perfect_and_a_constant_model():
     assert perfect["accuracy"] == 1.0
     assert all(row["accuracy"] == 1.0 for row in perfect["by_distance"] if row["n"])
     assert sum(row["n"] for row in perfect["by_distance"]) == perfect["queries"]
+    assert len(perfect["by_residue"]) == max(args.rates)
+    assert all(row["accuracy"] == 1.0 for row in perfect["by_residue"] if row is not None)
 
     class Constant(nn.Module):  # always answers value 0
         def forward(self, tokens):
