@@ -22,12 +22,15 @@ when its time is up, however fast it steps.
    all five with `--questions first last count after most`).
 2. `recall`: associative recall drawn on the fly (`mmlongnet.data.AssociativeRecall`): key-value
    pairs spread over sequences of `--lengths` tokens (4K 16K 64K), queries at the end. A causal
-   `LongNetLM` (embeddings at std 4, untied; a token shift of width 9, `--token-shift`, so that a
-   branch of rate r <= 8 reaches a key-value pair from a query at any residue) is trained on the
-   query answers over a curriculum of lengths, as above. Models:
+   `LongNetLM` (embeddings at std 4, untied; no position encoding, `--positions none`; a token
+   shift of width 9, `--token-shift`, half of its channels fixed to the sum of the last 9 tokens,
+   `--token-shift-window 0.5`, so that a branch of rate r <= 8 reaches a key-value pair from a
+   query at any residue) is trained on the query answers over a curriculum of lengths, as above.
+   Models:
    `dilated`, `local` (one 2K segment: `--local-window`) and `dense` (full causal attention, on
    lengths <= `--dense-max-length`). Reports accuracy per length and per bucket of the distance
-   between a query and its pair (`--distance-edges`).
+   between a query and its pair (`--distance-edges`), and of the pairs beyond the first segment by
+   (distance - 1) mod the largest rate (which residues the model reaches).
 3. `bytes`: a byte-level `LongNetLM` on windows of `--window` bytes (32K) taken inside single
    files of a text corpus (the Python standard library's and torch's sources by default, split
    by file with `mmlongnet.data.text_files.split_text_files`; only files longer than the
@@ -657,8 +660,8 @@ def lm_for(args: argparse.Namespace, kind: str, vocab: int) -> LongNetLM:
         dim_feedforward=args.ffn, segment_lengths=segments, dilation_rates=rates,
         attention="dense" if kind == "dense" else "dilated", tie_embeddings=args.embedding_std == TIED,
         embedding_std=None if args.embedding_std == TIED else args.embedding_std,
-        token_shift=args.token_shift, positions=None if args.positions == "none" else args.positions,
-        rotary_fraction=args.rotary_fraction,
+        token_shift=args.token_shift, token_shift_window=args.token_shift_window if args.token_shift else 0.0,
+        positions=None if args.positions == "none" else args.positions, rotary_fraction=args.rotary_fraction,
     )  # fmt: skip
 
 
@@ -991,7 +994,8 @@ DEFAULTS = {
         pairs=64, queries=32, num_keys=512, num_values=64, num_fillers=64,
         d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
         segments=[2048, 8192, 32768, 65536], rates=[1, 2, 4, 8],
-        distance_edges=[0, 512, 2048, 8192, 32768], embedding_std=4.0, token_shift=9, positions="rope",
+        distance_edges=[0, 512, 2048, 8192, 32768], embedding_std=4.0, token_shift=9, token_shift_window=0.5,
+        positions="none",
         lr=1e-3, warmup_steps=200, batch_size=16, batch_tokens=65536, eval_sequences=64,
     ),
     "bytes": dict(
@@ -999,7 +1003,8 @@ DEFAULTS = {
         models=["dilated", "local"], window=32768, root=None, pattern="*.py", compile=False, graphed=False,
         d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
         segments=[2048, 4096, 8192, 16384, 32768], rates=[1, 2, 4, 8, 16],
-        position_edges=[0, 2048, 8192, 32768], embedding_std=TIED, token_shift=0, positions="rope",
+        position_edges=[0, 2048, 8192, 32768], embedding_std=TIED, token_shift=0, token_shift_window=0.0,
+        positions="rope",
         lr=1e-3, warmup_steps=200, batch_size=16, batch_tokens=65536, eval_windows=256,
     ),
 }  # fmt: skip
@@ -1101,10 +1106,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(LongNetLMConfig.token_shift; default 9 for recall, the default rates' largest + 1; 0 for bytes)",
     )
     common.add_argument(
+        "--token-shift-window",
+        type=float,
+        help="recall and bytes: the share of the token shift's channels fixed to the sum of the last W "
+        "tokens (LongNetLMConfig.token_shift_window; default 0.5 for recall, 0 for bytes)",
+    )
+    common.add_argument(
         "--positions",
         choices=["rope", "xpos", "none"],
         help="recall and bytes: the LMs' positions in attention (LongNetLMConfig.positions; 'none': no "
-        "position encoding, the causal mask alone orders the tokens; default rope)",
+        "position encoding, the causal mask alone orders the tokens; default none for recall, rope for "
+        "bytes)",
     )
     common.add_argument(
         "--rotary-fraction",

@@ -1,4 +1,5 @@
-"""The causal token shift: the per-channel sum it defines, its history for decoding, its start."""
+"""The causal token shift: the per-channel sum it defines, its history for decoding, its start, its
+fixed window channels."""
 
 import pytest
 import torch
@@ -6,8 +7,8 @@ import torch
 from mmlongnet.layers import TokenShift
 
 
-def shifted(width: int, dim: int = 6) -> TokenShift:
-    shift = TokenShift(dim, width, dtype=torch.float64)
+def shifted(width: int, dim: int = 6, window_share: float = 0.0) -> TokenShift:
+    shift = TokenShift(dim, width, window_share=window_share, dtype=torch.float64)
     with torch.no_grad():
         shift.weight.normal_(generator=torch.Generator().manual_seed(width))
     return shift
@@ -24,8 +25,9 @@ def test_each_token_adds_a_per_channel_mix_of_itself_and_its_predecessors(width)
     torch.testing.assert_close(shift(x), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_history_continues_the_sequence_and_the_future_does_not_leak():
-    shift = shifted(4)
+@pytest.mark.parametrize("window_share", [0.0, 0.5])
+def test_history_continues_the_sequence_and_the_future_does_not_leak(window_share):
+    shift = shifted(4, window_share=window_share)
     x = torch.randn(3, 11, 6, dtype=torch.float64)
     whole = shift(x)
     history, parts = None, []
@@ -50,3 +52,33 @@ def test_a_new_shift_is_the_identity_and_bad_arguments_name_the_problem():
         shift(torch.randn(5, 6))
     with pytest.raises(ValueError, match="history must be"):
         shift(x, torch.zeros(2, 1, 6))
+
+
+@pytest.mark.parametrize(("share", "channels"), [(0.5, [0, 2, 4]), (1 / 3, [0, 3]), (1.0, list(range(6)))])
+def test_window_channels_sum_the_last_w_tokens_and_learn_nothing(share, channels):
+    shift = shifted(3, window_share=share)
+    x = torch.randn(2, 9, 6, dtype=torch.float64, requires_grad=True)
+    y = shift(x)
+    learned = [c for c in range(6) if c not in channels]
+    padded = torch.nn.functional.pad(x, (0, 0, 2, 0))  # (2, 11, 6): two zeros before the first token
+    expected_window = padded[:, 0:9] + padded[:, 1:10] + padded[:, 2:11]  # x_{t-2} + x_{t-1} + x_t
+    torch.testing.assert_close(y[..., channels], expected_window[..., channels], rtol=1e-12, atol=1e-12)
+    expected = x.detach().clone()
+    for t in range(9):
+        for j in range(min(3, t + 1)):
+            expected[:, t] += shift.weight[:, j].detach() * x.detach()[:, t - j]
+    torch.testing.assert_close(y[..., learned], expected[..., learned], rtol=1e-12, atol=1e-12)
+    y.square().sum().backward()
+    assert torch.equal(shift.weight.grad[channels], torch.zeros(len(channels), 3, dtype=torch.float64))
+    if learned:
+        assert shift.weight.grad[learned].abs().min() > 0
+    moved = shifted(3, window_share=share).to(torch.float32)  # the fixed kernel follows the module
+    assert moved.window.dtype == torch.float32 and moved.learned.dtype == torch.float32
+
+
+def test_window_share_is_validated_and_shown():
+    assert "window_share=0.5" in repr(TokenShift(6, 3, window_share=0.5))
+    assert "window_share" not in repr(TokenShift(6, 3))
+    for bad in (-0.5, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="window_share"):
+            TokenShift(6, 3, window_share=bad)

@@ -60,16 +60,18 @@ def test_cached_greedy_generation_equals_repeated_full_forward_passes(positions)
     torch.testing.assert_close(torch.stack(step_logits, dim=1), full, rtol=1e-10, atol=1e-10)
 
 
-def shifted_lm(width: int = 3) -> LongNetLM:
-    """tiny_lm with a token shift of random weights (a new one is the identity)."""
-    lm = tiny_lm(token_shift=width)
+def shifted_lm(width: int = 3, window: float = 0.0) -> LongNetLM:
+    """tiny_lm with a token shift of random weights (a new one is the identity), `window` the share
+    of its fixed window channels."""
+    lm = tiny_lm(token_shift=width, token_shift_window=window)
     with torch.no_grad():
         lm.token_shift.weight.normal_(generator=torch.Generator().manual_seed(1))
     return lm
 
 
-def test_token_shift_decodes_with_caches_as_full_passes_and_stays_causal():
-    lm = shifted_lm()
+@pytest.mark.parametrize("window", [0.0, 0.5])
+def test_token_shift_decodes_with_caches_as_full_passes_and_stays_causal(window):
+    lm = shifted_lm(window=window)
     prompt = torch.randint(0, 61, (2, 3))
     cached = lm.generate(prompt, 30, temperature=0)
     assert torch.equal(cached, lm.generate(prompt, 30, temperature=0, use_cache=False))
@@ -112,8 +114,9 @@ def test_token_shift_puts_every_residue_in_one_dilated_hop(width):
         assert moved(2) == 0.0
 
 
-def test_token_shift_adds_nothing_from_padding():
-    lm = shifted_lm()
+@pytest.mark.parametrize("window", [0.0, 0.5])
+def test_token_shift_adds_nothing_from_padding(window):
+    lm = shifted_lm(window=window)
     tokens = torch.randint(0, 61, (2, 20))
     padding = torch.zeros(2, 20, dtype=torch.bool)
     padding[0, :5] = True  # left padding: the shift would carry it into the first real tokens
@@ -134,6 +137,16 @@ def test_token_shift_starts_as_the_model_without_and_is_validated():
     for bad in (-1, True, 1.5):
         with pytest.raises(ValueError, match="token_shift"):
             LongNetLM(61, token_shift=bad, **TINY)
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match=r"token_shift_window must be a share in \[0, 1\]"):
+            LongNetLM(61, token_shift=4, token_shift_window=bad, **TINY)
+    with pytest.raises(TypeError, match="token_shift_window must be a number"):
+        LongNetLM(61, token_shift=4, token_shift_window="half", **TINY)
+    with pytest.raises(ValueError, match="needs a token shift of width >= 2"):
+        LongNetLM(61, token_shift=0, token_shift_window=0.5, **TINY)
+    windowed = LongNetLM(61, token_shift=4, token_shift_window=0.5, **TINY)
+    assert windowed.token_shift.window_share == 0.5
+    assert set(windowed.state_dict()) == set(with_shift.state_dict())  # the window is not saved: fixed
 
 
 def test_sampling_is_reproducible_and_top_k_one_is_greedy():
