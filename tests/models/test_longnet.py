@@ -89,15 +89,17 @@ def test_token_shift_decodes_with_caches_as_full_passes_and_stays_causal(window)
         lm(tokens, kv_caches=lm.decoder.new_caches())
 
 
-@pytest.mark.parametrize("width", [0, 5])
-def test_token_shift_puts_every_residue_in_one_dilated_hop(width):
+@pytest.mark.parametrize(("width", "window"), [(0, 0.0), (5, 0.0), (5, 0.5)])
+def test_token_shift_puts_every_residue_in_one_dilated_hop(width, window):
     """One layer, segments 4 and 16 at rates 1 and 4: the query at 15 reaches rows 12-15 (its
     segment) and, through the rate-4 branch, only rows 3, 7, 11 of its own residue. Token 2 is out
-    of reach without a shift; with one of width 5, row 3 carries it."""
+    of reach without a shift; with one of width 5, row 3 carries it (learned weights, or the fixed
+    window channels alone, the learned ones left at zero)."""
     torch.manual_seed(0)
     lm = LongNetLM(61, d_model=32, nhead=4, num_layers=1, dim_feedforward=64, segment_lengths=[4, 16],
-                   dilation_rates=[1, 4], token_shift=width).double().eval()  # fmt: skip
-    if width:
+                   dilation_rates=[1, 4], token_shift=width, token_shift_window=window)  # fmt: skip
+    lm = lm.double().eval()
+    if width and not window:
         with torch.no_grad():
             lm.token_shift.weight.normal_(generator=torch.Generator().manual_seed(1))
     tokens = torch.randint(0, 61, (1, 16))
