@@ -1244,6 +1244,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             f"--train-question-weights needs one weight >= 0 per question type {args.questions}, "
             f"not all zero; got {weights}"
         )
+    if args.rotary_fraction != 1.0 and getattr(args, "positions", "rope") != "rope":
+        parser.error(
+            f"--rotary-fraction rotates part of each head for --positions rope; positions are "
+            f"{args.positions!r} (recall's default is none: add --positions rope)"
+        )
+    window = getattr(args, "token_shift_window", None)
+    if window is not None and not 0 <= window <= 1:
+        parser.error(f"--token-shift-window must be a share in [0, 1], got {window}")
     if getattr(args, "graphed", False) and args.compile:
         parser.error("--graphed records the eager model's steps; leave --compile off with it")
     if args.segments is not None and len(args.segments) != len(args.rates):

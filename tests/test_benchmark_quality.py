@@ -211,6 +211,16 @@ def test_embedding_std_and_token_shift_default_per_experiment_and_reach_the_lm()
     assert untied.embedding.weight.std().item() == pytest.approx(4.0, rel=0.1)
     assert untied.lm_head.weight is not untied.embedding.weight
     assert untied.token_shift.width == 9
+    assert untied.token_shift.window_share == 0.5 and untied.config.positions is None  # recall's defaults
+    assert recall.positions == "none" and text.positions == "rope" and text.token_shift_window == 0.0
+    learned_args = bench.parse_args(["recall", "--smoke", "--token-shift-window", "0"])
+    learned = bench.lm_for(learned_args, "dilated", 64)
+    assert learned.token_shift.window_share == 0.0
+    rotated = bench.parse_args(["recall", "--positions", "rope", "--rotary-fraction", "0.5"])
+    assert bench.lm_for(rotated, "dilated", 64).config.rotary_fraction == 0.5
+    for bad in (["--rotary-fraction", "0.5"], ["--token-shift-window", "1.5"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["recall", *bad])
     assert bench.lm_for(bench.parse_args(["bytes", "--smoke"]), "local", 64).token_shift is None
     assert (
         bench.lm_for(bench.parse_args(["recall", "--smoke", "--token-shift", "0"]), "dense", 64).token_shift
