@@ -10,10 +10,10 @@ a given pair of neighbours (a key and its value) and one dilated hop reaches it 
 Learned from zero, the shift does not get there: trained on associative recall, models used the
 token just before (a key beside its value) and reached a pair only from queries of the value's
 residue (accuracy by residue near 1 at one residue mod the rate, near chance at the others;
-README, "Recall at 16K"). `window_share` fixes part of the channels to the plain sum of the W
-tokens up to each one (not learned), which holds a pair the same way at every one of the W - 1
-positions after it; with it, and no position encoding, a dilated model reached pairs at every
-residue alike.
+README, "Associative recall at 16K"). `window_share` fixes part of the channels to the plain sum
+of the W tokens up to each one (not learned), which holds a pair the same way at every one of the
+W - 1 positions after it; with it, and no position encoding, a dilated model reached pairs at
+every residue alike.
 
 Legend: B batch, N tokens, E channels, W width.
 """

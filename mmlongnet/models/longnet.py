@@ -295,8 +295,8 @@ class LongNetLMConfig(LongNetLayerConfig):
     starts as the identity and, trained, keeps to the token just before: on associative recall
     at 16K tokens a dilated model then reached a pair only from queries of its value's residue
     mod the rates (0.443); with half the channels fixed to the window and no position encoding
-    (`positions=None`) it reached pairs at every residue, 0.968 (one H200, README "Recall at
-    16K")."""
+    (`positions=None`) it reached pairs at every residue, 0.968 (one H200, README
+    "Associative recall at 16K")."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
