@@ -435,6 +435,7 @@ def av_model_config(args: argparse.Namespace, kind: str) -> MMLongNetConfig:
     E = args.d_model
     return MMLongNetConfig(
         d_model=E, nhead=args.nhead, dim_feedforward=args.ffn,
+        positions=None if args.positions == "none" else args.positions, rotary_fraction=args.rotary_fraction,
         text={"embed_dim": E},
         audio={"embed_dim": E, "n_mels": 40, "conv_channels": 32},
         video={"embed_dim": E, "image_size": 8, "patch_size": args.patch_size, "in_chans": 1},
@@ -572,6 +573,7 @@ def run_avdigits(args: argparse.Namespace, device: torch.device, start: float) -
     train_s, eval_s = shares(args, start, len(args.models))
     for kind in args.models:
         digits = [K for K in args.digits if kind != "dense" or K <= args.dense_max_digits]
+        tested_digits = [K for K in av_test_digits(args) if kind != "dense" or K <= args.dense_max_digits]
         torch.manual_seed(args.seed)
         module = MultimodalClassifier(
             av_model_config(args, kind), num_classes=10, pooling=args.pooling, compile=args.compile,
@@ -589,7 +591,7 @@ def run_avdigits(args: argparse.Namespace, device: torch.device, start: float) -
         log = train_for(module, curriculum, loss_fn, train_s, args, device, graphed=args.graphed)
         module.compiled = None  # tested eagerly: compiling the test shapes would cost more than it saves
         results[kind] = tested(
-            module, log, eval_s, partial(av_evaluate, module, args=args, device=device), digits
+            module, log, eval_s, partial(av_evaluate, module, args=args, device=device), tested_digits
         )
         metrics = results[kind]["test"]
         print(f"[avdigits] {kind}: {log.summary()}, " + ", ".join(
@@ -599,13 +601,20 @@ def run_avdigits(args: argparse.Namespace, device: torch.device, start: float) -
     return results
 
 
+def av_test_digits(args: argparse.Namespace) -> list[int]:
+    """The K tested: those trained (`--digits`) and those only tested (`--test-digits`), ascending."""
+    return sorted(set(args.digits) | set(args.test_digits or ()))
+
+
 def avdigits_table(results: dict, args: argparse.Namespace) -> str:
+    """One row per K and model; K only tested (`--test-digits`) are marked "(not trained)"."""
     questions = list(args.questions)
     lines = [
         "| K | fused tokens | model | steps | all | " + " | ".join(questions) + " |",
         "|---" * (5 + len(questions)) + "|",
     ]
-    for K in args.digits:
+    for K in av_test_digits(args):
+        label = str(K) if K in args.digits else f"{K} (not trained)"
         for kind, result in results.items():
             metrics = result["test"].get(K)
             if metrics is None:
@@ -614,7 +623,7 @@ def avdigits_table(results: dict, args: argparse.Namespace) -> str:
             tokens = metrics["fused_tokens_per_sample"]
             cells = [cell((acc.get(q) or {}).get("accuracy"), ".3f") for q in ["all", *questions]]
             lines.append(
-                f"| {K} | {cell(tokens, ',.0f')} | {kind} | {result['train']['steps']} | "
+                f"| {label} | {cell(tokens, ',.0f')} | {kind} | {result['train']['steps']} | "
                 + " | ".join(cells)
                 + " |"
             )
@@ -979,10 +988,11 @@ def count_parameters(model: nn.Module) -> int:
 DEFAULTS = {
     "avdigits": dict(
         time_budget=540.0,
-        models=["dilated", "dense", "local"], digits=[4, 16, 64, 256, 1024],
+        models=["dilated", "dense", "local"], digits=[4, 16, 64, 256, 1024], test_digits=None,
         questions=["first", "last", "count"], train_question_weights=None, dense_max_digits=1024,
         curriculum="grow", advance_loss=0.3, newest_share=None, pooling="text", compile=False,
-        graphed=False, d_model=256, nhead=8, ffn=1024, patch_size=8, fusion_layers=4, modality_layers=1,
+        graphed=False, positions="rope", d_model=256, nhead=8, ffn=1024, patch_size=8, fusion_layers=4,
+        modality_layers=1,
         segments=[256, 1024, 4096, 16384], rates=[1, 2, 4, 8],
         modality_segments=[256, 1024, 4096], modality_rates=[1, 2, 4],
         lr=3e-4, warmup_steps=300, batch_size=64, batch_tokens=65536, eval_examples=512,
@@ -1114,16 +1124,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     common.add_argument(
         "--positions",
         choices=["rope", "xpos", "none"],
-        help="recall and bytes: the LMs' positions in attention (LongNetLMConfig.positions; 'none': no "
-        "position encoding, the causal mask alone orders the tokens; default none for recall, rope for "
-        "bytes)",
+        help="positions in attention (MMLongNetConfig.positions, LongNetLMConfig.positions; 'none': no "
+        "position encoding, in the LMs the causal mask alone orders the tokens; default none for recall, "
+        "rope for avdigits and bytes)",
     )
     common.add_argument(
         "--rotary-fraction",
         type=float,
         default=1.0,
-        help="recall and bytes, with --positions rope: the share of each head's channels rotated, the "
-        "rest position-free (LongNetLMConfig.rotary_fraction; default 1.0, all)",
+        help="with --positions rope: the share of each head's channels rotated, the rest position-free "
+        "(MMLongNetConfig.rotary_fraction, LongNetLMConfig.rotary_fraction; default 1.0, all)",
     )
     common.add_argument(
         "--workers",
@@ -1160,6 +1170,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     common.add_argument("--smoke", action="store_true", help="toy sizes that run on a CPU in seconds")
     av = parser.add_argument_group("avdigits")
     av.add_argument("--digits", type=int, nargs="+", help="K digits per example (default 4 16 64 256 1024)")
+    av.add_argument(
+        "--test-digits",
+        type=int,
+        nargs="+",
+        help="K also tested, not trained: how far a model trained on --digits carries over (default none)",
+    )
     av.add_argument(
         "--questions",
         nargs="+",

@@ -10,6 +10,7 @@ import torch
 from benchmark_loader import load_benchmark
 from torch import nn
 
+from mmlongnet.attention import MultiheadDilatedAttention
 from mmlongnet.data import AssociativeRecall
 
 bench = load_benchmark("quality")
@@ -262,6 +263,28 @@ def test_avdigits_runs_every_model_and_reports_per_k_and_question(tmp_path, caps
             assert set(table) - {"all"} <= {"first", "last", "count"}
             assert table["all"]["accuracy"] == table["all"]["correct"] / table["all"]["n"]
     assert "| K | fused tokens | model |" in capsys.readouterr().out
+
+
+def test_avdigits_tests_k_it_did_not_train_and_says_so(tmp_path, capsys, one_thread):
+    data = smoke(tmp_path, "avdigits", "--models", "dilated", "--digits", "2", "--test-digits", "4", "2")
+    assert list(data["results"]["dilated"]["test"]) == ["2", "4"]
+    assert data["results"]["dilated"]["train"]["samples"].keys() == {"2"}  # 4 tested only
+    table = capsys.readouterr().out
+    assert "| 4 (not trained) |" in table and "| 2 |" in table
+
+
+@pytest.mark.parametrize(("argv", "positions", "rotary_dim"), [([], "rope", 8), (["--rotary-fraction", "0.5"],
+                         "rope", 4), (["--positions", "none"], None, None)])  # fmt: skip
+def test_avdigits_positions_reach_the_model(argv, positions, rotary_dim):
+    args = bench.parse_args(["avdigits", "--smoke", "--device", "cpu", *argv])
+    config = bench.av_model_config(args, "dilated")
+    assert config.positions == positions and config.rotary_fraction == args.rotary_fraction
+    layer = config.layer_config(config.fusion_stack)
+    model = bench.MultimodalClassifier(config, num_classes=10)
+    attention = next(m for m in model.modules() if isinstance(m, MultiheadDilatedAttention))
+    assert getattr(attention.positions, "rotary_dim", None) == rotary_dim and layer.positions == positions
+    with pytest.raises(SystemExit):
+        bench.parse_args(["avdigits", "--positions", "xpos", "--rotary-fraction", "0.5"])
 
 
 def test_avdigits_schedules_of_the_baselines():

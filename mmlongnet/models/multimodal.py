@@ -96,6 +96,10 @@ class MMLongNetConfig:
     """FFN activation."""
     positions: Literal["rope", "xpos"] | None = "rope"
     """Positions of every self-attention (rotary by default)."""
+    rotary_fraction: float = 1.0
+    """With positions="rope": the share of each head's channels rotated (whole pairs, at least one);
+    the rest carry no position, so a query matches a key's content alike at every distance, also at
+    distances longer than any seen in training. 1.0: all."""
     text: TextEncoderConfig | None = field(default_factory=TextEncoderConfig)
     """Text encoder; None: the model has no text modality."""
     audio: AudioEncoderConfig | None = field(default_factory=AudioEncoderConfig)
@@ -150,14 +154,17 @@ class MMLongNetConfig:
             raise ValueError(f"fusion must be 'sequence' or 'feature', got {self.fusion!r}")
         if self.positions not in ("rope", "xpos", None):
             raise ValueError(f"positions must be 'rope', 'xpos' or None, got {self.positions!r}")
+        self.layer_config(
+            self.fusion_stack
+        )  # the layer fields' own checks (rotary_fraction) now, not at build
 
     def layer_config(self, stack: StackConfig) -> LongNetLayerConfig:
         """The layers of `stack`: its schedule, and this config's width, heads, FFN, dropout,
-        activation, positions, checkpointing and backend."""
+        activation, positions (and rotary fraction), checkpointing and backend."""
         return LongNetLayerConfig(
             d_model=self.d_model, nhead=self.nhead, dim_feedforward=self.dim_feedforward,
             segment_lengths=stack.segment_lengths, dilation_rates=stack.dilation_rates, dropout=self.dropout,
-            activation=self.activation, positions=self.positions,
+            activation=self.activation, positions=self.positions, rotary_fraction=self.rotary_fraction,
             checkpoint_activations=self.checkpoint_activations, backend=self.backend,
         )  # fmt: skip
 

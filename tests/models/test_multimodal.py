@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from mmlongnet.attention import MultiheadDilatedAttention
 from mmlongnet.modalities import AudioEncoder, TextEncoder, VisionEncoder
 from mmlongnet.models import MMLongNet, MMLongNetConfig
 
@@ -224,11 +225,27 @@ def test_nan_inputs_are_caught_when_checking_is_enabled():
         ),
         (dict(text_stack={"num_layers": -1}), "num_layers"),
         (dict(dropout=2.0), "dropout"),
+        (dict(rotary_fraction=0.0), "rotary_fraction must be in"),
+        (dict(positions="xpos", rotary_fraction=0.5), "positions='rope' only"),
     ],
 )
 def test_config_validation_names_the_field(overrides, match):
     with pytest.raises(ValueError, match=match):
         MMLongNetConfig.tiny(**overrides)
+
+
+def test_rotary_fraction_rotates_that_share_of_every_self_attention():
+    torch.manual_seed(0)
+    half = MMLongNet(MMLongNetConfig.tiny(rotary_fraction=0.5)).eval()
+    rotaries = [m.positions for m in half.modules() if isinstance(m, MultiheadDilatedAttention)]
+    head_dim = half.config.d_model // half.config.nhead
+    assert rotaries and all(r.rotary_dim == head_dim // 2 for r in rotaries)
+    inputs, lengths = half.example_inputs(3, seed=1)
+    assert_batch_invariant(half, inputs, lengths)
+    torch.manual_seed(0)
+    full = MMLongNet(MMLongNetConfig.tiny()).eval()
+    full.load_state_dict(half.state_dict())  # the same weights: only the rotated share differs
+    assert not torch.allclose(full(inputs, lengths).pooled, half(inputs, lengths).pooled, atol=1e-4)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
