@@ -115,7 +115,8 @@ DENSE_SEGMENT = 1 << 24
 TORCH_SOURCES = Path(torch.__file__).parent
 """The installed torch package's directory: Python sources present wherever this package runs."""
 AUDIO_TOKENS_PER_DIGIT = 13
-"""Audio tokens of one spoken digit with its gap (25 tokens/s; measured mean 12.96 at K = 64)."""
+"""Audio tokens of one spoken digit with its gap at the audio encoder's default subsampling of 4
+(25 tokens/s; measured mean 12.96 at K = 64); `--audio-subsampling` scales it."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +438,7 @@ def av_model_config(args: argparse.Namespace, kind: str) -> MMLongNetConfig:
         d_model=E, nhead=args.nhead, dim_feedforward=args.ffn,
         positions=None if args.positions == "none" else args.positions, rotary_fraction=args.rotary_fraction,
         text={"embed_dim": E},
-        audio={"embed_dim": E, "n_mels": 40, "conv_channels": 32},
+        audio={"embed_dim": E, "n_mels": 40, "conv_channels": 32, "subsampling": args.audio_subsampling},
         video={"embed_dim": E, "image_size": 8, "patch_size": args.patch_size, "in_chans": 1},
         **av_schedules(args, kind),
     )  # fmt: skip
@@ -450,7 +451,8 @@ def av_collate(samples: list[dict], buckets: LengthBuckets | None):
 
 def av_tokens_per_sample(K: int, args: argparse.Namespace) -> int:
     """About the fused tokens of a sample with both views: text, audio and video of K digits."""
-    return 40 + K * (AUDIO_TOKENS_PER_DIGIT + (8 // args.patch_size) ** 2)
+    audio = math.ceil(AUDIO_TOKENS_PER_DIGIT * 4 / args.audio_subsampling)
+    return 40 + K * (audio + (8 // args.patch_size) ** 2)
 
 
 def av_loader(
@@ -992,7 +994,7 @@ DEFAULTS = {
         questions=["first", "last", "count"], train_question_weights=None, dense_max_digits=1024,
         curriculum="grow", advance_loss=0.3, newest_share=None, pooling="text", compile=False,
         graphed=False, positions="rope", d_model=256, nhead=8, ffn=1024, patch_size=8, fusion_layers=4,
-        modality_layers=1,
+        modality_layers=1, audio_subsampling=4,
         segments=[256, 1024, 4096, 16384], rates=[1, 2, 4, 8],
         modality_segments=[256, 1024, 4096], modality_rates=[1, 2, 4],
         lr=3e-4, warmup_steps=300, batch_size=64, batch_tokens=65536, eval_examples=512,
@@ -1196,6 +1198,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="what the head reads (default text: the question's tokens)",
     )
     av.add_argument("--patch-size", type=int, help="video patch size on 8x8 frames (8: one token a frame)")
+    av.add_argument(
+        "--audio-subsampling",
+        type=int,
+        choices=[1, 2, 4, 8],
+        help="the audio encoder's time stride over 10 ms mel frames (default 4: 25 tokens/s; 8: 12.5, "
+        "half the audio tokens)",
+    )
     av.add_argument("--fusion-layers", type=int, help="multiway fusion layers (default 4)")
     av.add_argument("--modality-layers", type=int, help="layers of the audio and video stacks (default 1)")
     av.add_argument(

@@ -287,6 +287,15 @@ def test_avdigits_positions_reach_the_model(argv, positions, rotary_dim):
         bench.parse_args(["avdigits", "--positions", "xpos", "--rotary-fraction", "0.5"])
 
 
+def test_avdigits_audio_subsampling_halves_the_audio_tokens():
+    default, coarse = (bench.parse_args(["avdigits", *argv]) for argv in ([], ["--audio-subsampling", "8"]))
+    assert default.audio_subsampling == 4 and bench.av_model_config(coarse, "dilated").audio.subsampling == 8
+    assert bench.av_tokens_per_sample(256, default) == 40 + 256 * (13 + 1)
+    assert bench.av_tokens_per_sample(256, coarse) == 40 + 256 * (7 + 1)  # ceil(13 / 2) audio tokens a digit
+    with pytest.raises(SystemExit):
+        bench.parse_args(["avdigits", "--audio-subsampling", "3"])
+
+
 def test_avdigits_schedules_of_the_baselines():
     args = bench.parse_args(["avdigits"])
     dense, local = bench.av_schedules(args, "dense"), bench.av_schedules(args, "local")
