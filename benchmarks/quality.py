@@ -994,7 +994,7 @@ DEFAULTS = {
         questions=["first", "last", "count"], train_question_weights=None, dense_max_digits=1024,
         curriculum="grow", advance_loss=0.3, newest_share=None, pooling="text", compile=False,
         graphed=False, positions="rope", d_model=256, nhead=8, ffn=1024, patch_size=8, fusion_layers=4,
-        modality_layers=1, audio_subsampling=4,
+        modality_layers=1, audio_subsampling=8, rotary_fraction=0.5,
         segments=[256, 1024, 4096, 16384], rates=[1, 2, 4, 8],
         modality_segments=[256, 1024, 4096], modality_rates=[1, 2, 4],
         lr=3e-4, warmup_steps=300, batch_size=64, batch_tokens=65536, eval_examples=512,
@@ -1007,7 +1007,7 @@ DEFAULTS = {
         d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
         segments=[2048, 8192, 32768, 65536], rates=[1, 2, 4, 8],
         distance_edges=[0, 512, 2048, 8192, 32768], embedding_std=4.0, token_shift=9, token_shift_window=0.5,
-        positions="none",
+        positions="none", rotary_fraction=1.0,
         lr=1e-3, warmup_steps=200, batch_size=16, batch_tokens=65536, eval_sequences=64,
     ),
     "bytes": dict(
@@ -1016,7 +1016,7 @@ DEFAULTS = {
         d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
         segments=[2048, 4096, 8192, 16384, 32768], rates=[1, 2, 4, 8, 16],
         position_edges=[0, 2048, 8192, 32768], embedding_std=TIED, token_shift=0, token_shift_window=0.0,
-        positions="rope",
+        positions="rope", rotary_fraction=1.0,
         lr=1e-3, warmup_steps=200, batch_size=16, batch_tokens=65536, eval_windows=256,
     ),
 }  # fmt: skip
@@ -1133,9 +1133,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     common.add_argument(
         "--rotary-fraction",
         type=float,
-        default=1.0,
         help="with --positions rope: the share of each head's channels rotated, the rest position-free "
-        "(MMLongNetConfig.rotary_fraction, LongNetLMConfig.rotary_fraction; default 1.0, all)",
+        "(MMLongNetConfig.rotary_fraction, LongNetLMConfig.rotary_fraction; default 0.5 for avdigits, "
+        "1.0 (all) for recall and bytes)",
     )
     common.add_argument(
         "--workers",
@@ -1202,8 +1202,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--audio-subsampling",
         type=int,
         choices=[1, 2, 4, 8],
-        help="the audio encoder's time stride over 10 ms mel frames (default 4: 25 tokens/s; 8: 12.5, "
-        "half the audio tokens)",
+        help="the audio encoder's time stride over 10 ms mel frames (default 8: 12.5 tokens/s, ~7 a spoken "
+        "digit; 4: 25 tokens/s, the encoder's own default)",
     )
     av.add_argument("--fusion-layers", type=int, help="multiway fusion layers (default 4)")
     av.add_argument("--modality-layers", type=int, help="layers of the audio and video stacks (default 1)")
@@ -1269,11 +1269,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             f"--train-question-weights needs one weight >= 0 per question type {args.questions}, "
             f"not all zero; got {weights}"
         )
-    if args.rotary_fraction != 1.0 and getattr(args, "positions", "rope") != "rope":
+    if "rotary_fraction" in given and args.rotary_fraction != 1.0 and args.positions != "rope":
         parser.error(
             f"--rotary-fraction rotates part of each head for --positions rope; positions are "
             f"{args.positions!r} (recall's default is none: add --positions rope)"
         )
+    if args.positions != "rope":  # avdigits' default share rotates part of rope's heads only
+        args.rotary_fraction = 1.0
     window = getattr(args, "token_shift_window", None)
     if window is not None and not 0 <= window <= 1:
         parser.error(f"--token-shift-window must be a share in [0, 1], got {window}")

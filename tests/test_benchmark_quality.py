@@ -273,8 +273,8 @@ def test_avdigits_tests_k_it_did_not_train_and_says_so(tmp_path, capsys, one_thr
     assert "| 4 (not trained) |" in table and "| 2 |" in table
 
 
-@pytest.mark.parametrize(("argv", "positions", "rotary_dim"), [([], "rope", 8), (["--rotary-fraction", "0.5"],
-                         "rope", 4), (["--positions", "none"], None, None)])  # fmt: skip
+@pytest.mark.parametrize(("argv", "positions", "rotary_dim"), [([], "rope", 4), (["--rotary-fraction", "1"],
+                         "rope", 8), (["--positions", "none"], None, None)])  # fmt: skip
 def test_avdigits_positions_reach_the_model(argv, positions, rotary_dim):
     args = bench.parse_args(["avdigits", "--smoke", "--device", "cpu", *argv])
     config = bench.av_model_config(args, "dilated")
@@ -283,15 +283,18 @@ def test_avdigits_positions_reach_the_model(argv, positions, rotary_dim):
     model = bench.MultimodalClassifier(config, num_classes=10)
     attention = next(m for m in model.modules() if isinstance(m, MultiheadDilatedAttention))
     assert getattr(attention.positions, "rotary_dim", None) == rotary_dim and layer.positions == positions
+    assert args.rotary_fraction == {"rope": 0.5 if not argv else 1.0, None: 1.0}[positions]
+    assert bench.parse_args(["recall", "--positions", "rope"]).rotary_fraction == 1.0  # recall rotates all
     with pytest.raises(SystemExit):
         bench.parse_args(["avdigits", "--positions", "xpos", "--rotary-fraction", "0.5"])
 
 
 def test_avdigits_audio_subsampling_halves_the_audio_tokens():
-    default, coarse = (bench.parse_args(["avdigits", *argv]) for argv in ([], ["--audio-subsampling", "8"]))
-    assert default.audio_subsampling == 4 and bench.av_model_config(coarse, "dilated").audio.subsampling == 8
-    assert bench.av_tokens_per_sample(256, default) == 40 + 256 * (13 + 1)
-    assert bench.av_tokens_per_sample(256, coarse) == 40 + 256 * (7 + 1)  # ceil(13 / 2) audio tokens a digit
+    fine, default = (bench.parse_args(["avdigits", *argv]) for argv in (["--audio-subsampling", "4"], []))
+    assert default.audio_subsampling == 8 and bench.av_model_config(default, "dilated").audio.subsampling == 8
+    assert bench.av_model_config(fine, "dilated").audio.subsampling == 4
+    assert bench.av_tokens_per_sample(256, fine) == 40 + 256 * (13 + 1)
+    assert bench.av_tokens_per_sample(256, default) == 40 + 256 * (7 + 1)  # ceil(13 / 2) audio tokens a digit
     with pytest.raises(SystemExit):
         bench.parse_args(["avdigits", "--audio-subsampling", "3"])
 
