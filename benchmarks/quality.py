@@ -946,15 +946,14 @@ def plot(experiment: str, results: dict, args: argparse.Namespace, path: Path) -
         curve = np.array(result["train"]["curve"]).reshape(-1, 3)
         right.plot(curve[:, 0], curve[:, 2], label=kind)
         if experiment == "avdigits":
-            Ks = sorted(result["test"])
-            left.plot(
-                Ks, [result["test"][K]["accuracy"]["all"]["accuracy"] or 0 for K in Ks], "o-", label=kind
-            )
+            Ks = sorted(result["test"], key=int)  # int keys, or str ones when replotted from the JSON
+            accuracy = [result["test"][K]["accuracy"]["all"]["accuracy"] or 0 for K in Ks]
+            left.plot([int(K) for K in Ks], accuracy, "o-", label=kind)
         elif experiment == "recall":
             for n, metrics in result["test"].items():
                 rows = [row for row in metrics["by_distance"] if row["n"]]
                 left.plot([math.sqrt(max(1, row["low"]) * row["high"]) for row in rows],
-                          [row["accuracy"] for row in rows], "o-", label=f"{kind}, N={n:,}")  # fmt: skip
+                          [row["accuracy"] for row in rows], "o-", label=f"{kind}, N={int(n):,}")  # fmt: skip
         else:
             rows = result["test"]["by_position"]
             left.plot([math.sqrt(max(1, row["low"]) * row["high"]) for row in rows],

@@ -23,7 +23,11 @@ def smoke(tmp_path, experiment: str, *extra: str) -> dict:
     assert bench.main(argv) == 0
     assert (tmp_path / f"quality_{experiment}_t.png").read_bytes()[:8] == PNG
     assert not (tmp_path / f"quality_{experiment}_t.json.part").exists()
-    return json.loads((tmp_path / f"quality_{experiment}_t.json").read_text())
+    data = json.loads((tmp_path / f"quality_{experiment}_t.json").read_text())
+    replot = tmp_path / "replotted.png"  # from the JSON, whose keys are strings: plotted as numbers
+    bench.plot(experiment, data["results"], bench.parse_args([experiment, "--smoke"]), replot)
+    assert replot.read_bytes()[:8] == PNG
+    return data
 
 
 # --- metrics on known answers ---
