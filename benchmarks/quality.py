@@ -272,6 +272,9 @@ class TrainLog:
     steps: int = 0
     samples: dict = field(default_factory=dict)
     """length (K digits or N tokens) -> training samples at it."""
+    batch_wait: dict = field(default_factory=dict)
+    """length -> seconds the loop waited for its batches (the loader's share of the time: near 0
+    while the loaders keep ahead of the steps, most of `seconds` where they bound the training)."""
     curve: list = field(default_factory=list)
     """[seconds, step, loss] every `log_every` steps."""
     final_loss: float | None = None
@@ -284,14 +287,15 @@ class TrainLog:
     training stopped there, and the model is tested as it was. None: every read was finite."""
 
     def summary(self) -> str:
-        """The steps and their seconds, the compiling before them when there was any, and where
-        training stopped on a non-finite loss."""
+        """The steps and their seconds, the compiling before them when there was any, the time
+        spent waiting for batches, and where training stopped on a non-finite loss."""
         compiled = f" (after {self.compile_seconds:.0f} s compiling)" if self.compile_seconds else ""
         stopped = ""
         if self.diverged is not None:
             seconds, step, length = self.diverged
             stopped = f"; STOPPED at step {step} ({seconds:.0f} s, length {length}): the loss was not finite"
-        return f"{self.steps} steps in {self.seconds:.0f} s{compiled}{stopped}"
+        waited = f", {sum(self.batch_wait.values()):.0f} s waiting for batches"
+        return f"{self.steps} steps in {self.seconds:.0f} s{compiled}{waited}{stopped}"
 
 
 def compile_each_length(
@@ -347,7 +351,9 @@ def train_for(
         progress = max(elapsed / seconds, log.steps / args.max_steps if args.max_steps else 0.0)
         for group in optimizer.param_groups:
             group["lr"] = args.lr * lr_factor(log.steps, progress, args.warmup_steps, args.min_lr_ratio)
+        asked = time.perf_counter()
         length, batch = next_batch(progress, rng)
+        log.batch_wait[length] = log.batch_wait.get(length, 0.0) + time.perf_counter() - asked
         while len(log.stages) <= next_batch.stage:  # the stages begun at this step
             log.stages.append([round(elapsed, 2), log.steps, next_batch.lengths[len(log.stages)]])
         with mixed_precision(device):
@@ -368,6 +374,7 @@ def train_for(
                 log.diverged = [round(time.perf_counter() - start, 2), log.steps, length]
                 break
     log.seconds = time.perf_counter() - start
+    log.batch_wait = {length: round(waited, 2) for length, waited in log.batch_wait.items()}
     return log
 
 

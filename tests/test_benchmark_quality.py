@@ -3,6 +3,7 @@ steps, JSON + PNG + table), and its metric on cases with a known answer."""
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -152,6 +153,24 @@ def test_advance_loss_needs_the_grow_curriculum_and_logs_when_each_stage_began(t
     # every loss reads below 100: K = 4 joins after the reads of steps 1, 2 and 3 at K = 2, at step
     # 3 (the time would have added it at step 6 of 12)
     assert [[step, K] for _, step, K in result["stages"]] == [[0, 2], [3, 4]]
+
+
+def test_the_log_says_how_long_training_waited_for_each_lengths_batches():
+    argv = ["recall", "--smoke", "--device", "cpu", "--max-steps", "20", "--curriculum", "mixed"]
+    args = bench.parse_args(argv)
+
+    def loader(length):  # batches of 1; those of length 16 take 20 ms each
+        while True:
+            time.sleep(0.02 if length == 16 else 0.0)
+            yield torch.zeros(1)
+
+    curriculum = bench.Curriculum([8, 16], loader, "mixed")
+    log = bench.train_for(nn.Linear(2, 1), curriculum, lambda f, b: f(torch.ones(1, 2)).sum(), 60.0, args,
+                          torch.device("cpu"))  # fmt: skip
+    assert set(log.batch_wait) == set(log.samples) == {8, 16}
+    assert log.batch_wait[16] >= 0.02 * log.samples[16] > 0.0
+    assert log.batch_wait[8] < 0.01 * log.samples[8]
+    assert "s waiting for batches" in log.summary()
 
 
 def test_training_stops_at_the_first_loss_that_is_not_finite():
