@@ -154,9 +154,12 @@ class MMLongNetConfig:
             raise ValueError(f"fusion must be 'sequence' or 'feature', got {self.fusion!r}")
         if self.positions not in ("rope", "xpos", None):
             raise ValueError(f"positions must be 'rope', 'xpos' or None, got {self.positions!r}")
-        self.layer_config(
-            self.fusion_stack
-        )  # the layer fields' own checks (rotary_fraction) now, not at build
+        # the layers' own checks (rotary_fraction, xpos segment lengths) now rather than at build
+        for stack in [f"{name}_stack" for name in self.modalities] + ["fusion_stack"]:
+            try:
+                self.layer_config(getattr(self, stack))
+            except ValueError as error:
+                raise ValueError(f"{stack}: {error}") from None
 
     def layer_config(self, stack: StackConfig) -> LongNetLayerConfig:
         """The layers of `stack`: its schedule, and this config's width, heads, FFN, dropout,

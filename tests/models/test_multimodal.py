@@ -227,6 +227,13 @@ def test_nan_inputs_are_caught_when_checking_is_enabled():
         (dict(dropout=2.0), "dropout"),
         (dict(rotary_fraction=0.0), "rotary_fraction must be in"),
         (dict(positions="xpos", rotary_fraction=0.5), "positions='rope' only"),
+        (
+            dict(
+                positions="xpos",
+                audio_stack={"num_layers": 1, "segment_lengths": [4, 6], "dilation_rates": [1, 2]},
+            ),
+            "audio_stack: positions='xpos' needs every segment length to divide the largest",
+        ),
     ],
 )
 def test_config_validation_names_the_field(overrides, match):
