@@ -10,16 +10,20 @@ the model's training *time* (to `--min-lr-ratio` of `--lr`), so every model fini
 when its time is up, however fast it steps.
 
 1. `avdigits`: the bundled AV digits task (`mmlongnet.data.AVDigitsDataset`, data/README.md)
-   with K digits per example, K in `--digits` (4 16 64 256 1024: about 17 fused tokens a digit,
-   so ~70 to ~17K fused tokens a sample). A `MultimodalClassifier` (`MMLongNet` + linear head) is
-   trained over a curriculum of K (`--curriculum grow`: the training time is split into one stage
-   per K, and each batch of stage s takes a K drawn uniformly from the first s + 1, or the newest
-   in a share `--newest-share` of the batches) and tested at every K. Models: `dilated` (every
+   with K digits per example, K in `--digits` (4 16 64 256 1024: about 8 fused tokens a digit
+   with the audio encoder's stride of 8, `--audio-subsampling`, so ~60 to ~8K fused tokens a
+   sample). A `MultimodalClassifier` (`MMLongNet` + linear head; rotary positions on half of each
+   head's channels, `--rotary-fraction 0.5`, the rest position-free, so that what it learns on
+   short sequences holds at distances it never saw) is trained over a curriculum of K
+   (`--curriculum grow`: the training time is split into one stage per K, and each batch of stage
+   s takes a K drawn uniformly from the first s + 1, or the newest in a share `--newest-share` of
+   the batches) and tested at every K. Models: `dilated` (every
    stack with its dilated schedule), `dense` (every stack one segment of 2^24 tokens at rate 1:
    full attention over the stack's tokens; trained and tested on K <= `--dense-max-digits`) and
    `local` (every stack only its shortest segment, at rate 1).
    Reports test accuracy per K and per question type (`--questions`; first/last/count by default,
-   all five with `--questions first last count after most`).
+   all five with `--questions first last count after most`), also at K only tested
+   (`--test-digits`).
 2. `recall`: associative recall drawn on the fly (`mmlongnet.data.AssociativeRecall`): key-value
    pairs spread over sequences of `--lengths` tokens (4K 16K 64K), queries at the end. A causal
    `LongNetLM` (embeddings at std 4, untied; no position encoding, `--positions none`; a token
@@ -616,11 +620,12 @@ def av_test_digits(args: argparse.Namespace) -> list[int]:
 
 
 def avdigits_table(results: dict, args: argparse.Namespace) -> str:
-    """One row per K and model; K only tested (`--test-digits`) are marked "(not trained)"."""
+    """One row per K and model: the training samples at that K, the test accuracy overall and per
+    question type; K only tested (`--test-digits`) are marked "(not trained)"."""
     questions = list(args.questions)
     lines = [
-        "| K | fused tokens | model | steps | all | " + " | ".join(questions) + " |",
-        "|---" * (5 + len(questions)) + "|",
+        "| K | fused tokens | model | steps | samples | all | " + " | ".join(questions) + " |",
+        "|---" * (6 + len(questions)) + "|",
     ]
     for K in av_test_digits(args):
         label = str(K) if K in args.digits else f"{K} (not trained)"
@@ -631,8 +636,9 @@ def avdigits_table(results: dict, args: argparse.Namespace) -> str:
             acc = metrics["accuracy"]
             tokens = metrics["fused_tokens_per_sample"]
             cells = [cell((acc.get(q) or {}).get("accuracy"), ".3f") for q in ["all", *questions]]
+            samples = result["train"]["samples"].get(K, 0)
             lines.append(
-                f"| {label} | {cell(tokens, ',.0f')} | {kind} | {result['train']['steps']} | "
+                f"| {label} | {cell(tokens, ',.0f')} | {kind} | {result['train']['steps']:,} | {samples:,} | "
                 + " | ".join(cells)
                 + " |"
             )
