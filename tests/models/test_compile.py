@@ -38,9 +38,10 @@ def bucket_batches(model, count: int):
     return batches
 
 
-def test_mmlongnet_compiles_whole_and_never_recompiles_within_a_bucket():
+@pytest.mark.parametrize("rotary_fraction", [1.0, 0.5])  # 0.5: half of each head position-free
+def test_mmlongnet_compiles_whole_and_never_recompiles_within_a_bucket(rotary_fraction):
     torch.manual_seed(0)
-    model = MMLongNet(MMLongNetConfig.tiny()).train()
+    model = MMLongNet(MMLongNetConfig.tiny(rotary_fraction=rotary_fraction)).train()
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model, fullgraph=True, backend=BACKEND)
