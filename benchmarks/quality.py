@@ -6,8 +6,9 @@ default, start-up and evaluation included). The budget left after start-up is sp
 between the compared models; each trains for its share (less `--eval-share`, kept for its
 evaluation), one after the other, with the same recipe, and is then evaluated on held-out data.
 The learning rate warms up linearly over `--warmup-steps` steps and then decays on a cosine over
-the model's training *time* (to `--min-lr-ratio` of `--lr`), so every model finishes its schedule
-when its time is up, however fast it steps.
+the model's training *time* (to `--min-lr-ratio` of `--lr`; with `--decay-share` it holds its peak
+until that last share of the time and decays over it), so every model finishes its schedule when
+its time is up, however fast it steps.
 
 1. `avdigits`: the bundled AV digits task (`mmlongnet.data.AVDigitsDataset`, data/README.md)
    with K digits per example, K in `--digits` (4 16 64 256 1024: about 8 fused tokens a digit
@@ -15,7 +16,8 @@ when its time is up, however fast it steps.
    sample). A `MultimodalClassifier` (`MMLongNet` + linear head; rotary positions on half of each
    head's channels, `--rotary-fraction 0.5`, the rest position-free, so that what it learns on
    short sequences holds at distances it never saw) is trained over a curriculum of K
-   (`--curriculum grow`: the training time is split into one stage per K, and each batch of stage
+   (`--curriculum grow`: the training time is split into one stage per K, equally or by
+   `--stage-shares`, and each batch of stage
    s takes a K drawn uniformly from the first s + 1, or the newest in a share `--newest-share` of
    the batches) and tested at every K. Models: `dilated` (every
    stack with its dilated schedule), `dense` (every stack one segment of 2^24 tokens at rate 1:
@@ -253,19 +255,30 @@ def paired_gain_difference(gains: Sequence[float], baseline: Sequence[float]) ->
 # Training for a fixed time
 
 
-def lr_factor(step: int, progress: float, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Learning-rate multiplier: linear warm-up over steps, then a cosine over the elapsed share of
-    the training time (`progress` in [0, 1]) down to `min_lr_ratio`."""
+def lr_factor(
+    step: int, progress: float, warmup_steps: int, min_lr_ratio: float, decay_share: float = 1.0
+) -> float:
+    """Learning-rate multiplier: linear warm-up over steps, then the peak until the last
+    `decay_share` of the training time, then a cosine over that share down to `min_lr_ratio`
+    (`decay_share` 1: a cosine over the whole time). `progress` in [0, 1] is the elapsed share."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    decayed = min(1.0, max(0.0, (progress - (1.0 - decay_share)) / decay_share))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * decayed))
 
 
-def curriculum_stage(progress: float, num_stages: int, curriculum: str) -> int:
-    """The index of the last active stage (lengths up to it are drawn) at `progress` in [0, 1]."""
+def curriculum_stage(
+    progress: float, num_stages: int, curriculum: str, stage_shares: Sequence[float] | None = None
+) -> int:
+    """The index of the last active stage (lengths up to it are drawn) at `progress` in [0, 1].
+    "grow" gives stage s the share `stage_shares[s] / sum(stage_shares)` of the time (default:
+    equal shares); "mixed" has every stage active from the start."""
     if curriculum == "mixed":
         return num_stages - 1
-    return min(int(progress * num_stages), num_stages - 1)
+    if stage_shares is None:
+        return min(int(progress * num_stages), num_stages - 1)
+    ends = np.cumsum(stage_shares) / sum(stage_shares)  # (num_stages,): where each stage ends
+    return min(int(np.searchsorted(ends, progress, side="right")), num_stages - 1)
 
 
 @dataclass
@@ -354,7 +367,9 @@ def train_for(
     while (elapsed := time.perf_counter() - start) < seconds and log.steps < (args.max_steps or math.inf):
         progress = max(elapsed / seconds, log.steps / args.max_steps if args.max_steps else 0.0)
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * lr_factor(log.steps, progress, args.warmup_steps, args.min_lr_ratio)
+            group["lr"] = args.lr * lr_factor(
+                log.steps, progress, args.warmup_steps, args.min_lr_ratio, args.decay_share
+            )
         asked = time.perf_counter()
         length, batch = next_batch(progress, rng)
         log.batch_wait[length] = log.batch_wait.get(length, 0.0) + time.perf_counter() - asked
@@ -497,7 +512,8 @@ class Curriculum:
     stages active at `progress` (see `curriculum_stage`; uniformly, or the newest in a share
     `newest_share` of the batches, `draw_stage`) and returns (length, batch).
 
-    With `advance_loss`, a "grow" stage also ends early: once `record` has seen the loss at the
+    `stage_shares`: the time shares of the "grow" stages (see `curriculum_stage`). With
+    `advance_loss`, a "grow" stage also ends early: once `record` has seen the loss at the
     stage's newest length below `advance_loss` `ADVANCE_READS` times in a row, the next length
     joins (time still ends a stage at the latest)."""
 
@@ -508,9 +524,12 @@ class Curriculum:
         curriculum: str,
         advance_loss: float | None = None,
         newest_share: float | None = None,
+        stage_shares: Sequence[float] | None = None,
     ) -> None:
         self.lengths, self.make_loader, self.curriculum = list(lengths), make_loader, curriculum
         self.advance_loss, self.newest_share = advance_loss, newest_share
+        # a model trained on fewer lengths (dense) keeps the first shares
+        self.stage_shares = None if stage_shares is None else list(stage_shares)[: len(self.lengths)]
         self.iterators: dict[int, Iterator] = {}
         self.peeked: dict[int, object] = {}  # length -> its next batch, already drawn
         self.stage = 0  # the last active stage at the latest draw
@@ -532,7 +551,8 @@ class Curriculum:
         return self.peeked[length]
 
     def __call__(self, progress: float, rng: np.random.Generator):
-        stage = max(curriculum_stage(progress, len(self.lengths), self.curriculum), self.learned)
+        stage = curriculum_stage(progress, len(self.lengths), self.curriculum, self.stage_shares)
+        stage = max(stage, self.learned)
         if stage != self.stage:
             self.stage, self.below = stage, 0
         length = self.lengths[draw_stage(rng, stage + 1, self.newest_share)]
@@ -594,7 +614,7 @@ def run_avdigits(args: argparse.Namespace, device: torch.device, start: float) -
         ).to(device)  # fmt: skip
         curriculum = Curriculum(
             digits, lambda K: av_loader(K, "train", 10**7, args, device), args.curriculum, args.advance_loss,
-            args.newest_share,
+            args.newest_share, args.stage_shares,
         )  # fmt: skip
         loss_fn = (
             partial(av_graphed_step, device=device, clip=args.clip)
@@ -772,7 +792,7 @@ def run_recall(args: argparse.Namespace, device: torch.device, start: float) -> 
         model = lm_for(args, kind, vocab).to(device)
         curriculum = Curriculum(
             lengths, lambda n: recall_loader(args, n, 10**9, seed=args.seed + n), args.curriculum,
-            args.advance_loss, args.newest_share,
+            args.advance_loss, args.newest_share, args.stage_shares,
         )  # fmt: skip
         forward = CompiledModel(model) if args.compile else model  # one graph per length
         loss_fn = lm_loss_fn(model, recall_loss, args, device)
@@ -1001,21 +1021,21 @@ def count_parameters(model: nn.Module) -> int:
 # Per experiment: its defaults (the one source of truth), then --smoke's toy sizes.
 DEFAULTS = {
     "avdigits": dict(
-        time_budget=540.0,
+        time_budget=540.0, decay_share=1.0,
         models=["dilated", "dense", "local"], digits=[4, 16, 64, 256, 1024], test_digits=None,
         questions=["first", "last", "count"], train_question_weights=None, dense_max_digits=1024,
-        curriculum="grow", advance_loss=0.3, newest_share=None, pooling="text", compile=False,
-        graphed=False, positions="rope", d_model=256, nhead=8, ffn=1024, patch_size=8, fusion_layers=4,
-        modality_layers=1, audio_subsampling=8, rotary_fraction=0.5,
+        curriculum="grow", advance_loss=0.3, newest_share=None, stage_shares=None, pooling="text",
+        compile=False, graphed=False, positions="rope", d_model=256, nhead=8, ffn=1024, patch_size=8,
+        fusion_layers=4, modality_layers=1, audio_subsampling=8, rotary_fraction=0.5,
         segments=[256, 1024, 4096, 16384], rates=[1, 2, 4, 8],
         modality_segments=[256, 1024, 4096], modality_rates=[1, 2, 4],
         lr=3e-4, warmup_steps=300, batch_size=64, batch_tokens=65536, eval_examples=512,
     ),
     "recall": dict(
-        time_budget=540.0,
+        time_budget=540.0, decay_share=1.0,
         models=["dilated", "local", "dense"], lengths=[4096, 16384, 65536], dense_max_length=16384,
-        curriculum="grow", advance_loss=None, newest_share=None, compile=False, graphed=False,
-        pairs=64, queries=32, num_keys=512, num_values=64, num_fillers=64,
+        curriculum="grow", advance_loss=None, newest_share=None, stage_shares=None, compile=False,
+        graphed=False, pairs=64, queries=32, num_keys=512, num_values=64, num_fillers=64,
         d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
         segments=[2048, 8192, 32768, 65536], rates=[1, 2, 4, 8],
         distance_edges=[0, 512, 2048, 8192, 32768], embedding_std=4.0, token_shift=9, token_shift_window=0.5,
@@ -1023,7 +1043,7 @@ DEFAULTS = {
         lr=1e-3, warmup_steps=200, batch_size=16, batch_tokens=65536, eval_sequences=64,
     ),
     "bytes": dict(
-        time_budget=540.0,
+        time_budget=540.0, decay_share=1.0,
         models=["dilated", "local"], window=32768, root=None, pattern="*.py", compile=False, graphed=False,
         d_model=256, nhead=8, ffn=1024, layers=4, local_window=2048,
         segments=[2048, 4096, 8192, 16384, 32768], rates=[1, 2, 4, 8, 16],
@@ -1077,6 +1097,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     common.add_argument(
         "--min-lr-ratio", type=float, default=0.1, help="the cosine over the training time ends at lr * this"
     )
+    common.add_argument(
+        "--decay-share",
+        type=float,
+        help="the learning rate stays at its peak after the warm-up until this last share of the training "
+        "time, over which it decays on a cosine, in (0, 1] (default 1: a cosine over the whole time)",
+    )
     common.add_argument("--weight-decay", type=float, default=0.01)
     common.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm")
     common.add_argument(
@@ -1105,6 +1131,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         help="while two or more lengths are drawn, the share of batches at the newest (the others "
         "uniformly among the earlier), in (0, 1]; default: every length alike",
+    )
+    common.add_argument(
+        "--stage-shares",
+        type=float,
+        nargs="+",
+        help="with --curriculum grow, the time share of each stage, one weight > 0 per length (normalized; "
+        "default: equal shares); a dense model trained on fewer lengths keeps the first",
     )
     common.add_argument("--d-model", type=int, help="width (default 256)")
     common.add_argument("--nhead", type=int, help="attention heads (default 8)")
@@ -1272,6 +1305,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--advance-loss ends the stages of --curriculum grow (avdigits and recall)")
     if "newest_share" in given and getattr(args, "curriculum", None) is None:
         parser.error("--newest-share draws among the lengths of a curriculum (avdigits and recall)")
+    if "stage_shares" in given:
+        lengths = getattr(args, "digits", None) or getattr(args, "lengths", None)
+        if getattr(args, "curriculum", None) != "grow":
+            parser.error("--stage-shares splits the time of --curriculum grow (avdigits and recall)")
+        if len(args.stage_shares) != len(lengths) or min(args.stage_shares) <= 0:
+            parser.error(f"--stage-shares needs one share > 0 per length {lengths}; got {args.stage_shares}")
+    if not 0 < args.decay_share <= 1:
+        parser.error(f"--decay-share must be in (0, 1], got {args.decay_share}")
     share = getattr(args, "newest_share", None)
     if share is not None and not 0 < share <= 1:
         parser.error(f"--newest-share must be in (0, 1], got {share}")

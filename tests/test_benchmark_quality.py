@@ -106,6 +106,40 @@ def test_time_schedule_and_curriculum():
     assert bench.curriculum_stage(0.0, 3, "mixed") == 2
 
 
+def test_the_peak_rate_holds_until_the_decay_share_and_stages_take_their_time_shares():
+    for progress in (0.0, 0.3, 0.7):  # before the last 30%: the peak
+        assert bench.lr_factor(50, progress, 10, 0.1, decay_share=0.3) == pytest.approx(1.0)
+    assert bench.lr_factor(50, 0.85, 10, 0.1, decay_share=0.3) == pytest.approx(0.55)  # half-way down
+    assert bench.lr_factor(50, 1.0, 10, 0.1, decay_share=0.3) == pytest.approx(0.1)
+    assert bench.lr_factor(5, 0.9, 10, 0.1, decay_share=0.3) == pytest.approx(0.6)  # warm-up first
+    shares = [1, 1, 2]  # ends at 0.25, 0.5, 1
+    stages = [bench.curriculum_stage(p, 3, "grow", shares) for p in (0.0, 0.24, 0.25, 0.49, 0.5, 0.99, 1.0)]
+    assert stages == [0, 0, 1, 1, 2, 2, 2]
+    assert bench.curriculum_stage(0.1, 3, "mixed", shares) == 2
+    # a model trained on fewer lengths (the dense one) keeps the first shares: 1 and 1 of 2
+    dense = bench.Curriculum([4, 16], lambda n: iter(lambda: n, None), "grow", stage_shares=shares)
+    rng = np.random.default_rng(0)
+    assert dense(0.49, rng) == (4, 4) and dense(0.51, rng)[0] in (4, 16) and dense.stage == 1
+
+
+def test_stage_and_decay_shares_are_checked():
+    args = bench.parse_args(
+        ["avdigits", "--digits", "4", "16", "--stage-shares", "1", "3", "--decay-share", "0.2"]
+    )
+    assert args.stage_shares == [1.0, 3.0] and args.decay_share == 0.2
+    assert bench.parse_args(["recall"]).decay_share == 1.0 and bench.parse_args(["bytes"]).decay_share == 1.0
+    for argv in (
+        ["avdigits", "--digits", "4", "16", "--stage-shares", "1"],  # one share per length
+        ["avdigits", "--digits", "4", "16", "--stage-shares", "1", "0"],  # every share > 0
+        ["avdigits", "--curriculum", "mixed", "--stage-shares", "1", "1", "1", "1", "1"],
+        ["bytes", "--stage-shares", "1"],  # no curriculum
+        ["recall", "--decay-share", "0"],
+        ["recall", "--decay-share", "1.5"],
+    ):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+
+
 def test_a_learned_stage_ends_early_and_time_still_ends_the_others():
     curriculum = bench.Curriculum([4, 16, 64], lambda n: iter(lambda: f"batch{n}", None), "grow", 0.5)
     rng = np.random.default_rng(0)
