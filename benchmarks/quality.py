@@ -100,6 +100,7 @@ from _common import (  # noqa: E402
 from mmlongnet import LongNetLM, MMLongNetConfig
 from mmlongnet.attention.kernels import SELECTOR
 from mmlongnet.data import (
+    MEDIA_DTYPES,
     AssociativeRecall,
     AVDigitsConfig,
     AVDigitsDataset,
@@ -470,9 +471,10 @@ def av_model_config(args: argparse.Namespace, kind: str) -> MMLongNetConfig:
     )  # fmt: skip
 
 
-def av_collate(samples: list[dict], buckets: LengthBuckets | None):
+def av_collate(samples: list[dict], buckets: LengthBuckets | None, media_dtype: torch.dtype = torch.float32):
     """(Batch, the question type of each sample)."""
-    return collate_samples(samples, buckets=buckets), [sample["question"] for sample in samples]
+    batch = collate_samples(samples, buckets=buckets, media_dtype=media_dtype)
+    return batch, [sample["question"] for sample in samples]
 
 
 def av_tokens_per_sample(K: int, args: argparse.Namespace) -> int:
@@ -499,7 +501,7 @@ def av_loader(
     return DataLoader(
         dataset, batch_size=batch_for(av_tokens_per_sample(K, args), args), shuffle=False,
         num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
-        collate_fn=partial(av_collate, buckets=buckets),
+        collate_fn=partial(av_collate, buckets=buckets, media_dtype=MEDIA_DTYPES[args.media_dtype]),
     )  # fmt: skip
 
 
@@ -1030,6 +1032,7 @@ DEFAULTS = {
         segments=[256, 1024, 4096, 16384], rates=[1, 2, 4, 8],
         modality_segments=[256, 1024, 4096], modality_rates=[1, 2, 4],
         lr=3e-4, warmup_steps=300, batch_size=64, batch_tokens=65536, eval_examples=512,
+        media_dtype="float32",
     ),
     "recall": dict(
         time_budget=540.0, decay_share=1.0,
@@ -1260,6 +1263,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     av.add_argument("--modality-rates", type=int, nargs="+", help="their dilation rates (default 1 2 4)")
     av.add_argument("--eval-examples", type=int, help="test examples per K (default 512)")
+    av.add_argument(
+        "--media-dtype",
+        choices=list(MEDIA_DTYPES),
+        help="the batches' audio and video dtype: float16 halves the bytes the loaders write, pin and copy "
+        "to the GPU (a K = 256 batch holds ~280 MB of float32 audio); the encoders compute in float32 "
+        "either way (default float32)",
+    )
     rc = parser.add_argument_group("recall")
     rc.add_argument("--lengths", type=int, nargs="+", help="sequence lengths N (default 4096 16384 65536)")
     rc.add_argument("--dense-max-length", type=int, help="longest N of the dense model (default 16384)")

@@ -7,11 +7,19 @@ key-value recall sequences on the fly (`mmlongnet.data.recall`).
 """
 
 from mmlongnet.data.avdigits import AVDigitsConfig, AVDigitsDataset
-from mmlongnet.data.collate import MODALITIES, Batch, LengthBuckets, bucket_length, collate_samples
+from mmlongnet.data.collate import (
+    MEDIA_DTYPES,
+    MODALITIES,
+    Batch,
+    LengthBuckets,
+    bucket_length,
+    collate_samples,
+)
 from mmlongnet.data.manifest import ManifestDataset
 from mmlongnet.data.recall import AssociativeRecall, RecallConfig
 
 __all__ = [
+    "MEDIA_DTYPES",
     "MODALITIES",
     "AVDigitsConfig",
     "AVDigitsDataset",

@@ -35,7 +35,11 @@ import torch
 from mmlongnet.modalities import MODALITIES
 from mmlongnet.modalities.text import ByteTokenizer
 
-__all__ = ["MODALITIES", "Batch", "LengthBuckets", "bucket_length", "collate_samples"]
+__all__ = ["MEDIA_DTYPES", "MODALITIES", "Batch", "LengthBuckets", "bucket_length", "collate_samples"]
+
+MEDIA_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+"""The dtypes a batch's audio and video can be collated in, by name (`collate_samples`'
+`media_dtype`; the data modules' and configs' `media_dtype` names one)."""
 
 
 def bucket_length(n: int, steps_per_octave: int = 4, multiple: int = 1, minimum: int = 1) -> int:
@@ -178,6 +182,7 @@ def collate_samples(
     tokenizer=None,
     max_text_length: int | None = None,
     buckets: LengthBuckets | None = None,
+    media_dtype: torch.dtype = torch.float32,
 ) -> Batch:
     """Collate samples (see the module docstring) into a `Batch`.
 
@@ -188,6 +193,11 @@ def collate_samples(
         max_text_length: truncate text to this many ids; None = keep all. Text buckets never
             exceed it.
         buckets: pad each modality to the bucket of its longest length; None = to the longest.
+        media_dtype: the floating dtype of the batch's audio and video. `torch.float16` halves
+            the bytes each batch is written, pinned and copied to the GPU with (a batch of AV
+            digits at 256 digits holds ~280 MB of float32 audio); the encoders cast their input to
+            their own dtype (the audio features are computed in float32), so the only change is
+            the inputs' rounding to float16 (a relative error of at most 2^-11, ~-66 dB).
 
     Raises:
         ValueError: an empty batch, a sample without any modality (naming its id), or
@@ -195,6 +205,8 @@ def collate_samples(
     """
     if not samples:
         raise ValueError("collate_samples: empty batch")
+    if not isinstance(media_dtype, torch.dtype) or not media_dtype.is_floating_point:
+        raise ValueError(f"collate_samples: media_dtype must be a floating torch dtype, got {media_dtype!r}")
     tokenizer = tokenizer or ByteTokenizer()
     for sample in samples:
         if all(sample.get(name) is None for name in MODALITIES):
@@ -238,6 +250,7 @@ def collate_samples(
                     f"from {tuple(first.shape[1:])} in sample {first_sample.get('id')!r}"
                     "; resize them to one size"
                 )
-        inputs[name], lengths[name] = _pad_stack(values, given[0][1].float(), pad_to(name))
+        like = given[0][1][:0].to(media_dtype)  # (0, ...): the batch's dtype, device and frame shape
+        inputs[name], lengths[name] = _pad_stack(values, like, pad_to(name))
     labels = torch.tensor([int(sample.get("label", -1)) for sample in samples], dtype=torch.long)
     return Batch([str(sample.get("id")) for sample in samples], inputs, lengths, labels)

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mmlongnet.data.avdigits import AVDigitsConfig, AVDigitsDataset
-from mmlongnet.data.collate import LengthBuckets, collate_samples
+from mmlongnet.data.collate import MEDIA_DTYPES, LengthBuckets, collate_samples
 from mmlongnet.data.text_files import ByteWindows, split_text_files, stdlib_directory
 from mmlongnet.models.multimodal import MMLongNetConfig
 from mmlongnet.training.callbacks import AdvanceCurriculum
@@ -405,6 +405,13 @@ class _Loaders(pl.LightningDataModule):
         return self._loader("predict")
 
 
+def media_dtype_named(name: str) -> torch.dtype:
+    """The torch dtype of a data module's `media_dtype` (a key of `MEDIA_DTYPES`)."""
+    if name not in MEDIA_DTYPES:
+        raise ValueError(f"media_dtype must be one of {list(MEDIA_DTYPES)}, got {name!r}")
+    return MEDIA_DTYPES[name]
+
+
 class AVDigitsDataModule(_Loaders):
     """The bundled AV digits question-answering task (see data/README.md).
 
@@ -427,6 +434,9 @@ class AVDigitsDataModule(_Loaders):
         train_question_mix: the training split's probabilities of the question types (as
             `AVDigitsConfig.question_mix`, e.g. more of a type learned last); validation, test
             and predict keep the dataset's mix. None = the dataset's mix everywhere.
+        media_dtype: the batches' audio and video dtype, "float32" or "float16" (half the bytes
+            the loaders write, pin and copy to the GPU: a batch of 31 examples at 256 digits holds
+            ~280 MB of float32 audio; the encoders compute in their own dtype either way).
     """
 
     def __init__(
@@ -443,8 +453,10 @@ class AVDigitsDataModule(_Loaders):
         data_dir: str | None = None,
         curriculum: DigitsCurriculum | None = None,
         train_question_mix: dict[str, float] | None = None,
+        media_dtype: Literal["float32", "float16"] = "float32",
     ) -> None:
         super().__init__(batch_size, num_workers)
+        self.media_dtype = media_dtype_named(media_dtype)
         self.config = dataset or AVDigitsConfig()
         self.train_config = self.config  # the training split's (and curriculum stages') config
         if train_question_mix is not None:
@@ -473,7 +485,12 @@ class AVDigitsDataModule(_Loaders):
         self.buckets, self.max_text_length = buckets, max_text_length
         self.collate_fns: dict[str, Callable] = {}  # per split, after setup
         if buckets != "one_shape":  # batches samples of any K alike (with one_shape: after setup)
-            self.collate_fn = partial(collate_samples, max_text_length=max_text_length, buckets=buckets)
+            self.collate_fn = partial(
+                collate_samples,
+                max_text_length=max_text_length,
+                buckets=buckets,
+                media_dtype=self.media_dtype,
+            )
 
     @property
     def num_classes(self) -> int:
@@ -482,7 +499,12 @@ class AVDigitsDataModule(_Loaders):
     def _collate_for(self, dataset: AVDigitsDataset) -> Callable:
         """Batches samples of `dataset`, padded to the configured buckets."""
         buckets = dataset.one_shape_buckets() if self.buckets == "one_shape" else self.buckets
-        return partial(collate_samples, max_text_length=self.max_text_length, buckets=buckets)
+        return partial(
+            collate_samples,
+            max_text_length=self.max_text_length,
+            buckets=buckets,
+            media_dtype=self.media_dtype,
+        )
 
     def _collate_fn(self, stage: str) -> Callable | None:
         return self.collate_fns[stage]
@@ -556,6 +578,8 @@ class ManifestDataModule(_Loaders):
             encoder: set `audio_multiple` to hop_length * subsampling of yours, `video_multiple`
             to a multiple of the tubelet size), so that batch shapes repeat; None = pad to the
             batch's longest.
+        media_dtype: the batches' audio and video dtype, "float32" or "float16" (half the bytes
+            the loaders write, pin and copy to the GPU; the encoders compute in their own dtype).
     """
 
     def __init__(
@@ -577,8 +601,10 @@ class ManifestDataModule(_Loaders):
         buckets: LengthBuckets | None = DEFAULT_BUCKETS,
         num_classes: int | None = None,
         allow_outside_paths: bool = False,
+        media_dtype: Literal["float32", "float16"] = "float32",
     ) -> None:
         super().__init__(batch_size, num_workers)
+        self.media_dtype = media_dtype_named(media_dtype)
         self.manifests = {"train": train, "val": val, "test": test, "predict": predict}
         if all(path is None for path in self.manifests.values()):
             raise ValueError("ManifestDataModule: give at least one of train, val, test, predict")
@@ -590,7 +616,9 @@ class ManifestDataModule(_Loaders):
             max_frames=max_frames, on_error=on_error, num_classes=num_classes,
             allow_outside_paths=allow_outside_paths,
         )  # fmt: skip
-        self.collate_fn = partial(collate_samples, max_text_length=max_text_length, buckets=buckets)
+        self.collate_fn = partial(
+            collate_samples, max_text_length=max_text_length, buckets=buckets, media_dtype=self.media_dtype
+        )
 
     @property
     def class_names(self) -> list[str] | None:

@@ -1,5 +1,7 @@
 """collate_samples: padding, lengths per modality, absent modalities, errors."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -96,3 +98,28 @@ def test_a_worker_collates_into_shared_memory_the_same_batch():
         assert torch.equal(shared.inputs[name], local.inputs[name])
     assert local.inputs["audio"][0].tolist() == [1.0] * 3 + [0.0] * 6
     assert local.inputs["video"][0, 1:].abs().sum() == 0
+
+
+def test_media_in_half_precision_are_the_samples_rounded_once_and_half_the_bytes():
+    samples = [_Samples()[i] for i in range(4)]
+    samples[1]["audio"] = torch.linspace(-1.0, 1.0, 5) / 3.0  # values float16 must round
+    full = collate_samples(samples)
+    half = collate_samples(samples, media_dtype=torch.float16)
+    for name in ("audio", "video"):
+        assert half.inputs[name].dtype == torch.float16 and full.inputs[name].dtype == torch.float32
+        assert torch.equal(half.inputs[name], full.inputs[name].half())
+        assert half.inputs[name].nbytes * 2 == full.inputs[name].nbytes
+    assert not torch.equal(half.inputs["audio"].float(), full.inputs["audio"])  # rounded, not a no-op
+    assert {k: v.tolist() for k, v in half.lengths.items()} == {
+        k: v.tolist() for k, v in full.lengths.items()
+    }
+    worker = torch.utils.data.DataLoader(
+        _Samples(),
+        batch_size=4,
+        num_workers=1,
+        collate_fn=partial(collate_samples, media_dtype=torch.float16),
+    )
+    (shared,) = list(worker)
+    assert shared.inputs["audio"].is_shared() and shared.inputs["audio"].dtype == torch.float16
+    with pytest.raises(ValueError, match="media_dtype must be a floating torch dtype"):
+        collate_samples(samples, media_dtype=torch.int16)

@@ -90,3 +90,16 @@ def test_extra_padding_leaves_each_modality_stack_unchanged(model, name, extra):
     assert got.shape[1] > want.shape[1] and got_pad[:, want.shape[1] :].all()
     assert torch.equal(got_pad[:, : want.shape[1]], want_pad)
     torch.testing.assert_close(got[:, : want.shape[1]][~want_pad], want[~want_pad], **TOLERANCE)
+
+
+def test_half_precision_media_give_the_outputs_of_their_values():
+    """A batch collated with `media_dtype=torch.float16` runs in a float32 model as its values do:
+    the encoders cast their input, so the only difference is the rounding of the inputs."""
+    torch.manual_seed(0)
+    model = MMLongNet(MMLongNetConfig.tiny()).eval()  # float32
+    half = collate_samples(samples(model), media_dtype=torch.float16)
+    rounded = {name: x if name == "text" else x.float() for name, x in half.inputs.items()}
+    assert half.inputs["audio"].dtype == torch.float16 and half.inputs["video"].dtype == torch.float16
+    with torch.no_grad():
+        got, want = model(half.inputs, half.lengths), model(rounded, half.lengths)
+    assert torch.equal(got.pooled, want.pooled) and torch.equal(got.tokens, want.tokens)

@@ -12,7 +12,13 @@ import torch
 import yaml
 
 from mmlongnet.data.avdigits import AVDigitsConfig
-from mmlongnet.training import CLI, AdvanceCurriculum, AVDigitsDataModule, DigitsCurriculum
+from mmlongnet.training import (
+    CLI,
+    AdvanceCurriculum,
+    AVDigitsDataModule,
+    DigitsCurriculum,
+    ManifestDataModule,
+)
 from mmlongnet.training.data import CurriculumBatches, CurriculumOrder, ResumableLoader, draw_stage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -237,3 +243,26 @@ def test_a_training_question_mix_applies_to_the_training_split_only():
         assert count_share(stage) > 0.8
     for split in ("val", "test"):
         assert 0.35 < count_share(module.datasets[split]) < 0.65  # the dataset's uniform mix
+
+
+def test_the_data_modules_collate_media_in_the_dtype_named():
+    torch.manual_seed(0)
+    batches = {}
+    for name in ("float32", "float16"):
+        module = AVDigitsDataModule(
+            AVDigitsConfig(num_digits=4, modality_mix={"both": 1.0}), train_examples=8, batch_size=4,
+            curriculum=DigitsCurriculum([2]), media_dtype=name,
+        )  # fmt: skip
+        module.setup("fit")
+        batches[name] = next(iter(module.train_dataloader()))
+    for modality in ("audio", "video"):
+        full, half = batches["float32"].inputs[modality], batches["float16"].inputs[modality]
+        assert full.dtype == torch.float32 and half.dtype == torch.float16
+        assert torch.equal(half, full.half())  # the same batch, rounded once
+    with pytest.raises(ValueError, match=r"media_dtype must be one of \['float32', 'float16'\], got 'int8'"):
+        AVDigitsDataModule(media_dtype="int8")
+    with pytest.raises(ValueError, match="media_dtype must be one of"):
+        ManifestDataModule(train="x.jsonl", media_dtype="bfloat16")
+    assert ManifestDataModule(train="x.jsonl", media_dtype="float16").collate_fn.keywords["media_dtype"] == (
+        torch.float16
+    )
