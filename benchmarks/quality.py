@@ -1032,7 +1032,7 @@ DEFAULTS = {
         segments=[256, 1024, 4096, 16384], rates=[1, 2, 4, 8],
         modality_segments=[256, 1024, 4096], modality_rates=[1, 2, 4],
         lr=3e-4, warmup_steps=300, batch_size=64, batch_tokens=65536, eval_examples=512,
-        media_dtype="float32",
+        media_dtype="float16",
     ),
     "recall": dict(
         time_budget=540.0, decay_share=1.0,
@@ -1268,7 +1268,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=list(MEDIA_DTYPES),
         help="the batches' audio and video dtype: float16 halves the bytes the loaders write, pin and copy "
         "to the GPU (a K = 256 batch holds ~280 MB of float32 audio); the encoders compute in float32 "
-        "either way (default float32)",
+        "either way (default float16; float32 for the runs before it)",
     )
     rc = parser.add_argument_group("recall")
     rc.add_argument("--lengths", type=int, nargs="+", help="sequence lengths N (default 4096 16384 65536)")

@@ -493,3 +493,15 @@ def test_bytes_runs_both_models_and_reports_bits_by_position(tmp_path, capsys, o
     assert difference["mean"] == pytest.approx(float(np.mean(dilated) - np.mean(local)), abs=1e-9)
     out = capsys.readouterr().out
     assert "| model | steps | windows | all |" in out
+
+
+def test_avdigits_batches_carry_half_precision_media_by_default():
+    cpu = torch.device("cpu")
+    batches = {}
+    for extra in ([], ["--media-dtype", "float32"]):
+        args = bench.parse_args(["avdigits", "--smoke", "--device", "cpu", *extra])
+        batches[args.media_dtype], _ = next(iter(bench.av_loader(2, "train", 8, args, cpu)))
+    assert set(batches) == {"float16", "float32"}
+    for name in ("audio", "video"):
+        half, full = batches["float16"].inputs[name], batches["float32"].inputs[name]
+        assert half.dtype == torch.float16 and torch.equal(half, full.half())
