@@ -13,7 +13,8 @@ its time is up, however fast it steps.
 1. `avdigits`: the bundled AV digits task (`mmlongnet.data.AVDigitsDataset`, data/README.md)
    with K digits per example, K in `--digits` (4 16 64 256 1024: about 8 fused tokens a digit
    with the audio encoder's stride of 8, `--audio-subsampling`, so ~60 to ~8K fused tokens a
-   sample). A `MultimodalClassifier` (`MMLongNet` + linear head; rotary positions on half of each
+   sample; audio and video collated in float16, `--media-dtype`, so that the loaders keep up at
+   long K). A `MultimodalClassifier` (`MMLongNet` + linear head; rotary positions on half of each
    head's channels, `--rotary-fraction 0.5`, the rest position-free, so that what it learns on
    short sequences holds at distances it never saw) is trained over a curriculum of K
    (`--curriculum grow`: the training time is split into one stage per K, equally or by
