@@ -473,9 +473,9 @@ def av_model_config(args: argparse.Namespace, kind: str) -> MMLongNetConfig:
 
 
 def av_collate(samples: list[dict], buckets: LengthBuckets | None, media_dtype: torch.dtype = torch.float32):
-    """(Batch, the question type of each sample)."""
+    """(Batch, (question type, views: "both", "audio" or "video") of each sample)."""
     batch = collate_samples(samples, buckets=buckets, media_dtype=media_dtype)
-    return batch, [sample["question"] for sample in samples]
+    return batch, [(sample["question"], sample["mix"]) for sample in samples]
 
 
 def av_tokens_per_sample(K: int, args: argparse.Namespace) -> int:
@@ -587,21 +587,29 @@ def av_graphed_step(module: MultimodalClassifier, batch, device: torch.device, c
 
 @torch.no_grad()
 def av_evaluate(module, K, args, device, deadline: float) -> dict:
-    """Test accuracy at K digits per question type (stops early at `deadline`)."""
+    """Test accuracy at K digits per question type, and per question type of the samples of each
+    view ("both", "audio", "video"; `by_view`), stops early at `deadline`."""
     module.eval()
-    questions, correct, tokens = [], [], []
+    asked, correct, tokens = [], [], []
     for data, kinds in av_loader(K, "test", args.eval_examples, args, device):
-        if questions and time.perf_counter() > deadline:  # at least one batch per K
+        if asked and time.perf_counter() > deadline:  # at least one batch per K
             break
         data = module.transfer_batch_to_device(data, device, 0)
         with mixed_precision(device):
             predicted = module(data).argmax(-1).cpu()  # (B,)
-        questions += kinds
+        asked += kinds
         correct += (predicted == data.labels).tolist()
         tokens.append(module.last_batch_tokens / len(kinds))
     module.train()
-    table = grouped_accuracy(questions, correct)
-    return {"accuracy": table, "fused_tokens_per_sample": float(np.mean(tokens)) if tokens else None}
+    questions, views = [question for question, _ in asked], [view for _, view in asked]
+    by_view = {}
+    for view in sorted(set(views)):
+        mine = [i for i, v in enumerate(views) if v == view]
+        by_view[view] = grouped_accuracy([questions[i] for i in mine], [correct[i] for i in mine])
+    return {
+        "accuracy": grouped_accuracy(questions, correct), "by_view": by_view,
+        "fused_tokens_per_sample": float(np.mean(tokens)) if tokens else None,
+    }  # fmt: skip
 
 
 def run_avdigits(args: argparse.Namespace, device: torch.device, start: float) -> dict:
@@ -644,7 +652,8 @@ def av_test_digits(args: argparse.Namespace) -> list[int]:
 
 def avdigits_table(results: dict, args: argparse.Namespace) -> str:
     """One row per K and model: the training samples at that K, the test accuracy overall and per
-    question type; K only tested (`--test-digits`) are marked "(not trained)"."""
+    question type; K only tested (`--test-digits`) are marked "(not trained)". Then one row per K,
+    model and views (both, audio or video alone): the test samples and their accuracies."""
     questions = list(args.questions)
     lines = [
         "| K | fused tokens | model | steps | samples | all | " + " | ".join(questions) + " |",
@@ -665,6 +674,13 @@ def avdigits_table(results: dict, args: argparse.Namespace) -> str:
                 + " | ".join(cells)
                 + " |"
             )
+    lines += ["", "| K | model | views | samples | all | " + " | ".join(questions) + " |",
+              "|---" * (5 + len(questions)) + "|"]  # fmt: skip
+    for K in av_test_digits(args):
+        for kind, result in results.items():
+            for view, acc in (result["test"].get(K) or {}).get("by_view", {}).items():
+                cells = [cell((acc.get(q) or {}).get("accuracy"), ".3f") for q in ["all", *questions]]
+                lines.append(f"| {K} | {kind} | {view} | {acc['all']['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

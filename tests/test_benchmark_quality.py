@@ -319,14 +319,24 @@ def test_avdigits_runs_every_model_and_reports_per_k_and_question(tmp_path, caps
             assert sum(table[q]["n"] for q in table if q != "all") == table["all"]["n"]
             assert set(table) - {"all"} <= {"first", "last", "count"}
             assert table["all"]["accuracy"] == table["all"]["correct"] / table["all"]["n"]
-    assert "| K | fused tokens | model |" in capsys.readouterr().out
+            views = metrics["by_view"]  # the same predictions, split by the views each sample had
+            assert set(views) <= {"both", "audio", "video"}
+            for key in ("n", "correct"):
+                assert sum(view["all"][key] for view in views.values()) == table["all"][key]
+                for question in set(table) - {"all"}:
+                    in_views = sum(view[question][key] for view in views.values() if question in view)
+                    assert in_views == table[question][key]
+    out = capsys.readouterr().out
+    assert "| K | fused tokens | model |" in out and "| K | model | views | samples |" in out
 
 
 def test_avdigits_tests_k_it_did_not_train_and_says_so(tmp_path, capsys, one_thread):
     data = smoke(tmp_path, "avdigits", "--models", "dilated", "--digits", "2", "--test-digits", "4", "2")
     assert list(data["results"]["dilated"]["test"]) == ["2", "4"]
     assert data["results"]["dilated"]["train"]["samples"].keys() == {"2"}  # 4 tested only
-    rows = {line.split("|")[1].strip(): line.split("|") for line in capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out
+    table = out[out.index("| K | fused tokens") :].split("\n\n")[0]  # the first table
+    rows = {line.split("|")[1].strip(): line.split("|") for line in table.splitlines()
             if line.startswith("| 2 |") or line.startswith("| 4 (not trained) |")}  # fmt: skip
     assert rows.keys() == {"2", "4 (not trained)"}
     assert rows["2"][5].strip() == str(data["results"]["dilated"]["train"]["samples"]["2"])  # samples
