@@ -408,12 +408,18 @@ def tested(
 ) -> dict:
     """A trained model's results: its parameter count, its training log and its test metrics,
     `evaluate(deadline=...)`, or with `sizes` {size: `evaluate(size, deadline=...)`}, a test that
-    stops by the deadline (`seconds` from now), with the time it took."""
+    stops by the deadline (`seconds` from now), with the time it took. With `sizes`, each size's
+    deadline leaves the sizes after it an equal share of the time left, so a long size tested last
+    is not starved by the short ones before it (and gets the time they did not use)."""
     started = time.perf_counter()
     deadline = started + seconds
-    metrics = (
-        evaluate(deadline=deadline) if sizes is None else {n: evaluate(n, deadline=deadline) for n in sizes}
-    )
+    if sizes is None:
+        metrics = evaluate(deadline=deadline)
+    else:
+        metrics = {}
+        for index, size in enumerate(sizes):
+            now = time.perf_counter()
+            metrics[size] = evaluate(size, deadline=now + max(0.0, deadline - now) / (len(sizes) - index))
     return {
         "parameters": count_parameters(model), "train": dataclasses.asdict(log), "test": metrics,
         "eval_seconds": round(time.perf_counter() - started, 1),

@@ -301,6 +301,24 @@ def test_loader_workers_default_to_the_cores_beside_a_gpu(monkeypatch):
     assert bench.parse_args(["recall", "--device", "cuda", "--workers", "3"]).workers == 3
 
 
+def test_tested_gives_each_size_its_share_of_the_time_left(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    deadlines = {}
+
+    def evaluate(size, deadline):
+        deadlines[size] = deadline
+        clock[0] += {4: 1.0, 16: 8.0, 64: 30.0}[size]  # 4 quick, 16 up to its deadline, 64 past it
+        return {"size": size}
+
+    result = bench.tested(nn.Linear(2, 3), bench.TrainLog(), 30.0, evaluate, [4, 16, 64])
+    assert result["test"] == {4: {"size": 4}, 16: {"size": 16}, 64: {"size": 64}}
+    assert result["parameters"] == 9
+    # 4: a third of 30 s; 16: half of the 29 s left; 64: what is left then (21 s)
+    assert deadlines == {4: pytest.approx(110.0), 16: pytest.approx(115.5), 64: pytest.approx(130.0)}
+    assert result["eval_seconds"] == 39.0
+
+
 # --- the three experiments end to end ---
 
 
