@@ -93,6 +93,7 @@ Writes `<out>/train_<tag>.json` (rows also to `.json.tmp` as they come) and `<ou
     python benchmarks/train.py --rows av1024 lm128k --steps 10
     python benchmarks/train.py --rows av:512:8 lm:65536:2      # task:digits-or-window:batch
     python benchmarks/train.py --smoke                         # tiny rows, 2 steps; runs on the CPU
+    python benchmarks/train.py --rows av1024 --set data.init_args.media_dtype float16   # a config change
     python benchmarks/train.py --compile --kinds dilated --rows av16 av1024 --tag h200_compiled
     python benchmarks/train.py --graphed --kinds dilated --rows av16 av1024 --tag h200_graphed
 """
@@ -982,6 +983,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "passing over the others (default: all; with --compile: 2, each compiled and recorded in "
         "the warm-up)",
     )  # fmt: skip
+    parser.add_argument(
+        "--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), dest="settings",
+        help="one more configuration override for every row, as `train.py fit` takes it, e.g. "
+        "--set data.init_args.media_dtype float16 (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps (default 3)")
@@ -1013,6 +1019,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.specs = [parse_row(text, args.batch) for text in args.rows]
     except ValueError as exc:
         parser.error(str(exc))
+    settings = tuple(part for key, value in args.settings for part in (f"--{key.removeprefix('--')}", value))
+    args.specs = [dataclasses.replace(spec, extra=spec.extra + settings) for spec in args.specs]
     if args.warmup < 0 or args.steps < 1 or args.profile_steps < 1 or args.pipelined_steps < 0:
         parser.error("need --warmup >= 0, --steps >= 1, --profile-steps >= 1 and --pipelined-steps >= 0")
     if args.graphed and args.compile:

@@ -166,6 +166,18 @@ def test_overrides_set_size_batch_and_the_dense_schedule():
     ]  # fmt: skip
 
 
+def test_set_overrides_every_row_and_reaches_the_data_module():
+    argv = ["--rows", "av16", "lm8k", "--set", "data.init_args.media_dtype", "float16", "--device", "cpu"]
+    args = bench.parse_args(argv)
+    for spec in args.specs:
+        assert bench.row_overrides(spec, "dilated", None)[-2:] == ["--data.init_args.media_dtype", "float16"]
+    assert bench.parse_args(["--rows", "av16", "--device", "cpu"]).specs[0].extra == ()
+    spec = args.specs[0]
+    overrides = bench.row_overrides(spec, "dilated", None)
+    _, datamodule, _ = bench.build(spec, "dilated", torch.device("cpu"), overrides)
+    assert datamodule.media_dtype == torch.float16
+
+
 @pytest.mark.parametrize("compiled, graphed", [(True, False), (False, True), (False, False)])
 def test_each_mode_builds_the_av_config_it_names(compiled, graphed):
     # the AV config turns graphed steps on: a compiled or eager row turns them off
