@@ -15,6 +15,7 @@ from typing import Literal
 from mmlongnet._config import check_field_types
 from mmlongnet.attention.dilated import BACKENDS, check_schedule
 from mmlongnet.layers.feedforward import ACTIVATIONS, Activation
+from mmlongnet.layers.length_scale import check_reference_length
 from mmlongnet.layers.rope import rotary_dims
 
 LONGNET_SEGMENT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
@@ -72,6 +73,11 @@ class LongNetLayerConfig:
     """Self-attention: "dilated", or "dense" (full attention, the baseline LongNet is compared with)."""
     backend: Literal["auto", "reference", "sdpa", "flash_attn"] = "auto"
     """The `dilated_attention` backend."""
+    scalable_softmax: int | None = None
+    """None: plain softmax. n0 >= 2: Scalable-Softmax (SSMax, arXiv 2501.19399) in the
+    self-attention: each head's scores times s_h * log(n), n the keys of the query's context, s_h
+    learned from 1 / log(n0), so attention keeps its focus as contexts grow past the trained ones
+    (`mmlongnet.layers.length_scale`)."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -101,6 +107,8 @@ class LongNetLayerConfig:
         if self.positions == "xpos":
             xpos_block_length(self.segment_lengths)
         rotary_dims(self.d_model // self.nhead, self.rotary_fraction)  # ValueError outside (0, 1]
+        if self.scalable_softmax is not None:
+            check_reference_length(self.scalable_softmax)
         if self.rotary_fraction != 1.0 and self.positions != "rope":
             raise ValueError(
                 f"rotary_fraction applies to positions='rope' only, got {self.rotary_fraction} with "

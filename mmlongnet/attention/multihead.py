@@ -21,6 +21,7 @@ from mmlongnet.attention.cache import DilatedKVCache
 from mmlongnet.attention.config import POSITIONS, LongNetLayerConfig, xpos_block_length
 from mmlongnet.attention.dilated import BACKENDS, check_schedule
 from mmlongnet.attention.modules import DilatedAttention
+from mmlongnet.layers.length_scale import LengthScale
 from mmlongnet.layers.multiway import (
     MultiwayRouting,
     expert_parameters,
@@ -118,6 +119,11 @@ class MultiheadDilatedAttention(nn.Module):
             modality, `MultiwayNetwork`), routed by `modality_ids` (B, N) (or a `MultiwayRouting`) in
             forward; the attention itself is shared (self-attention only).
         backend: the `dilated_attention` backend.
+        scalable_softmax: None (plain softmax), or n0 >= 2: Scalable-Softmax (SSMax, arXiv
+            2501.19399), each head's scores multiplied by s_h * log(n), n the keys of the query's
+            context, s_h learned and starting at 1 / log(n0) (`mmlongnet.layers.length_scale`);
+            the submodule `length_scale` (None without it). A relative position bias is added
+            unscaled.
 
     forward(query (B, N, E), key (B, M, kdim), value (B, M, vdim), key_padding_mask (B, M) bool
     True = padding, need_weights=False, attn_mask=None, is_causal=False, *, position_offset=0,
@@ -154,6 +160,7 @@ class MultiheadDilatedAttention(nn.Module):
         attention: Literal["dilated", "dense"] = "dilated",
         num_ways: int = 1,
         backend: str = "auto",
+        scalable_softmax: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -177,7 +184,7 @@ class MultiheadDilatedAttention(nn.Module):
             embed_dim, num_heads, segment_lengths, dilation_rates, dropout=dropout, bias=bias,
             layer_norm=layer_norm, layer_norm_eps=layer_norm_eps, gamma_init=gamma_init, kdim=kdim, vdim=vdim,
             positions=positions, attention=attention, num_ways=num_ways, backend=backend,
-            factory={"device": device, "dtype": dtype},
+            scalable_softmax=scalable_softmax, factory={"device": device, "dtype": dtype},
         )  # fmt: skip
 
     @classmethod
@@ -193,13 +200,14 @@ class MultiheadDilatedAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> MultiheadDilatedAttention:
         """The self-attention of a LongNet layer, or with `cross_attention` its cross-attention of
-        that kind (no positions): width, heads, schedule, attention dropout, LayerNorm epsilon,
-        positions (and the rotary fraction), attention kind and backend come from `config`,
-        validated when it was made and not checked again. `causal`: a self-attention that only ever
-        runs causally, whose positions="relative" bias then measures distances to past keys only.
-        `num_ways` and `gamma_init` as in the constructor."""
+        that kind (no positions, no scalable softmax): width, heads, schedule, attention dropout,
+        LayerNorm epsilon, positions (and the rotary fraction), attention kind, backend and scalable
+        softmax come from `config`, validated when it was made and not checked again. `causal`: a
+        self-attention that only ever runs causally, whose positions="relative" bias then measures
+        distances to past keys only. `num_ways` and `gamma_init` as in the constructor."""
         _check_role(num_ways, gamma_init)
         positions = config.positions if cross_attention is None else None
+        scalable_softmax = config.scalable_softmax if cross_attention is None else None
         if positions == "relative" and causal:
             positions = RelativePositionBias(config.nhead, bidirectional=False, device=device, dtype=dtype)
         if positions == "rope" and config.rotary_fraction != 1.0:
@@ -212,7 +220,7 @@ class MultiheadDilatedAttention(nn.Module):
             dropout=config.attention_dropout, bias=True, layer_norm=True,
             layer_norm_eps=config.layer_norm_eps, gamma_init=gamma_init, kdim=None, vdim=None,
             positions=positions, attention=cross_attention or config.attention, num_ways=num_ways,
-            backend=config.backend,
+            backend=config.backend, scalable_softmax=scalable_softmax,
             factory={"device": device, "dtype": dtype},
         )  # fmt: skip
         return module
@@ -235,6 +243,7 @@ class MultiheadDilatedAttention(nn.Module):
         attention: Literal["dilated", "dense"],
         num_ways: int,
         backend: str,
+        scalable_softmax: int | None,
         factory: dict,
     ) -> None:
         """Make the projections, norms and positions of arguments already checked (by the
@@ -255,6 +264,9 @@ class MultiheadDilatedAttention(nn.Module):
         self.positions = _positions_module(positions, self.head_dim, num_heads, self.segment_lengths)
         if isinstance(self.positions, RelativePositionBias):
             self.positions.to(**factory)
+        self.length_scale = None
+        if scalable_softmax is not None:
+            self.length_scale = LengthScale(num_heads, scalable_softmax, **factory)
         self.inner_attention = None
         if attention == "dilated":
             self.inner_attention = DilatedAttention(
@@ -277,6 +289,8 @@ class MultiheadDilatedAttention(nn.Module):
                     nn.init.zeros_(norm["bias"])
         if isinstance(self.positions, RelativePositionBias):
             self.positions.reset_parameters()
+        if self.length_scale is not None:
+            self.length_scale.reset_parameters()
 
     @classmethod
     def from_multihead_attention(
@@ -407,6 +421,9 @@ class MultiheadDilatedAttention(nn.Module):
             position_bias = self.positions(where, where)  # (H, N, N)
         elif self.positions is not None:
             q, k = self.positions(q, k, offset=position_offset)
+        if self.length_scale is not None:
+            cached = kv_cache.length if kv_cache is not None else 0
+            q = self.length_scale(q, key_len, key_padding_mask, is_causal, cached)
         dropout_p = self.dropout if self.training else 0.0
         if kv_cache is not None and kv_cache.length:
             score_bias = None
@@ -436,5 +453,6 @@ class MultiheadDilatedAttention(nn.Module):
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, attention={self.attention!r}, "
             f"segment_lengths={self.segment_lengths}, dilation_rates={self.dilation_rates}, "
-            f"dropout={self.dropout}, num_ways={self.num_ways}, backend={self.backend!r}"
+            f"dropout={self.dropout}, num_ways={self.num_ways}, backend={self.backend!r}, "
+            f"scalable_softmax={None if self.length_scale is None else self.length_scale.reference_length}"
         )

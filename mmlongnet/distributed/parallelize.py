@@ -25,8 +25,8 @@ What runs sharded:
   returned as its `ShardedDilatedAttention`.
 
 Refused when wrapping, with a ValueError naming the module (none of them can run on one slice):
-dense attention, the relative position bias, attention dropout; refused at the call: cached
-decoding. Backward may run at any later time: the attention modules keep their group, and
+dense attention, the relative position bias, attention dropout, the scalable softmax; refused at
+the call: cached decoding. Backward may run at any later time: the attention modules keep their group, and
 activation checkpointing recomputes through the same modules.
 """
 
@@ -186,6 +186,8 @@ def _check_shardable(module: nn.Module, where: str) -> None:
                 raise _unsupported("attention='dense' (it would see the local slice only)", place)
             if isinstance(sub.positions, RelativePositionBias):
                 raise _unsupported("positions='relative' (its bias is an (H, N, N) tensor)", place)
+            if sub.length_scale is not None:
+                raise _unsupported("scalable_softmax (its n counts the keys of the whole sequence)", place)
         if isinstance(sub, DilatedAttention):
             found = True
             if sub.attention_dropout > 0.0:

@@ -127,6 +127,11 @@ class MMLongNetConfig:
     long recordings."""
     backend: Literal["auto", "reference", "sdpa"] = "auto"
     """The dilated-attention backend."""
+    scalable_softmax: int | None = None
+    """None: plain softmax. n0 >= 2: Scalable-Softmax in every self-attention (each head's scores
+    times s_h * log(n), n the valid tokens of the sample in that stack, s_h learned from
+    1 / log(n0)): attention that picks out or counts a few tokens keeps doing so at lengths longer
+    than the trained ones (`LongNetLayerConfig.scalable_softmax`)."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -163,12 +168,13 @@ class MMLongNetConfig:
 
     def layer_config(self, stack: StackConfig) -> LongNetLayerConfig:
         """The layers of `stack`: its schedule, and this config's width, heads, FFN, dropout,
-        activation, positions (and rotary fraction), checkpointing and backend."""
+        activation, positions (and rotary fraction), checkpointing, backend and scalable softmax."""
         return LongNetLayerConfig(
             d_model=self.d_model, nhead=self.nhead, dim_feedforward=self.dim_feedforward,
             segment_lengths=stack.segment_lengths, dilation_rates=stack.dilation_rates, dropout=self.dropout,
             activation=self.activation, positions=self.positions, rotary_fraction=self.rotary_fraction,
             checkpoint_activations=self.checkpoint_activations, backend=self.backend,
+            scalable_softmax=self.scalable_softmax,
         )  # fmt: skip
 
     @property

@@ -137,6 +137,7 @@ SHIFTED_LM = dict(
         (lambda: MultiheadDilatedAttention(8, 2, [4], [1], attention="dense"), "attention='dense'"),
         (lambda: MultiheadDilatedAttention(8, 2, [4], [1], positions="relative"), "positions='relative'"),
         (lambda: MultiheadDilatedAttention(8, 2, [4], [1], dropout=0.1), "attention dropout"),
+        (lambda: MultiheadDilatedAttention(8, 2, [4], [1], scalable_softmax=64), "scalable_softmax"),
         (lambda: DilatedAttention([4], [1], attention_dropout=0.1), "attention dropout"),
         (lambda: torch.nn.Linear(2, 2), "holds no DilatedAttention"),
         (lambda: LongNetLM(16, **SHIFTED_LM), "token_shift=2"),

@@ -42,9 +42,12 @@ def test_lm_is_causal_by_perturbation(positions):
     torch.testing.assert_close(logits[:, 32:], logits_changed[:, 32:], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("positions", ["rope", "xpos", "relative", None])
-def test_cached_greedy_generation_equals_repeated_full_forward_passes(positions):
-    lm = tiny_lm(positions=positions)
+@pytest.mark.parametrize(
+    ("positions", "scalable_softmax"),
+    [("rope", None), ("xpos", None), ("relative", None), (None, None), ("rope", 8)],
+)
+def test_cached_greedy_generation_equals_repeated_full_forward_passes(positions, scalable_softmax):
+    lm = tiny_lm(positions=positions, scalable_softmax=scalable_softmax)
     prompt = torch.randint(0, 61, (2, 3))
     # 3 + 45 tokens cross every segment boundary of every branch (4, 8, 16) several times
     cached = lm.generate(prompt, 45, temperature=0)
