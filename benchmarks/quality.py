@@ -471,7 +471,7 @@ def av_model_config(args: argparse.Namespace, kind: str) -> MMLongNetConfig:
     return MMLongNetConfig(
         d_model=E, nhead=args.nhead, dim_feedforward=args.ffn,
         positions=None if args.positions == "none" else args.positions, rotary_fraction=args.rotary_fraction,
-        text={"embed_dim": E},
+        scalable_softmax=args.scalable_softmax, text={"embed_dim": E},
         audio={"embed_dim": E, "n_mels": 40, "conv_channels": 32, "subsampling": args.audio_subsampling},
         video={"embed_dim": E, "image_size": 8, "patch_size": args.patch_size, "in_chans": 1},
         **av_schedules(args, kind),
@@ -731,6 +731,7 @@ def lm_for(args: argparse.Namespace, kind: str, vocab: int) -> LongNetLM:
         embedding_std=None if args.embedding_std == TIED else args.embedding_std,
         token_shift=args.token_shift, token_shift_window=args.token_shift_window if args.token_shift else 0.0,
         positions=None if args.positions == "none" else args.positions, rotary_fraction=args.rotary_fraction,
+        scalable_softmax=args.scalable_softmax,
     )  # fmt: skip
 
 
@@ -1209,6 +1210,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "1.0 (all) for recall and bytes)",
     )
     common.add_argument(
+        "--scalable-softmax",
+        type=int,
+        metavar="N0",
+        help="Scalable-Softmax in every self-attention: each head's scores times a learned s * log(n), "
+        "n the keys of the query's context, s starting at 1 / log(N0) (MMLongNetConfig.scalable_softmax, "
+        "LongNetLMConfig.scalable_softmax; default off)",
+    )
+    common.add_argument(
         "--workers",
         type=int,
         help="data-loader workers (default on a GPU: the cores less 2, at most 8; 0 on the CPU)",
@@ -1360,6 +1369,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             f"--rotary-fraction rotates part of each head for --positions rope; positions are "
             f"{args.positions!r} (recall's default is none: add --positions rope)"
         )
+    if args.scalable_softmax is not None and args.scalable_softmax < 2:
+        parser.error(f"--scalable-softmax takes a reference length N0 >= 2 keys, got {args.scalable_softmax}")
     if args.positions != "rope":  # avdigits' default share rotates part of rope's heads only
         args.rotary_fraction = 1.0
     window = getattr(args, "token_shift_window", None)

@@ -377,6 +377,21 @@ def test_avdigits_positions_reach_the_model(argv, positions, rotary_dim):
         bench.parse_args(["avdigits", "--positions", "xpos", "--rotary-fraction", "0.5"])
 
 
+@pytest.mark.parametrize("experiment", ["avdigits", "recall", "bytes"])
+def test_scalable_softmax_reaches_every_self_attention(experiment):
+    args = bench.parse_args([experiment, "--smoke", "--device", "cpu", "--scalable-softmax", "64"])
+    if experiment == "avdigits":
+        model = bench.MultimodalClassifier(bench.av_model_config(args, "dilated"), num_classes=10)
+    else:
+        model = bench.lm_for(args, "dilated", 16)
+    attentions = [m for m in model.modules() if isinstance(m, MultiheadDilatedAttention)]
+    assert attentions and all(m.length_scale.reference_length == 64 for m in attentions)
+    plain = bench.parse_args([experiment, "--smoke", "--device", "cpu"])
+    assert plain.scalable_softmax is None
+    with pytest.raises(SystemExit):
+        bench.parse_args([experiment, "--scalable-softmax", "1"])
+
+
 def test_avdigits_audio_subsampling_halves_the_audio_tokens():
     fine, default = (bench.parse_args(["avdigits", *argv]) for argv in (["--audio-subsampling", "4"], []))
     assert default.audio_subsampling == 8 and bench.av_model_config(default, "dilated").audio.subsampling == 8
