@@ -76,7 +76,7 @@ class LongNetLayerConfig:
     scalable_softmax: int | None = None
     """None: plain softmax. n0 >= 2: Scalable-Softmax (SSMax, arXiv 2501.19399) in the
     self-attention: each head's scores times s_h * log(n), n the keys of the query's context, s_h
-    learned from 1 / log(n0), so attention keeps its focus as contexts grow past the trained ones
+    learned from 1 / log(n0), so a score margin keeps a key's weight as contexts grow
     (`mmlongnet.layers.length_scale`)."""
 
     def __post_init__(self) -> None:

@@ -130,8 +130,8 @@ class MMLongNetConfig:
     scalable_softmax: int | None = None
     """None: plain softmax. n0 >= 2: Scalable-Softmax in every self-attention (each head's scores
     times s_h * log(n), n the valid tokens of the sample in that stack, s_h learned from
-    1 / log(n0)): attention that picks out or counts a few tokens keeps doing so at lengths longer
-    than the trained ones (`LongNetLayerConfig.scalable_softmax`)."""
+    1 / log(n0)): a score margin that singles out a few tokens keeps their weight at every length
+    (`LongNetLayerConfig.scalable_softmax`)."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
