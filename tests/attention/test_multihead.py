@@ -152,9 +152,15 @@ def test_position_bias_of_dilated_attention_equals_sdpa_with_the_bias_as_mask():
         dilated_attention(q, k, v, [9], [1], position_bias=bias[:, :4], backend="reference")
 
 
-def test_kv_cache_through_the_module_equals_the_full_causal_forward():
+@pytest.mark.parametrize("scalable_softmax", [None, 8])
+def test_kv_cache_through_the_module_equals_the_full_causal_forward(scalable_softmax):
     torch.manual_seed(9)
-    mha = MultiheadDilatedAttention(E, H, [3, 8], [1, 2], positions="rope", dtype=torch.float64)
+    mha = MultiheadDilatedAttention(
+        E, H, [3, 8], [1, 2], positions="rope", scalable_softmax=scalable_softmax, dtype=torch.float64
+    )
+    if scalable_softmax is not None:  # a learned scale per head: n = every position seen, and the query's own
+        with torch.no_grad():
+            mha.length_scale.scale.copy_(torch.tensor([0.3, 0.6, 0.9, 1.2]))
     x = torch.randn(2, 20, E, dtype=torch.float64)
     full, _ = mha(x, x, x, is_causal=True)
     cache = DilatedKVCache([3, 8], [1, 2])
