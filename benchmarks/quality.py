@@ -471,7 +471,8 @@ def av_model_config(args: argparse.Namespace, kind: str) -> MMLongNetConfig:
     return MMLongNetConfig(
         d_model=E, nhead=args.nhead, dim_feedforward=args.ffn,
         positions=None if args.positions == "none" else args.positions, rotary_fraction=args.rotary_fraction,
-        scalable_softmax=args.scalable_softmax, text={"embed_dim": E},
+        scalable_softmax=args.scalable_softmax, boundary_embeddings=args.boundary_embeddings,
+        text={"embed_dim": E},
         audio={"embed_dim": E, "n_mels": 40, "conv_channels": 32, "subsampling": args.audio_subsampling},
         video={"embed_dim": E, "image_size": 8, "patch_size": args.patch_size, "in_chans": 1},
         **av_schedules(args, kind),
@@ -1270,6 +1271,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         nargs="+",
         help="relative frequency of each --questions type in training, e.g. 1 1 2 for twice as many "
         "count questions (default equal; testing is always equal)",
+    )
+    av.add_argument(
+        "--boundary-embeddings",
+        action="store_true",
+        help="a learned start / end embedding on each modality's first / last token before the fusion "
+        "(MMLongNetConfig.boundary_embeddings; default off)",
     )
     av.add_argument("--dense-max-digits", type=int, help="largest K of the dense model (default 1024)")
     av.add_argument(

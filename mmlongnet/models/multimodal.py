@@ -5,8 +5,10 @@ Legend: B batch, N_m tokens of modality m, L fused tokens, E embed dim (d_model)
     inputs {"text": (B, L_t) ids, "audio": (B, S) waveform, "video": (B, T, C, H, W) frames}
       -> encoder of each present modality -> tokens (B, N_m, E) + padding mask (B, N_m)
       -> modality stack (dilated self-attention layers, own schedule per modality)
-      -> + modality type embedding; each sample's valid tokens packed one modality after the
-         other at the start of the fused sequence (its positions never depend on the batch)
+      -> + modality type embedding (and, with `boundary_embeddings`, a start / end embedding on
+         each sample's first / last token of the modality); each sample's valid tokens packed one
+         modality after the other at the start of the fused sequence (its positions never depend on
+         the batch)
       -> fusion stack: dilated self-attention over all modalities, whose projections, FFNs and
          norms are multiway experts chosen per token by its modality id
       -> fused tokens (B, L, E), padding mask, modality ids, pooled embeddings.
@@ -132,6 +134,12 @@ class MMLongNetConfig:
     times s_h * log(n), n the valid tokens of the sample in that stack, s_h learned from
     1 / log(n0)): a score margin that singles out a few tokens keeps their weight at every length
     (`LongNetLayerConfig.scalable_softmax`)."""
+    boundary_embeddings: bool = False
+    """Add a learned start embedding to each sample's first valid token of every modality and an end
+    embedding to its last, one pair per modality, before the fusion: where a modality begins and
+    ends in the fused sequence is then in the tokens' content, which attention finds at any distance
+    (rotary positions say only how far apart two tokens are, and the length of a modality varies
+    from sample to sample)."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -282,6 +290,18 @@ def _masked_mean(tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
     return (tokens * keep).sum(1) / keep.sum(1).clamp(min=1.0)
 
 
+def boundary_marks(padding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) padding (True = padding, each sample's valid tokens first) -> first, last (B, N) bool:
+    True on each sample's first / last valid token (one token may be both; none without a valid
+    token). Elementwise on the device, no host sync."""
+    valid = ~padding
+    first = torch.zeros_like(valid)
+    first[:, :1] = valid[:, :1]
+    last = valid.clone()
+    last[:, :-1] &= padding[:, 1:]  # valid, and the next token padding (or none)
+    return first, last
+
+
 class MMLongNet(Pretrained, nn.Module):
     """The multimodal long-context model; see the module docstring for the data flow.
 
@@ -314,6 +334,9 @@ class MMLongNet(Pretrained, nn.Module):
                 self.stacks[name] = LongNetEncoder(stack.num_layers, config.layer_config(stack), **factory)
         num_ways = len(config.modalities) if config.fusion == "sequence" else 1
         self.type_embedding = nn.Embedding(len(config.modalities), config.d_model, **factory)
+        self.boundary_embedding = None  # rows 2 m and 2 m + 1: start and end of modality m
+        if config.boundary_embeddings:
+            self.boundary_embedding = nn.Embedding(2 * len(config.modalities), config.d_model, **factory)
         self.feature_proj = None
         if config.fusion == "feature":
             self.feature_proj = nn.Linear(len(config.modalities) * config.d_model, config.d_model, **factory)
@@ -323,7 +346,9 @@ class MMLongNet(Pretrained, nn.Module):
             self.fusion = LongNetEncoder(
                 fusion.num_layers, config.layer_config(fusion), num_ways=num_ways, **factory
             )
-        nn.init.normal_(self.type_embedding.weight, std=config.d_model**-0.5)
+        for embedding in (self.type_embedding, self.boundary_embedding):
+            if embedding is not None:
+                nn.init.normal_(embedding.weight, std=config.d_model**-0.5)
 
     # --- single modalities -------------------------------------------------------------------
 
@@ -540,10 +565,7 @@ class MMLongNet(Pretrained, nn.Module):
         modality_pooled = {name: _masked_mean(*streams[name]) for name in plan.order}
         modality_present = {name: layout.present[i] for i, name in enumerate(plan.order)}
         if self.config.fusion == "sequence":
-            typed = [
-                streams[name][0] + self.type_embedding.weight[self.config.modalities.index(name)]
-                for name in plan.order
-            ]  # M x (B, N_m, E)
+            typed = [self._typed(name, *streams[name]) for name in plan.order]  # M x (B, N_m, E)
             tokens, padding, ids = layout.pack(typed), layout.padding_mask, layout.modality_ids  # (B, L, ...)
         else:
             tokens, padding, ids = self._concat_features(streams, plan.order)
@@ -568,12 +590,23 @@ class MMLongNet(Pretrained, nn.Module):
                 "fusion='sequence' otherwise"
             )
 
+    def _typed(self, name: str, tokens: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+        """A modality's tokens (B, N_m, E) as the fusion takes them: plus the modality's type embedding
+        and, with boundary embeddings, its start / end embedding on each sample's first / last valid
+        token (padding (B, N_m), True = padding, valid tokens first; a sample without the modality gets
+        neither)."""
+        index = self.config.modalities.index(name)
+        tokens = tokens + self.type_embedding.weight[index]
+        if self.boundary_embedding is None:
+            return tokens
+        first, last = boundary_marks(padding)  # 2 x (B, N_m)
+        start, end = self.boundary_embedding.weight[2 * index : 2 * index + 2]  # 2 x (E,)
+        return tokens + first[..., None].to(tokens.dtype) * start + last[..., None].to(tokens.dtype) * end
+
     def _concat_features(self, streams: dict, order: tuple[str, ...]):
         """Time-aligned streams of equal length (checked by the plan), concatenated along E and
         projected: (B, N, E), padding (B, N), ids (B, N)."""
-        features = torch.cat(
-            [streams[name][0] + self.type_embedding.weight[i] for i, name in enumerate(order)], dim=-1
-        )  # (B, N, M*E)
+        features = torch.cat([self._typed(name, *streams[name]) for name in order], dim=-1)  # (B, N, M*E)
         padding = streams[order[0]][1]
         ids = torch.zeros(padding.shape, dtype=torch.long, device=padding.device)
         return self.feature_proj(features), padding, ids

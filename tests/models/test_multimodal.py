@@ -8,6 +8,7 @@ import torch
 from mmlongnet.attention import MultiheadDilatedAttention
 from mmlongnet.modalities import AudioEncoder, TextEncoder, VisionEncoder
 from mmlongnet.models import MMLongNet, MMLongNetConfig
+from mmlongnet.models.multimodal import boundary_marks
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,62 @@ def test_samples_missing_some_modalities(model):
     assert set(out.modality_ids[3][valid[3]].tolist()) == {text}
     assert out.modality_present["audio"].tolist() == [True, True, False, False]
     assert out.modality_pooled["audio"][2].abs().max() == 0
+
+
+def test_boundary_marks_single_out_each_samples_first_and_last_valid_token():
+    padding = torch.arange(5)[None, :] >= torch.tensor([3, 0, 5, 1])[:, None]  # lengths 3, 0, 5, 1
+    first, last = boundary_marks(padding)
+    assert first.tolist() == [[True] + [False] * 4, [False] * 5, [True] + [False] * 4, [True] + [False] * 4]
+    assert last.nonzero().tolist() == [[0, 2], [2, 4], [3, 0]]
+
+
+def fused_inputs(model, inputs, lengths):
+    """What the fusion stack takes, (B, L, E), once with the boundary embeddings and once with them
+    zeroed, and the embeddings (2M, E)."""
+    fused = []
+    hook = model.fusion.register_forward_pre_hook(lambda _, args: fused.append(args[0]))
+    weights = model.boundary_embedding.weight.detach().clone()
+    model(inputs, lengths)
+    with torch.no_grad():
+        model.boundary_embedding.weight.zero_()
+    model(inputs, lengths)
+    with torch.no_grad():
+        model.boundary_embedding.weight.copy_(weights)
+    hook.remove()
+    return fused[0], fused[1], weights
+
+
+def test_boundary_embeddings_land_on_each_modalitys_first_and_last_token():
+    torch.manual_seed(0)
+    model = MMLongNet(dataclasses.replace(MMLongNetConfig.tiny(), boundary_embeddings=True)).eval()
+    inputs, lengths = model.example_inputs(3, seed=5)
+    lengths["audio"][1] = 0  # sample 1 lacks the audio
+    lengths["video"][2] = 1  # sample 2 has one frame: its first token is its last
+    marked, plain, weights = fused_inputs(model, inputs, lengths)
+    for b in range(3):
+        offset, want = 0, torch.zeros_like(marked[b])  # (L, E)
+        for m, name in enumerate(model.config.modalities):
+            n = int(model.encoders[name].output_lengths(lengths[name][b : b + 1])[0])
+            if n:
+                want[offset] += weights[2 * m]
+                want[offset + n - 1] += weights[2 * m + 1]
+            offset += n
+        torch.testing.assert_close(marked[b] - plain[b], want, rtol=1e-5, atol=1e-5)
+    assert_batch_invariant(model, inputs, lengths)
+
+
+def test_boundary_embeddings_reach_the_feature_fusion():
+    torch.manual_seed(0)
+    config = MMLongNetConfig.tiny(audio=None, video=None, fusion="feature", boundary_embeddings=True)
+    model = MMLongNet(config).eval()
+    inputs, lengths = {"text": torch.randint(3, 259, (2, 10))}, {"text": torch.tensor([10, 6])}
+    marked, plain, weights = fused_inputs(model, inputs, lengths)
+    added = torch.zeros(2, 10, config.d_model)  # (B, N, E): what the text stream gained
+    for b, n in enumerate((10, 6)):
+        added[b, 0] += weights[0]
+        added[b, n - 1] += weights[1]
+    projected = added @ model.feature_proj.weight.T  # the projection is linear: the gain maps through it
+    torch.testing.assert_close(marked - plain, projected, rtol=1e-4, atol=1e-5)
 
 
 def test_the_encoder_of_an_absent_modality_never_runs(model):
