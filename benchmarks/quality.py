@@ -472,6 +472,7 @@ def av_model_config(args: argparse.Namespace, kind: str) -> MMLongNetConfig:
         d_model=E, nhead=args.nhead, dim_feedforward=args.ffn,
         positions=None if args.positions == "none" else args.positions, rotary_fraction=args.rotary_fraction,
         scalable_softmax=args.scalable_softmax, boundary_embeddings=args.boundary_embeddings,
+        global_modalities=list(args.global_modalities or []),
         text={"embed_dim": E},
         audio={"embed_dim": E, "n_mels": 40, "conv_channels": 32, "subsampling": args.audio_subsampling},
         video={"embed_dim": E, "image_size": 8, "patch_size": args.patch_size, "in_chans": 1},
@@ -1277,6 +1278,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="a learned start / end embedding on each modality's first / last token before the fusion "
         "(MMLongNetConfig.boundary_embeddings; default off)",
+    )
+    av.add_argument(
+        "--global-modalities",
+        nargs="+",
+        choices=["text", "audio", "video"],
+        help="modalities whose tokens attend to every fused token, densely, in every model's fusion "
+        "layers (MMLongNetConfig.global_modalities; e.g. text: the question; default none)",
     )
     av.add_argument("--dense-max-digits", type=int, help="largest K of the dense model (default 1024)")
     av.add_argument(

@@ -392,6 +392,16 @@ def test_scalable_softmax_reaches_every_self_attention(experiment):
         bench.parse_args([experiment, "--scalable-softmax", "1"])
 
 
+def test_avdigits_boundary_embeddings_and_global_modalities_reach_the_model():
+    args = bench.parse_args(["avdigits", "--boundary-embeddings", "--global-modalities", "text"])
+    config = bench.av_model_config(args, "local")
+    assert config.boundary_embeddings and config.global_modalities == ["text"]
+    plain = bench.av_model_config(bench.parse_args(["avdigits"]), "dilated")
+    assert not plain.boundary_embeddings and plain.global_modalities == []
+    with pytest.raises(SystemExit):
+        bench.parse_args(["avdigits", "--global-modalities", "depth"])
+
+
 def test_avdigits_audio_subsampling_halves_the_audio_tokens():
     fine, default = (bench.parse_args(["avdigits", *argv]) for argv in (["--audio-subsampling", "4"], []))
     assert default.audio_subsampling == 8 and bench.av_model_config(default, "dilated").audio.subsampling == 8

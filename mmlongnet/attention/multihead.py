@@ -20,6 +20,7 @@ from torch import nn
 from mmlongnet.attention.cache import DilatedKVCache
 from mmlongnet.attention.config import POSITIONS, LongNetLayerConfig, xpos_block_length
 from mmlongnet.attention.dilated import BACKENDS, check_schedule
+from mmlongnet.attention.global_queries import GlobalQueries
 from mmlongnet.attention.modules import DilatedAttention
 from mmlongnet.layers.length_scale import LengthScale
 from mmlongnet.layers.multiway import (
@@ -77,6 +78,36 @@ def dense_attention(
     return out
 
 
+def attend_globally(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    queries: GlobalQueries,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    position_bias: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """`out` (B, N, H, D), another attention's output, with the global rows' outputs replaced by
+    dense attention of their queries over all of k, v (q, k, v (B, N, H, D); see
+    `mmlongnet.attention.global_queries`). key_padding_mask (B, N) bool, True = padding;
+    position_bias (H, N, N), if the attention has one. Differentiable in every input."""
+    index, valid = queries.rows()  # (B, G), (B, G)
+    if index.shape[1] == 0:
+        return out
+    batch, _, heads, dim = q.shape
+    rows = index[:, :, None, None].expand(batch, index.shape[1], heads, dim)  # (B, G, H, D)
+    bias = None if position_bias is None else position_bias[:, index].transpose(0, 1)  # (B, H, G, N)
+    dense = dense_attention(
+        q.gather(1, rows), k, v, key_padding_mask=key_padding_mask, position_bias=bias,
+        softmax_scale=softmax_scale, dropout_p=dropout_p,
+    )  # (B, G, H, D)  # fmt: skip
+    placed = torch.where(valid[..., None, None], dense.to(out.dtype), out.gather(1, rows))
+    return out.scatter(1, rows, placed)
+
+
 def _positions_module(positions: PositionsArg, head_dim: int, num_heads: int, segment_lengths: list[int]):
     if positions is None or isinstance(positions, RotaryEmbedding | XPos | RelativePositionBias):
         return positions
@@ -127,8 +158,10 @@ class MultiheadDilatedAttention(nn.Module):
 
     forward(query (B, N, E), key (B, M, kdim), value (B, M, vdim), key_padding_mask (B, M) bool
     True = padding, need_weights=False, attn_mask=None, is_causal=False, *, position_offset=0,
-    kv_cache=None, modality_ids=None) -> (out (B, N, E), None). `position_offset` is the position of the first
-    token (a slice of a longer sequence); `kv_cache` a `DilatedKVCache` for token-by-token decoding.
+    kv_cache=None, modality_ids=None, global_queries=None) -> (out (B, N, E), None). `position_offset` is the
+    position of the first token (a slice of a longer sequence); `kv_cache` a `DilatedKVCache` for
+    token-by-token decoding; `global_queries` a `GlobalQueries`: the rows it marks attend to every
+    key, densely (bidirectional dilated self-attention only; `mmlongnet.attention.global_queries`).
     With attention="dilated" the attention itself is the submodule `inner_attention`, a
     `DilatedAttention` (None for "dense"), which `mmlongnet.distributed.parallelize_sequence` swaps
     for its sharded twin.
@@ -329,6 +362,20 @@ class MultiheadDilatedAttention(nn.Module):
                 new.out_proj.bias.copy_(module.out_proj.bias)
         return new
 
+    def _check_global_queries(self, query, queries: GlobalQueries, is_causal: bool, kv_cache) -> None:
+        if not isinstance(queries, GlobalQueries):
+            raise TypeError(f"global_queries must be a GlobalQueries, got {type(queries).__name__}")
+        if self.attention != "dilated" or is_causal or kv_cache is not None:
+            raise ValueError(
+                "global_queries serve bidirectional dilated self-attention (attention='dilated', not "
+                "causal, no kv_cache): a dense or causal attention has no rows to make global"
+            )
+        if queries.mask.shape != query.shape[:2]:
+            raise ValueError(
+                f"global_queries.mask must be (B, N) = {tuple(query.shape[:2])}, "
+                f"got {tuple(queries.mask.shape)}"
+            )
+
     def _check_call(self, query, key, need_weights, attn_mask, is_causal, kv_cache) -> None:
         if need_weights:
             raise ValueError(
@@ -398,9 +445,12 @@ class MultiheadDilatedAttention(nn.Module):
         position_offset: int = 0,
         kv_cache: DilatedKVCache | None = None,
         modality_ids: torch.Tensor | MultiwayRouting | None = None,
+        global_queries: GlobalQueries | None = None,
     ) -> tuple[torch.Tensor, None]:
         self._check_key_value(query, key, value)
         self._check_call(query, key, need_weights, attn_mask, is_causal, kv_cache)
+        if global_queries is not None:
+            self._check_global_queries(query, global_queries, is_causal, kv_cache)
         batch, seq_len, _ = query.shape
         key_len = key.shape[1]
         ids = modality_ids
@@ -443,6 +493,12 @@ class MultiheadDilatedAttention(nn.Module):
             out = self.inner_attention(
                 q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, position_bias=position_bias
             )  # (B, N, H, D)
+            if global_queries is not None:
+                out = attend_globally(
+                    out, q, k, v, global_queries, key_padding_mask=key_padding_mask,
+                    position_bias=position_bias, softmax_scale=self.inner_attention.softmax_scale,
+                    dropout_p=dropout_p,
+                )  # fmt: skip
             if kv_cache is not None:
                 kv_cache.prefill(k, v)
         out = out.reshape(batch, seq_len, self.embed_dim)  # (B, N, E)

@@ -25,9 +25,10 @@ What runs sharded:
   returned as its `ShardedDilatedAttention`.
 
 Refused when wrapping, with a ValueError naming the module (none of them can run on one slice):
-dense attention, the relative position bias, attention dropout, the scalable softmax; refused at
-the call: cached decoding. Backward may run at any later time: the attention modules keep their group, and
-activation checkpointing recomputes through the same modules.
+dense attention, the relative position bias, attention dropout, the scalable softmax, global
+queries (`MMLongNetConfig.global_modalities`); refused at the call: cached decoding, global queries.
+Backward may run at any later time: the attention modules keep their group, and activation
+checkpointing recomputes through the same modules.
 """
 
 from __future__ import annotations
@@ -116,6 +117,13 @@ class ShardedDilatedAttention(nn.Module):
         )
 
 
+_WHOLE_SEQUENCE_OPTIONS = {
+    "kv_cache": "cached decoding",
+    "kv_caches": "cached decoding",
+    "global_queries": "global queries (dense rows over the whole sequence)",
+}
+
+
 class SequenceParallel:
     """The part of a sequence-parallel twin class that knows its place in the group.
 
@@ -127,14 +135,22 @@ class SequenceParallel:
     sequence_group: Group
     sequence_shard: tuple[int, int]
 
+    def _refuse_whole_sequence_options(self, kwargs: dict) -> None:
+        """ValueError for a call option that needs the whole sequence on every rank."""
+        for name, what in _WHOLE_SEQUENCE_OPTIONS.items():
+            if kwargs.get(name) is not None:
+                raise _unsupported(f"{what} ({name})", type(self).__name__)
+
 
 class SlicedSequence(SequenceParallel):
     """forward(x (B, N, E), key_padding_mask (B, N) bool or None, *args, position_offset=0, **kwargs)
     -> (B, N, E): pads the sequence with padding tokens to a multiple of P, runs the module on this
     rank's slice (B, n, E) at its global positions, and gathers the slices back, differentiably (the
-    gradient reaching a slice is the sum over ranks of the gradients of its rows)."""
+    gradient reaching a slice is the sum over ranks of the gradients of its rows); global queries are
+    refused."""
 
     def forward(self, x, key_padding_mask=None, *args, position_offset=0, **kwargs):
+        self._refuse_whole_sequence_options(kwargs)
         index, num_shards = self.sequence_shard
         batch, length, _ = x.shape
         extra = -length % num_shards  # padding tokens up to a multiple of P, the same on every rank
@@ -152,12 +168,10 @@ class SlicedSequence(SequenceParallel):
 
 class LocalSlice(SequenceParallel):
     """forward(x (B, n, ...), *args, position_offset=0, **kwargs): the module on this rank's slice,
-    its positions starting at p*n + position_offset; cached decoding is refused."""
+    its positions starting at p*n + position_offset; cached decoding and global queries are refused."""
 
     def forward(self, x, *args, position_offset=0, **kwargs):
-        for name in ("kv_cache", "kv_caches"):
-            if kwargs.get(name) is not None:
-                raise _unsupported(f"cached decoding ({name})", type(self).__name__)
+        self._refuse_whole_sequence_options(kwargs)
         index, _ = self.sequence_shard
         return super().forward(x, *args, position_offset=position_offset + index * x.shape[1], **kwargs)
 
@@ -225,6 +239,8 @@ def parallelize_sequence(model: nn.Module, group: Group = None, *, validate: boo
     if isinstance(model, MMLongNet):
         if model.fusion is None:  # fusion_stack.num_layers=0: every rank runs the whole model
             return model
+        if model.config.global_modalities:  # dense rows over the whole fused sequence
+            raise _unsupported(f"global_modalities={model.config.global_modalities}", "MMLongNet")
         target, mixin, where = model.fusion, SlicedSequence, "MMLongNet.fusion"
     elif isinstance(model, LongNetLM):
         if model.token_shift is not None:  # its first tokens would need the previous rank's last ones

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmlongnet.attention.cache import DilatedKVCache
 from mmlongnet.attention.config import LongNetLayerConfig
+from mmlongnet.attention.global_queries import GlobalQueries
 from mmlongnet.attention.multihead import MultiheadDilatedAttention
 from mmlongnet.layers.feedforward import FeedForward
 from mmlongnet.layers.multiway import MultiwayRouting, maybe_multiway, route, route_chain
@@ -106,11 +107,12 @@ class _LongNetBlock(nn.Module):
         position_offset: int,
         kv_cache: DilatedKVCache | None,
         modality_ids: torch.Tensor | MultiwayRouting | None,
+        global_queries: GlobalQueries | None = None,
     ) -> torch.Tensor:
         h = route(self.self_attn_norm, x, modality_ids)
         h, _ = self.self_attn(
             h, h, h, key_padding_mask=key_padding_mask, is_causal=is_causal, position_offset=position_offset,
-            kv_cache=kv_cache, modality_ids=modality_ids,
+            kv_cache=kv_cache, modality_ids=modality_ids, global_queries=global_queries,
         )  # fmt: skip
         x = x + self.dropout(h)
         if self.cross_attn is not None:
@@ -140,7 +142,8 @@ class LongNetEncoderLayer(_LongNetBlock):
         gamma_init: MAGNETO initialisation gain (the stacks pass the paper's value).
 
     forward(src (B, N, E), src_key_padding_mask (B, N) bool True = padding, is_causal=False, *,
-    position_offset=0, modality_ids (B, N) long when num_ways > 1) -> (B, N, E).
+    position_offset=0, modality_ids (B, N) long when num_ways > 1, global_queries=None) -> (B, N, E);
+    `global_queries` (a `GlobalQueries`): rows whose self-attention is dense over all tokens.
     """
 
     def __init__(
@@ -166,10 +169,12 @@ class LongNetEncoderLayer(_LongNetBlock):
         *,
         position_offset: int = 0,
         modality_ids: torch.Tensor | MultiwayRouting | None = None,
+        global_queries: GlobalQueries | None = None,
     ) -> torch.Tensor:
         return self._run(
-            src, src_key_padding_mask, is_causal, None, None, position_offset, None, modality_ids
-        )
+            src, src_key_padding_mask, is_causal, None, None, position_offset, None, modality_ids,
+            global_queries,
+        )  # fmt: skip
 
 
 class LongNetDecoderLayer(_LongNetBlock):

@@ -21,6 +21,7 @@ from torch import nn
 
 from mmlongnet.attention.cache import DilatedKVCache
 from mmlongnet.attention.config import LongNetLayerConfig
+from mmlongnet.attention.global_queries import GlobalQueries
 from mmlongnet.layers.multiway import MultiwayRouting
 from mmlongnet.layers.token_shift import TokenShift
 from mmlongnet.models.blocks import (
@@ -75,8 +76,9 @@ class LongNetEncoder(_LayerStack):
     MAGNETO's sqrt(log(2 * num_layers))), num_ways, device, dtype as keywords.
 
     forward(x (B, N, E), key_padding_mask (B, N) bool True = padding, is_causal=False, *,
-    position_offset=0, modality_ids=None) -> (B, N, E); `modality_ids` (B, N) long (or a
-    `MultiwayRouting`) routes the tokens of multiway layers (num_ways > 1; the final LayerNorm is shared).
+    position_offset=0, modality_ids=None, global_queries=None) -> (B, N, E); `modality_ids` (B, N) long
+    (or a `MultiwayRouting`) routes the tokens of multiway layers (num_ways > 1; the final LayerNorm is
+    shared); `global_queries` (a `GlobalQueries`) marks rows whose self-attention is dense in every layer.
     """
 
     layer_class = LongNetEncoderLayer
@@ -103,11 +105,13 @@ class LongNetEncoder(_LayerStack):
         *,
         position_offset: int = 0,
         modality_ids: torch.Tensor | MultiwayRouting | None = None,
+        global_queries: GlobalQueries | None = None,
     ) -> torch.Tensor:
         for layer in self.layers:
             x = layer(
-                x, key_padding_mask, is_causal, position_offset=position_offset, modality_ids=modality_ids
-            )
+                x, key_padding_mask, is_causal, position_offset=position_offset, modality_ids=modality_ids,
+                global_queries=global_queries,
+            )  # fmt: skip
         return self.norm(x)
 
 

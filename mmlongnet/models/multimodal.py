@@ -43,6 +43,7 @@ from mmlongnet._config import check_field_types
 from mmlongnet._tracing import traced
 from mmlongnet.attention.config import LongNetLayerConfig
 from mmlongnet.attention.dilated import check_schedule
+from mmlongnet.attention.global_queries import GlobalQueries
 from mmlongnet.modalities import MODALITIES
 from mmlongnet.modalities._common import check_lengths
 from mmlongnet.modalities.audio import AudioEncoder, AudioEncoderConfig
@@ -140,6 +141,12 @@ class MMLongNetConfig:
     ends in the fused sequence is then in the tokens' content, which attention finds at any distance
     (rotary positions say only how far apart two tokens are, and the length of a modality varies
     from sample to sample)."""
+    global_modalities: list[str] = field(default_factory=list)
+    """Modalities whose tokens attend to every fused token in the fusion layers, densely, while the
+    others keep dilated attention (`mmlongnet.attention.GlobalQueries`): e.g. ["text"], so that a
+    question weighs every frame and word alike (a dilated branch shows a query the far tokens of
+    one residue in one head per branch). Costs G * L scores per head and layer, G the batch's
+    padded token width of these modalities. Needs fusion="sequence"; empty (none) by default."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -167,6 +174,14 @@ class MMLongNetConfig:
             raise ValueError(f"fusion must be 'sequence' or 'feature', got {self.fusion!r}")
         if self.positions not in ("rope", "xpos", None):
             raise ValueError(f"positions must be 'rope', 'xpos' or None, got {self.positions!r}")
+        unknown = [name for name in self.global_modalities if name not in self.modalities]
+        if unknown or len(set(self.global_modalities)) != len(self.global_modalities):
+            raise ValueError(
+                f"global_modalities must name configured modalities {self.modalities} once each, got "
+                f"{self.global_modalities}"
+            )
+        if self.global_modalities and self.fusion != "sequence":
+            raise ValueError("global_modalities needs fusion='sequence' (rows of the fused sequence)")
         # the layers' own checks (rotary_fraction, xpos segment lengths) now rather than at build
         for stack in [f"{name}_stack" for name in self.modalities] + ["fusion_stack"]:
             try:
@@ -571,7 +586,10 @@ class MMLongNet(Pretrained, nn.Module):
             tokens, padding, ids = self._concat_features(streams, plan.order)
         if self.fusion is not None:
             routing = layout.routing if self.config.fusion == "sequence" else None
-            tokens = self.fusion(tokens, padding if plan.fused_padding else None, modality_ids=routing)
+            tokens = self.fusion(
+                tokens, padding if plan.fused_padding else None, modality_ids=routing,
+                global_queries=self._global_queries(plan, ids, padding),
+            )  # fmt: skip
         return MMLongNetOutput(
             tokens=tokens, padding_mask=padding, modality_ids=ids, pooled=_masked_mean(tokens, padding),
             modality_pooled=modality_pooled, modality_present=modality_present,
@@ -589,6 +607,19 @@ class MMLongNet(Pretrained, nn.Module):
                 f"token widths {widths} and lengths {dict(zip(order, lengths, strict=True))}; use "
                 "fusion='sequence' otherwise"
             )
+
+    def _global_queries(
+        self, plan: BatchPlan, ids: torch.Tensor, padding: torch.Tensor
+    ) -> GlobalQueries | None:
+        """The fused rows of `global_modalities` (ids, padding (B, L)), G their padded widths' sum;
+        None where the batch holds none of them."""
+        names = [name for name in self.config.global_modalities if name in plan.order]
+        if not names:
+            return None
+        mask = torch.zeros_like(padding)
+        for name in names:
+            mask |= ids == self.config.modalities.index(name)
+        return GlobalQueries(mask & ~padding, sum(plan.widths[name] for name in names))
 
     def _typed(self, name: str, tokens: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
         """A modality's tokens (B, N_m, E) as the fusion takes them: plus the modality's type embedding

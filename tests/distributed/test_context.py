@@ -7,10 +7,10 @@ import torch
 import torch.distributed as dist
 from distributed_helpers import run_ranks
 
-from mmlongnet.attention import DilatedAttention, MultiheadDilatedAttention
+from mmlongnet.attention import DilatedAttention, DilatedKVCache, GlobalQueries, MultiheadDilatedAttention
 from mmlongnet.distributed import ShardedDilatedAttention, parallelize_sequence, shard_sequence
 from mmlongnet.distributed.parallelize import LocalSlice
-from mmlongnet.models import LongNetEncoderLayer, LongNetLM
+from mmlongnet.models import LongNetEncoderLayer, LongNetLM, MMLongNet, MMLongNetConfig
 
 TOL = 1e-10
 
@@ -120,6 +120,21 @@ def test_sharded_module_offsets_positions():
     torch.testing.assert_close(out, rotated.reshape(1, 4, 8), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"global_queries": GlobalQueries(torch.ones(1, 4, dtype=torch.bool), 4)}, "global queries"),
+        ({"kv_cache": DilatedKVCache([4], [1]), "is_causal": True}, "cached decoding"),
+    ],
+)
+def test_call_options_that_need_the_whole_sequence_are_refused_on_a_slice(options, match):
+    attn = MultiheadDilatedAttention(8, 2, [4], [1], dtype=torch.float64)
+    _fake_sharded(attn, lambda q, k, v, *a, **kw: v, index=0, num_shards=2)
+    x = torch.randn(1, 4, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"{match}.*not supported when the sequence is sharded"):
+        attn(x, x, x, **options)
+
+
 SHIFTED_LM = dict(
     d_model=8,
     nhead=2,
@@ -141,6 +156,10 @@ SHIFTED_LM = dict(
         (lambda: DilatedAttention([4], [1], attention_dropout=0.1), "attention dropout"),
         (lambda: torch.nn.Linear(2, 2), "holds no DilatedAttention"),
         (lambda: LongNetLM(16, **SHIFTED_LM), "token_shift=2"),
+        (
+            lambda: MMLongNet(MMLongNetConfig.tiny(global_modalities=["text"])),
+            r"global_modalities=\['text'\]",
+        ),
     ],
 )
 def test_what_cannot_run_on_a_slice_is_refused_when_wrapping(build, match):

@@ -38,10 +38,17 @@ def bucket_batches(model, count: int):
     return batches
 
 
-@pytest.mark.parametrize("rotary_fraction", [1.0, 0.5])  # 0.5: half of each head position-free
-def test_mmlongnet_compiles_whole_and_never_recompiles_within_a_bucket(rotary_fraction):
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"rotary_fraction": 1.0},
+        {"rotary_fraction": 0.5},  # half of each head position-free
+        {"global_modalities": ["text"], "boundary_embeddings": True},
+    ],
+)
+def test_mmlongnet_compiles_whole_and_never_recompiles_within_a_bucket(overrides):
     torch.manual_seed(0)
-    model = MMLongNet(MMLongNetConfig.tiny(rotary_fraction=rotary_fraction)).train()
+    model = MMLongNet(MMLongNetConfig.tiny(**overrides)).train()
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model, fullgraph=True, backend=BACKEND)

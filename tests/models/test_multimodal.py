@@ -7,7 +7,7 @@ import torch
 
 from mmlongnet.attention import MultiheadDilatedAttention
 from mmlongnet.modalities import AudioEncoder, TextEncoder, VisionEncoder
-from mmlongnet.models import MMLongNet, MMLongNetConfig
+from mmlongnet.models import MMLongNet, MMLongNetConfig, StackConfig
 from mmlongnet.models.multimodal import boundary_marks
 
 
@@ -119,6 +119,54 @@ def test_boundary_embeddings_reach_the_feature_fusion():
         added[b, n - 1] += weights[1]
     projected = added @ model.feature_proj.weight.T  # the projection is linear: the gain maps through it
     torch.testing.assert_close(marked - plain, projected, rtol=1e-4, atol=1e-5)
+
+
+def test_global_modalities_give_the_fusion_their_rows():
+    torch.manual_seed(0)
+    model = MMLongNet(MMLongNetConfig.tiny(global_modalities=["text", "video"])).eval()
+    inputs, lengths = model.example_inputs(3, seed=6)
+    lengths["video"][1] = 0  # sample 1: no video
+    seen = []
+    model.fusion.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    out = assert_batch_invariant(model, inputs, lengths)
+    queries = seen[0]["global_queries"]
+    text, video = (model.config.modalities.index(m) for m in ("text", "video"))
+    expected = ((out.modality_ids == text) | (out.modality_ids == video)) & ~out.padding_mask
+    assert torch.equal(queries.mask, expected) and expected[1].sum() == lengths["text"][1]
+    widths = {name: model.encoders[name].output_lengths(inputs[name].shape[1]) for name in ("text", "video")}
+    assert queries.count == widths["text"] + widths["video"]
+    model({"audio": inputs["audio"]}, {"audio": lengths["audio"]})  # no global modality in the batch
+    assert seen[-1]["global_queries"] is None
+
+
+def test_global_rows_change_nothing_where_the_fusion_is_dense_already():
+    dense_fusion = StackConfig(2, [64], [1])  # one segment over every fused token
+    models = []
+    for names in ([], ["text"]):
+        torch.manual_seed(0)
+        models.append(
+            MMLongNet(MMLongNetConfig.tiny(fusion_stack=dense_fusion, global_modalities=names)).double()
+        )
+    inputs, lengths = models[0].example_inputs(2, seed=7)
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    plain, global_ = (model(inputs, lengths).tokens for model in models)
+    torch.testing.assert_close(global_, plain)
+    sparse = MMLongNet(MMLongNetConfig.tiny(global_modalities=["text"])).double()
+    sparse.load_state_dict(models[0].state_dict())  # the same weights, the tiny dilated schedule
+    assert (sparse(inputs, lengths).tokens - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"global_modalities": ["depth"]}, "configured modalities"),
+        ({"global_modalities": ["text", "text"]}, "once each"),
+        ({"global_modalities": ["text"], "fusion": "feature"}, "fusion='sequence'"),
+    ],
+)
+def test_bad_global_modalities_are_refused(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        MMLongNetConfig.tiny(**overrides)
 
 
 def test_the_encoder_of_an_absent_modality_never_runs(model):
