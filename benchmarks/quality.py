@@ -472,7 +472,7 @@ def av_model_config(args: argparse.Namespace, kind: str) -> MMLongNetConfig:
         d_model=E, nhead=args.nhead, dim_feedforward=args.ffn,
         positions=None if args.positions == "none" else args.positions, rotary_fraction=args.rotary_fraction,
         scalable_softmax=args.scalable_softmax, boundary_embeddings=args.boundary_embeddings,
-        global_modalities=list(args.global_modalities or []),
+        global_modalities=list(args.global_modalities or []), global_read=args.global_read,
         text={"embed_dim": E},
         audio={"embed_dim": E, "n_mels": 40, "conv_channels": 32, "subsampling": args.audio_subsampling},
         video={"embed_dim": E, "image_size": 8, "patch_size": args.patch_size, "in_chans": 1},
@@ -1286,6 +1286,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="modalities whose tokens attend to every fused token, densely, in every model's fusion "
         "layers (MMLongNetConfig.global_modalities; e.g. text: the question; default none)",
     )
+    av.add_argument(
+        "--global-read",
+        action="store_true",
+        help="with --global-modalities: every other fused token also reads their tokens, through a gate "
+        "that starts at 0 (MMLongNetConfig.global_read; default off)",
+    )
     av.add_argument("--dense-max-digits", type=int, help="largest K of the dense model (default 1024)")
     av.add_argument(
         "--pooling",
@@ -1391,6 +1397,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     window = getattr(args, "token_shift_window", None)
     if window is not None and not 0 <= window <= 1:
         parser.error(f"--token-shift-window must be a share in [0, 1], got {window}")
+    if getattr(args, "global_read", False) and not args.global_modalities:
+        parser.error("--global-read reads the tokens of --global-modalities: name them, e.g. text")
     if getattr(args, "graphed", False) and args.compile:
         parser.error("--graphed records the eager model's steps; leave --compile off with it")
     if args.segments is not None and len(args.segments) != len(args.rates):

@@ -398,8 +398,12 @@ def test_avdigits_boundary_embeddings_and_global_modalities_reach_the_model():
     assert config.boundary_embeddings and config.global_modalities == ["text"]
     plain = bench.av_model_config(bench.parse_args(["avdigits"]), "dilated")
     assert not plain.boundary_embeddings and plain.global_modalities == []
-    with pytest.raises(SystemExit):
-        bench.parse_args(["avdigits", "--global-modalities", "depth"])
+    assert not config.global_read and not plain.global_read
+    read = bench.parse_args(["avdigits", "--global-modalities", "text", "--global-read"])
+    assert bench.av_model_config(read, "dilated").global_read
+    for argv in (["--global-modalities", "depth"], ["--global-read"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["avdigits", *argv])
 
 
 def test_avdigits_audio_subsampling_halves_the_audio_tokens():

@@ -78,6 +78,10 @@ class LongNetLayerConfig:
     self-attention: each head's scores times s_h * log(n), n the keys of the query's context, s_h
     learned from 1 / log(n0), so a score margin keeps a key's weight as contexts grow
     (`mmlongnet.layers.length_scale`)."""
+    global_read: bool = False
+    """With global queries (`mmlongnet.attention.GlobalQueries`) in the forward, the other rows also
+    read the global rows: a softmax over their keys alone, added through a learned per-head gate
+    that starts at 0 (`MultiheadDilatedAttention`'s `global_read`). Needs attention="dilated"."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -109,6 +113,8 @@ class LongNetLayerConfig:
         rotary_dims(self.d_model // self.nhead, self.rotary_fraction)  # ValueError outside (0, 1]
         if self.scalable_softmax is not None:
             check_reference_length(self.scalable_softmax)
+        if self.global_read and self.attention != "dilated":
+            raise ValueError("global_read serves dilated self-attention (attention='dilated')")
         if self.rotary_fraction != 1.0 and self.positions != "rope":
             raise ValueError(
                 f"rotary_fraction applies to positions='rope' only, got {self.rotary_fraction} with "

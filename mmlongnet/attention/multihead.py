@@ -89,16 +89,28 @@ def attend_globally(
     position_bias: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     dropout_p: float = 0.0,
+    read_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`out` (B, N, H, D), another attention's output, with the global rows' outputs replaced by
     dense attention of their queries over all of k, v (q, k, v (B, N, H, D); see
     `mmlongnet.attention.global_queries`). key_padding_mask (B, N) bool, True = padding;
-    position_bias (H, N, N), if the attention has one. Differentiable in every input."""
+    position_bias (H, N, N), if the attention has one. With `read_gate` (H,), the other rows also
+    read the global rows: each adds read_gate[h] times its softmax attention over the global rows'
+    keys alone (zero in a sample without global rows). Differentiable in every input."""
     index, valid = queries.rows()  # (B, G), (B, G)
     if index.shape[1] == 0:
         return out
     batch, _, heads, dim = q.shape
     rows = index[:, :, None, None].expand(batch, index.shape[1], heads, dim)  # (B, G, H, D)
+    if read_gate is not None:
+        bias = None  # (B, H, N, G): the bias of each row to each global row
+        if position_bias is not None:
+            bias = position_bias[:, :, index].permute(2, 0, 1, 3)
+        read = dense_attention(
+            q, k.gather(1, rows), v.gather(1, rows), key_padding_mask=~valid, position_bias=bias,
+            softmax_scale=softmax_scale, dropout_p=dropout_p,
+        )  # (B, N, H, D)  # fmt: skip
+        out = out + (read * read_gate[:, None]).to(out.dtype)
     bias = None if position_bias is None else position_bias[:, index].transpose(0, 1)  # (B, H, G, N)
     dense = dense_attention(
         q.gather(1, rows), k, v, key_padding_mask=key_padding_mask, position_bias=bias,
@@ -155,6 +167,10 @@ class MultiheadDilatedAttention(nn.Module):
             context, s_h learned and starting at 1 / log(n0) (`mmlongnet.layers.length_scale`);
             the submodule `length_scale` (None without it). A relative position bias is added
             unscaled.
+        global_read: with `global_queries` in forward, the other rows also read the global rows:
+            each adds g_h times its softmax attention over the global rows' keys alone, g_h a
+            learned per-head gate (`global_read_gate` (H,), None without it) that starts at 0, so
+            the layer starts as without it (`attend_globally`).
 
     forward(query (B, N, E), key (B, M, kdim), value (B, M, vdim), key_padding_mask (B, M) bool
     True = padding, need_weights=False, attn_mask=None, is_causal=False, *, position_offset=0,
@@ -194,6 +210,7 @@ class MultiheadDilatedAttention(nn.Module):
         num_ways: int = 1,
         backend: str = "auto",
         scalable_softmax: int | None = None,
+        global_read: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -211,13 +228,16 @@ class MultiheadDilatedAttention(nn.Module):
             raise ValueError(f"attention must be 'dilated' or 'dense', got {attention!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        if global_read and attention != "dilated":
+            raise ValueError("global_read serves dilated self-attention (attention='dilated')")
         _check_role(num_ways, gamma_init)
         segment_lengths, dilation_rates = check_schedule(segment_lengths, dilation_rates)
         self._build(
             embed_dim, num_heads, segment_lengths, dilation_rates, dropout=dropout, bias=bias,
             layer_norm=layer_norm, layer_norm_eps=layer_norm_eps, gamma_init=gamma_init, kdim=kdim, vdim=vdim,
             positions=positions, attention=attention, num_ways=num_ways, backend=backend,
-            scalable_softmax=scalable_softmax, factory={"device": device, "dtype": dtype},
+            scalable_softmax=scalable_softmax, global_read=global_read,
+            factory={"device": device, "dtype": dtype},
         )  # fmt: skip
 
     @classmethod
@@ -233,11 +253,12 @@ class MultiheadDilatedAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> MultiheadDilatedAttention:
         """The self-attention of a LongNet layer, or with `cross_attention` its cross-attention of
-        that kind (no positions, no scalable softmax): width, heads, schedule, attention dropout,
-        LayerNorm epsilon, positions (and the rotary fraction), attention kind, backend and scalable
-        softmax come from `config`, validated when it was made and not checked again. `causal`: a
-        self-attention that only ever runs causally, whose positions="relative" bias then measures
-        distances to past keys only. `num_ways` and `gamma_init` as in the constructor."""
+        that kind (no positions, no scalable softmax, no global read): width, heads, schedule,
+        attention dropout, LayerNorm epsilon, positions (and the rotary fraction), attention kind,
+        backend, scalable softmax and global read come from `config`, validated when it was made and
+        not checked again. `causal`: a self-attention that only ever runs causally, whose
+        positions="relative" bias then measures distances to past keys only. `num_ways` and
+        `gamma_init` as in the constructor."""
         _check_role(num_ways, gamma_init)
         positions = config.positions if cross_attention is None else None
         scalable_softmax = config.scalable_softmax if cross_attention is None else None
@@ -254,6 +275,7 @@ class MultiheadDilatedAttention(nn.Module):
             layer_norm_eps=config.layer_norm_eps, gamma_init=gamma_init, kdim=None, vdim=None,
             positions=positions, attention=cross_attention or config.attention, num_ways=num_ways,
             backend=config.backend, scalable_softmax=scalable_softmax,
+            global_read=config.global_read and cross_attention is None,
             factory={"device": device, "dtype": dtype},
         )  # fmt: skip
         return module
@@ -277,6 +299,7 @@ class MultiheadDilatedAttention(nn.Module):
         num_ways: int,
         backend: str,
         scalable_softmax: int | None,
+        global_read: bool,
         factory: dict,
     ) -> None:
         """Make the projections, norms and positions of arguments already checked (by the
@@ -300,6 +323,9 @@ class MultiheadDilatedAttention(nn.Module):
         self.length_scale = None
         if scalable_softmax is not None:
             self.length_scale = LengthScale(num_heads, scalable_softmax, **factory)
+        self.global_read_gate = None
+        if global_read:
+            self.global_read_gate = nn.Parameter(torch.zeros(num_heads, **factory))
         self.inner_attention = None
         if attention == "dilated":
             self.inner_attention = DilatedAttention(
@@ -324,6 +350,8 @@ class MultiheadDilatedAttention(nn.Module):
             self.positions.reset_parameters()
         if self.length_scale is not None:
             self.length_scale.reset_parameters()
+        if self.global_read_gate is not None:
+            nn.init.zeros_(self.global_read_gate)
 
     @classmethod
     def from_multihead_attention(
@@ -497,7 +525,7 @@ class MultiheadDilatedAttention(nn.Module):
                 out = attend_globally(
                     out, q, k, v, global_queries, key_padding_mask=key_padding_mask,
                     position_bias=position_bias, softmax_scale=self.inner_attention.softmax_scale,
-                    dropout_p=dropout_p,
+                    dropout_p=dropout_p, read_gate=self.global_read_gate,
                 )  # fmt: skip
             if kv_cache is not None:
                 kv_cache.prefill(k, v)
@@ -510,5 +538,6 @@ class MultiheadDilatedAttention(nn.Module):
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, attention={self.attention!r}, "
             f"segment_lengths={self.segment_lengths}, dilation_rates={self.dilation_rates}, "
             f"dropout={self.dropout}, num_ways={self.num_ways}, backend={self.backend!r}, "
-            f"scalable_softmax={None if self.length_scale is None else self.length_scale.reference_length}"
+            f"scalable_softmax={None if self.length_scale is None else self.length_scale.reference_length}, "
+            f"global_read={self.global_read_gate is not None}"
         )

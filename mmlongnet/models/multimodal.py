@@ -147,6 +147,11 @@ class MMLongNetConfig:
     question weighs every frame and word alike (a dilated branch shows a query the far tokens of
     one residue in one head per branch). Costs G * L scores per head and layer, G the batch's
     padded token width of these modalities. Needs fusion="sequence"; empty (none) by default."""
+    global_read: bool = False
+    """With global_modalities: every other fused token also reads their tokens in every fusion
+    layer, a softmax over their keys alone added through a learned per-head gate that starts at 0
+    (`LongNetLayerConfig.global_read`): each frame can see the question, as the question sees
+    every frame. Costs L * G scores per head and layer."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -182,6 +187,8 @@ class MMLongNetConfig:
             )
         if self.global_modalities and self.fusion != "sequence":
             raise ValueError("global_modalities needs fusion='sequence' (rows of the fused sequence)")
+        if self.global_read and not self.global_modalities:
+            raise ValueError("global_read reads the tokens of global_modalities: name them, e.g. ['text']")
         # the layers' own checks (rotary_fraction, xpos segment lengths) now rather than at build
         for stack in [f"{name}_stack" for name in self.modalities] + ["fusion_stack"]:
             try:
@@ -358,9 +365,8 @@ class MMLongNet(Pretrained, nn.Module):
         fusion = config.fusion_stack
         self.fusion = None
         if fusion.num_layers:
-            self.fusion = LongNetEncoder(
-                fusion.num_layers, config.layer_config(fusion), num_ways=num_ways, **factory
-            )
+            layers = dataclasses.replace(config.layer_config(fusion), global_read=config.global_read)
+            self.fusion = LongNetEncoder(fusion.num_layers, layers, num_ways=num_ways, **factory)
         for embedding in (self.type_embedding, self.boundary_embedding):
             if embedding is not None:
                 nn.init.normal_(embedding.weight, std=config.d_model**-0.5)

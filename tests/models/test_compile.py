@@ -43,7 +43,7 @@ def bucket_batches(model, count: int):
     [
         {"rotary_fraction": 1.0},
         {"rotary_fraction": 0.5},  # half of each head position-free
-        {"global_modalities": ["text"], "boundary_embeddings": True},
+        {"global_modalities": ["text"], "global_read": True, "boundary_embeddings": True},
     ],
 )
 def test_mmlongnet_compiles_whole_and_never_recompiles_within_a_bucket(overrides):

@@ -156,12 +156,34 @@ def test_global_rows_change_nothing_where_the_fusion_is_dense_already():
     assert (sparse(inputs, lengths).tokens - plain).abs().max() > 1e-3
 
 
+def test_global_read_gates_the_fusion_layers_only_and_starts_as_the_model_without_it():
+    torch.manual_seed(0)
+    without = MMLongNet(MMLongNetConfig.tiny(global_modalities=["text"])).double()
+    reading = MMLongNet(MMLongNetConfig.tiny(global_modalities=["text"], global_read=True)).double()
+    missing = reading.load_state_dict(without.state_dict(), strict=False).missing_keys
+    assert missing and all(
+        name.startswith("fusion.") and name.endswith("global_read_gate") for name in missing
+    )
+    assert len(missing) == len(
+        reading.fusion.layers
+    )  # one gate per fusion layer, none in the modality stacks
+    inputs, lengths = without.example_inputs(3, seed=8)
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    torch.testing.assert_close(reading(inputs, lengths).tokens, without(inputs, lengths).tokens)
+    with torch.no_grad():
+        for layer in reading.fusion.layers:
+            layer.self_attn.global_read_gate.fill_(0.5)
+    assert (reading(inputs, lengths).tokens - without(inputs, lengths).tokens).abs().max() > 1e-3
+    assert_batch_invariant(reading.eval(), inputs, lengths)
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
         ({"global_modalities": ["depth"]}, "configured modalities"),
         ({"global_modalities": ["text", "text"]}, "once each"),
         ({"global_modalities": ["text"], "fusion": "feature"}, "fusion='sequence'"),
+        ({"global_read": True}, "global_read reads the tokens of global_modalities"),
     ],
 )
 def test_bad_global_modalities_are_refused(overrides, match):
