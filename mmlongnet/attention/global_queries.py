@@ -8,7 +8,9 @@ of the sequence through one residue per branch. A query that must weigh every ke
 the tokens that match it, say) cannot: its heads weigh the keys by where they sit. Global rows
 (Longformer's global attention, Beltagy et al. 2020, arXiv 2004.05150, in one direction) take dense
 softmax attention over all keys instead, for the rows marked; the other rows keep their dilated
-attention. Their cost is G * N scores per head, small while G is.
+attention. Their cost is G * N scores per head, small while G is. The other direction, every row
+also reading the global rows, is the global read (`attend_globally(..., read_gate=...)`,
+`MultiheadDilatedAttention(global_read=True)`).
 
 The rows are found on the device (a stable sort of the mask, no host sync), and G, the most a
 sample may hold, is a host int, so that the shapes depend on the batch's shape only: the step can
