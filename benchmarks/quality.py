@@ -118,6 +118,7 @@ from mmlongnet.training.graphed import GraphedSteps
 from mmlongnet.training.module import CompiledModel
 
 EXPERIMENTS = ("avdigits", "recall", "bytes")
+MODEL_KINDS = ("dilated", "dense", "local")
 DENSE_SEGMENT = 1 << 24
 """A segment longer than any sequence here: one segment at rate 1 is full attention."""
 TORCH_SOURCES = Path(torch.__file__).parent
@@ -468,11 +469,13 @@ def av_schedules(args: argparse.Namespace, kind: str) -> dict[str, dict]:
 
 def av_model_config(args: argparse.Namespace, kind: str) -> MMLongNetConfig:
     E = args.d_model
+    with_global = args.global_models is None or kind in args.global_models
+    global_modalities = list(args.global_modalities or []) if with_global else []
     return MMLongNetConfig(
         d_model=E, nhead=args.nhead, dim_feedforward=args.ffn,
         positions=None if args.positions == "none" else args.positions, rotary_fraction=args.rotary_fraction,
         scalable_softmax=args.scalable_softmax, boundary_embeddings=args.boundary_embeddings,
-        global_modalities=list(args.global_modalities or []), global_read=args.global_read,
+        global_modalities=global_modalities, global_read=args.global_read and bool(global_modalities),
         text={"embed_dim": E},
         audio={"embed_dim": E, "n_mels": 40, "conv_channels": 32, "subsampling": args.audio_subsampling},
         video={"embed_dim": E, "image_size": 8, "patch_size": args.patch_size, "in_chans": 1},
@@ -1116,7 +1119,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     common.add_argument(
         "--models",
         nargs="+",
-        choices=["dilated", "dense", "local"],
+        choices=list(MODEL_KINDS),
         help="models compared (default per experiment)",
     )
     common.add_argument("--lr", type=float, help="peak learning rate (default 3e-4 for avdigits, else 1e-3)")
@@ -1283,8 +1286,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--global-modalities",
         nargs="+",
         choices=["text", "audio", "video"],
-        help="modalities whose tokens attend to every fused token, densely, in every model's fusion "
-        "layers (MMLongNetConfig.global_modalities; e.g. text: the question; default none)",
+        help="modalities whose tokens attend to every fused token, densely, in the fusion layers of "
+        "every model (or of --global-models) (MMLongNetConfig.global_modalities; e.g. text: the "
+        "question; default none)",
+    )
+    av.add_argument(
+        "--global-models",
+        nargs="+",
+        choices=list(MODEL_KINDS),
+        help="the models given --global-modalities (and --global-read); the others keep their plain "
+        "attention, e.g. dilated: a local-only baseline without global rows (default: every model)",
     )
     av.add_argument(
         "--global-read",
@@ -1399,6 +1410,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--token-shift-window must be a share in [0, 1], got {window}")
     if getattr(args, "global_read", False) and not args.global_modalities:
         parser.error("--global-read reads the tokens of --global-modalities: name them, e.g. text")
+    if getattr(args, "global_models", None) and not args.global_modalities:
+        parser.error("--global-models names the models given --global-modalities: name those too, e.g. text")
     if getattr(args, "graphed", False) and args.compile:
         parser.error("--graphed records the eager model's steps; leave --compile off with it")
     if args.segments is not None and len(args.segments) != len(args.rates):

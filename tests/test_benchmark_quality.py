@@ -401,9 +401,21 @@ def test_avdigits_boundary_embeddings_and_global_modalities_reach_the_model():
     assert not config.global_read and not plain.global_read
     read = bench.parse_args(["avdigits", "--global-modalities", "text", "--global-read"])
     assert bench.av_model_config(read, "dilated").global_read
-    for argv in (["--global-modalities", "depth"], ["--global-read"]):
+    for argv in (["--global-modalities", "depth"], ["--global-read"], ["--global-models", "dilated"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["avdigits", *argv])
+
+
+def test_avdigits_global_models_keep_the_other_baselines_plain():
+    argv = ["avdigits", "--global-modalities", "text", "video", "--global-read", "--global-models", "dilated"]
+    args = bench.parse_args(argv)
+    dilated, local = (bench.av_model_config(args, kind) for kind in ("dilated", "local"))
+    assert dilated.global_modalities == ["text", "video"] and dilated.global_read
+    assert local.global_modalities == [] and not local.global_read
+    every = bench.parse_args(argv[:-2])  # no --global-models: every model
+    assert bench.av_model_config(every, "local").global_modalities == ["text", "video"]
+    with pytest.raises(SystemExit):
+        bench.parse_args([*argv[:-1], "recurrent"])
 
 
 def test_avdigits_audio_subsampling_halves_the_audio_tokens():
