@@ -222,6 +222,20 @@ def _efficient_backward(dout, q, k, v, out, lse, bias, is_causal, scale, into=No
     return tuple(g.transpose(1, 2) for g in grads[:3])
 
 
+def aligned_bias(bias: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`bias` (broadcastable to (B, H, N, M)) as `biased_attention` takes it for q (B, H, N, D) and
+    k (B, H, M, D): in q's dtype, expanded to (B, H, N, M) without a copy where it broadcasts, its
+    rows 8-element aligned in storage (copied into padded rows where they are not)."""
+    batch, heads, rows, _ = q.shape
+    keys = k.shape[2]
+    bias = bias.to(q.dtype)
+    if bias.stride(-1) != 1 or any(s % 8 for s in bias.stride()[:-1] if s) or bias.storage_offset() % 8:
+        bias = F.pad(bias, (0, -keys % 8))[..., :keys]  # a fresh tensor: rows of ceil(M / 8) * 8
+    while bias.dim() < 4:
+        bias = bias[None]
+    return bias.expand(batch, heads, rows, keys)
+
+
 def biased_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
 ) -> torch.Tensor:

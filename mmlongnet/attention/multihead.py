@@ -21,6 +21,7 @@ from mmlongnet.attention.cache import DilatedKVCache
 from mmlongnet.attention.config import POSITIONS, LongNetLayerConfig, xpos_block_length
 from mmlongnet.attention.dilated import BACKENDS, check_schedule
 from mmlongnet.attention.global_queries import GlobalQueries
+from mmlongnet.attention.kernels import aligned_bias, biased_attention
 from mmlongnet.attention.modules import DilatedAttention
 from mmlongnet.layers.length_scale import LengthScale
 from mmlongnet.layers.multiway import (
@@ -49,7 +50,10 @@ def dense_attention(
     softmax_scale: float | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Full softmax attention over all keys, through `F.scaled_dot_product_attention`.
+    """Full softmax attention over all keys, through `F.scaled_dot_product_attention`; with a
+    mask or bias on CUDA (and no dropout), through the memory-efficient kernel (`biased_attention`),
+    which builds no execution plan per shape, so that eager calls of ever new lengths (inference on
+    real batches, global rows) cost no more than repeated ones.
 
     q: (B, N, H, D); k, v: (B, M, H, D); key_padding_mask: (B, M) bool, True = padding;
     position_bias: (H, N, M) or (B, H, N, M). Returns (B, N, H, D); a sample whose keys are all
@@ -69,10 +73,15 @@ def dense_attention(
         future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
         mask = mask.to(q.dtype).masked_fill(future, float("-inf"))
         is_causal = False
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=dropout_p,
-        is_causal=is_causal, scale=softmax_scale,
-    ).transpose(1, 2)  # fmt: skip
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N or M, D)
+    if mask is not None and q.device.type == "cuda" and dropout_p == 0.0:
+        scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+        out = biased_attention(qh, kh, vh, aligned_bias(mask, qh, kh), scale)
+    else:
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=softmax_scale
+        )
+    out = out.transpose(1, 2)
     if empty is not None:
         out = out.masked_fill(empty[:, None, None, None], 0.0)
     return out
