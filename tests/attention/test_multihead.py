@@ -115,7 +115,7 @@ def test_dense_attention_with_padding_and_bias_matches_the_reference(device, key
     grad[2] = 0  # the reference gives NaN there
 
     def run(fn, dtype, dev, **kwargs):
-        inputs = [t.to(dev, dtype).requires_grad_() for t in (q, k, v)]
+        inputs = [t.to(dev, dtype).detach().requires_grad_() for t in (q, k, v)]
         extra = {} if bias is None else {"position_bias": bias.to(dev, dtype)}
         out = fn(*inputs, key_padding_mask=padding.to(dev), is_causal=causal, **extra, **kwargs)
         (out.float() * grad.to(dev, torch.float32)).sum().backward()
