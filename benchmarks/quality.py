@@ -119,6 +119,8 @@ from mmlongnet.training.module import CompiledModel
 
 EXPERIMENTS = ("avdigits", "recall", "bytes")
 MODEL_KINDS = ("dilated", "dense", "local")
+BOUNDARY_EMBEDDINGS = {None: False, "per-modality": True, "shared": "shared"}
+"""--boundary-embeddings -> MMLongNetConfig.boundary_embeddings."""
 DENSE_SEGMENT = 1 << 24
 """A segment longer than any sequence here: one segment at rate 1 is full attention."""
 TORCH_SOURCES = Path(torch.__file__).parent
@@ -474,7 +476,8 @@ def av_model_config(args: argparse.Namespace, kind: str) -> MMLongNetConfig:
     return MMLongNetConfig(
         d_model=E, nhead=args.nhead, dim_feedforward=args.ffn,
         positions=None if args.positions == "none" else args.positions, rotary_fraction=args.rotary_fraction,
-        scalable_softmax=args.scalable_softmax, boundary_embeddings=args.boundary_embeddings,
+        scalable_softmax=args.scalable_softmax,
+        boundary_embeddings=BOUNDARY_EMBEDDINGS[args.boundary_embeddings],
         global_modalities=global_modalities, global_read=args.global_read and bool(global_modalities),
         text={"embed_dim": E},
         audio={"embed_dim": E, "n_mels": 40, "conv_channels": 32, "subsampling": args.audio_subsampling},
@@ -1278,8 +1281,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     av.add_argument(
         "--boundary-embeddings",
-        action="store_true",
-        help="a learned start / end embedding on each modality's first / last token before the fusion "
+        nargs="?",
+        const="per-modality",
+        choices=["per-modality", "shared"],
+        help="a learned start / end embedding on each modality's first / last token before the fusion: "
+        "one pair per modality (per-modality, the value without one) or one pair for all (shared) "
         "(MMLongNetConfig.boundary_embeddings; default off)",
     )
     av.add_argument(

@@ -395,9 +395,13 @@ def test_scalable_softmax_reaches_every_self_attention(experiment):
 def test_avdigits_boundary_embeddings_and_global_modalities_reach_the_model():
     args = bench.parse_args(["avdigits", "--boundary-embeddings", "--global-modalities", "text"])
     config = bench.av_model_config(args, "local")
-    assert config.boundary_embeddings and config.global_modalities == ["text"]
+    assert config.boundary_embeddings is True and config.global_modalities == ["text"]
+    shared = bench.av_model_config(
+        bench.parse_args(["avdigits", "--boundary-embeddings", "shared"]), "dilated"
+    )
+    assert shared.boundary_embeddings == "shared"
     plain = bench.av_model_config(bench.parse_args(["avdigits"]), "dilated")
-    assert not plain.boundary_embeddings and plain.global_modalities == []
+    assert plain.boundary_embeddings is False and plain.global_modalities == []
     assert not config.global_read and not plain.global_read
     read = bench.parse_args(["avdigits", "--global-modalities", "text", "--global-read"])
     assert bench.av_model_config(read, "dilated").global_read

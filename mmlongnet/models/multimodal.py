@@ -135,12 +135,14 @@ class MMLongNetConfig:
     times s_h * log(n), n the valid tokens of the sample in that stack, s_h learned from
     1 / log(n0)): a score margin that singles out a few tokens keeps their weight at every length
     (`LongNetLayerConfig.scalable_softmax`)."""
-    boundary_embeddings: bool = False
+    boundary_embeddings: bool | Literal["shared"] = False
     """Add a learned start embedding to each sample's first valid token of every modality and an end
-    embedding to its last, one pair per modality, before the fusion: where a modality begins and
-    ends in the fused sequence is then in the tokens' content, which attention finds at any distance
-    (rotary positions say only how far apart two tokens are, and the length of a modality varies
-    from sample to sample)."""
+    embedding to its last, before the fusion: where a modality begins and ends in the fused sequence
+    is then in the tokens' content, which attention finds at any distance (rotary positions say only
+    how far apart two tokens are, and the length of a modality varies from sample to sample).
+    True: one start / end pair per modality; "shared": one pair for every modality, so a query that
+    learned to find one modality's end (e.g. the audio's, for "the last digit") finds every other's
+    too (the type embedding still tells the modalities apart); False: none."""
     global_modalities: list[str] = field(default_factory=list)
     """Modalities whose tokens attend to every fused token in the fusion layers, densely, while the
     others keep dilated attention (`mmlongnet.attention.GlobalQueries`): e.g. ["text"], so that a
@@ -177,6 +179,11 @@ class MMLongNetConfig:
             raise ValueError("at least one of text, audio, video must be configured (not None)")
         if self.fusion not in ("sequence", "feature"):
             raise ValueError(f"fusion must be 'sequence' or 'feature', got {self.fusion!r}")
+        if not (isinstance(self.boundary_embeddings, bool) or self.boundary_embeddings == "shared"):
+            raise ValueError(
+                f"boundary_embeddings must be False, True (one pair per modality) or 'shared', got "
+                f"{self.boundary_embeddings!r}"
+            )
         if self.positions not in ("rope", "xpos", None):
             raise ValueError(f"positions must be 'rope', 'xpos' or None, got {self.positions!r}")
         unknown = [name for name in self.global_modalities if name not in self.modalities]
@@ -356,9 +363,10 @@ class MMLongNet(Pretrained, nn.Module):
                 self.stacks[name] = LongNetEncoder(stack.num_layers, config.layer_config(stack), **factory)
         num_ways = len(config.modalities) if config.fusion == "sequence" else 1
         self.type_embedding = nn.Embedding(len(config.modalities), config.d_model, **factory)
-        self.boundary_embedding = None  # rows 2 m and 2 m + 1: start and end of modality m
+        self.boundary_embedding = None  # rows 2 m and 2 m + 1: start and end of modality m (shared: m = 0)
         if config.boundary_embeddings:
-            self.boundary_embedding = nn.Embedding(2 * len(config.modalities), config.d_model, **factory)
+            pairs = 1 if config.boundary_embeddings == "shared" else len(config.modalities)
+            self.boundary_embedding = nn.Embedding(2 * pairs, config.d_model, **factory)
         self.feature_proj = None
         if config.fusion == "feature":
             self.feature_proj = nn.Linear(len(config.modalities) * config.d_model, config.d_model, **factory)
@@ -637,7 +645,8 @@ class MMLongNet(Pretrained, nn.Module):
         if self.boundary_embedding is None:
             return tokens
         first, last = boundary_marks(padding)  # 2 x (B, N_m)
-        start, end = self.boundary_embedding.weight[2 * index : 2 * index + 2]  # 2 x (E,)
+        pair = 0 if self.config.boundary_embeddings == "shared" else index
+        start, end = self.boundary_embedding.weight[2 * pair : 2 * pair + 2]  # 2 x (E,)
         return tokens + first[..., None].to(tokens.dtype) * start + last[..., None].to(tokens.dtype) * end
 
     def _concat_features(self, streams: dict, order: tuple[str, ...]):

@@ -88,9 +88,12 @@ def fused_inputs(model, inputs, lengths):
     return fused[0], fused[1], weights
 
 
-def test_boundary_embeddings_land_on_each_modalitys_first_and_last_token():
+@pytest.mark.parametrize("boundaries", [True, "shared"])
+def test_boundary_embeddings_land_on_each_modalitys_first_and_last_token(boundaries):
     torch.manual_seed(0)
-    model = MMLongNet(dataclasses.replace(MMLongNetConfig.tiny(), boundary_embeddings=True)).eval()
+    model = MMLongNet(dataclasses.replace(MMLongNetConfig.tiny(), boundary_embeddings=boundaries)).eval()
+    pairs = 1 if boundaries == "shared" else len(model.config.modalities)
+    assert model.boundary_embedding.weight.shape == (2 * pairs, model.config.d_model)
     inputs, lengths = model.example_inputs(3, seed=5)
     lengths["audio"][1] = 0  # sample 1 lacks the audio
     lengths["video"][2] = 1  # sample 2 has one frame: its first token is its last
@@ -99,9 +102,10 @@ def test_boundary_embeddings_land_on_each_modalitys_first_and_last_token():
         offset, want = 0, torch.zeros_like(marked[b])  # (L, E)
         for m, name in enumerate(model.config.modalities):
             n = int(model.encoders[name].output_lengths(lengths[name][b : b + 1])[0])
+            pair = 0 if boundaries == "shared" else m
             if n:
-                want[offset] += weights[2 * m]
-                want[offset + n - 1] += weights[2 * m + 1]
+                want[offset] += weights[2 * pair]
+                want[offset + n - 1] += weights[2 * pair + 1]
             offset += n
         torch.testing.assert_close(marked[b] - plain[b], want, rtol=1e-5, atol=1e-5)
     assert_batch_invariant(model, inputs, lengths)
@@ -184,9 +188,11 @@ def test_global_read_gates_the_fusion_layers_only_and_starts_as_the_model_withou
         ({"global_modalities": ["text", "text"]}, "once each"),
         ({"global_modalities": ["text"], "fusion": "feature"}, "fusion='sequence'"),
         ({"global_read": True}, "global_read reads the tokens of global_modalities"),
+        ({"boundary_embeddings": "per-modality"}, "boundary_embeddings must be False, True"),
+        ({"boundary_embeddings": 1}, "boundary_embeddings must be False, True"),
     ],
 )
-def test_bad_global_modalities_are_refused(overrides, match):
+def test_bad_fusion_options_are_refused(overrides, match):
     with pytest.raises(ValueError, match=match):
         MMLongNetConfig.tiny(**overrides)
 
