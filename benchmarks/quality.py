@@ -109,6 +109,7 @@ from mmlongnet.data import (
     RecallConfig,
     collate_samples,
 )
+from mmlongnet.data.avdigits import MIXES
 from mmlongnet.data.recall import IGNORE_INDEX
 from mmlongnet.data.text_files import split_text_files, stdlib_directory
 from mmlongnet.modalities.text import ByteTokenizer
@@ -498,15 +499,23 @@ def av_tokens_per_sample(K: int, args: argparse.Namespace) -> int:
     return 40 + K * (audio + (8 // args.patch_size) ** 2)
 
 
+def weights_to_mix(names: Sequence[str], weights: Sequence[float] | None) -> dict[str, float] | None:
+    """Relative weights, one per name -> probabilities by name (None stays None)."""
+    if weights is None:
+        return None
+    return dict(zip(names, np.divide(weights, sum(weights)).tolist(), strict=True))
+
+
 def av_loader(
     K: int, split: str, examples: int, args: argparse.Namespace, device: torch.device
 ) -> DataLoader:
-    weights = args.train_question_weights if split == "train" else None  # testing: equal shares
-    shares = None if weights is None else np.divide(weights, sum(weights)).tolist()
-    mix = None if shares is None else dict(zip(args.questions, shares, strict=True))
+    training = split == "train"  # testing: equal question shares, the default views
+    view_mix = weights_to_mix(MIXES, args.train_view_weights if training else None)
     config = AVDigitsConfig(
-        num_digits=K, questions=list(args.questions), question_mix=mix, seed=args.seed + K
-    )
+        num_digits=K, questions=list(args.questions), seed=args.seed + K,
+        question_mix=weights_to_mix(args.questions, args.train_question_weights if training else None),
+        **({} if view_mix is None else {"modality_mix": view_mix}),
+    )  # fmt: skip
     dataset = AVDigitsDataset(split, examples, config)
     if args.compile and split == "train":  # one shape per K (nearly always): one compiled graph
         buckets = dataset.one_shape_buckets()
@@ -1057,7 +1066,8 @@ DEFAULTS = {
     "avdigits": dict(
         time_budget=540.0, decay_share=1.0,
         models=["dilated", "dense", "local"], digits=[4, 16, 64, 256, 1024], test_digits=None,
-        questions=["first", "last", "count"], train_question_weights=None, dense_max_digits=1024,
+        questions=["first", "last", "count"], train_question_weights=None, train_view_weights=None,
+        dense_max_digits=1024,
         curriculum="grow", advance_loss=0.3, newest_share=None, stage_shares=None, pooling="text",
         compile=False, graphed=False, positions="rope", d_model=256, nhead=8, ffn=1024, patch_size=8,
         fusion_layers=4, modality_layers=1, audio_subsampling=8, rotary_fraction=0.5,
@@ -1280,6 +1290,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "count questions (default equal; testing is always equal)",
     )
     av.add_argument(
+        "--train-view-weights",
+        type=float,
+        nargs=3,
+        metavar=("BOTH", "AUDIO", "VIDEO"),
+        help="relative frequency in training of samples with both views, audio only and video only "
+        "(default 2 1 1, AVDigitsConfig.modality_mix; testing always keeps the default)",
+    )
+    av.add_argument(
         "--boundary-embeddings",
         nargs="?",
         const="per-modality",
@@ -1401,6 +1419,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"--train-question-weights needs one weight >= 0 per question type {args.questions}, "
             f"not all zero; got {weights}"
+        )
+    views = getattr(args, "train_view_weights", None)
+    if views is not None and (min(views) < 0 or sum(views) <= 0):
+        parser.error(
+            f"--train-view-weights needs three weights >= 0 (both, audio, video), not all zero; got {views}"
         )
     if "rotary_fraction" in given and args.rotary_fraction != 1.0 and args.positions != "rope":
         parser.error(

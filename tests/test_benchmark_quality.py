@@ -466,6 +466,20 @@ def test_avdigits_question_weights_shape_training_only():
             bench.parse_args(["avdigits", "--train-question-weights", *bad])
 
 
+def test_avdigits_view_weights_shape_training_only():
+    args = bench.parse_args(["avdigits", "--smoke", "--device", "cpu", "--train-view-weights", "0", "1", "3"])
+    train = bench.av_loader(2, "train", 40, args, torch.device("cpu"))
+    assert train.dataset.config.modality_mix == {"both": 0.0, "audio": 0.25, "video": 0.75}
+    views = [view for _, kinds in train for _, view in kinds]
+    assert "both" not in views and {"audio", "video"} <= set(views)
+    default = bench.AVDigitsConfig().modality_mix
+    assert bench.av_loader(2, "test", 8, args, torch.device("cpu")).dataset.config.modality_mix == default
+    assert bench.parse_args(["avdigits"]).train_view_weights is None
+    for bad in (["1", "2"], ["1", "-1", "1"], ["0", "0", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["avdigits", "--train-view-weights", *bad])
+
+
 def test_recall_runs_every_model_and_buckets_by_distance(tmp_path, capsys, one_thread):
     results = smoke(tmp_path, "recall")["results"]
     assert set(results) == {"dilated", "local", "dense"}
