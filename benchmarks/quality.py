@@ -56,6 +56,7 @@ training log and its metrics) and `.png`, and prints a markdown table last.
     python benchmarks/quality.py avdigits --questions first last count after most --tag h200_all
     python benchmarks/quality.py recall --tag h200
     python benchmarks/quality.py bytes --tag h200
+    python benchmarks/quality.py @configs/quality_avdigits_h200.args   # the recipe that meets the bar
     python benchmarks/quality.py recall --smoke --device cpu     # toy sizes, seconds on a CPU
 """
 
@@ -68,6 +69,7 @@ import argparse
 import dataclasses
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -1119,9 +1121,20 @@ RUNNERS = {"avdigits": (run_avdigits, avdigits_table), "recall": (run_recall, re
            "bytes": (run_bytes, bytes_table)}  # fmt: skip
 
 
+class _RecipeParser(argparse.ArgumentParser):
+    """Reads `@FILE` as the arguments written in FILE: shell words, any number a line, `#` comments."""
+
+    def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
+        return shlex.split(arg_line, comments=True)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = _RecipeParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        fromfile_prefix_chars="@",
+        epilog="@FILE reads arguments from FILE (shell words, # comments), e.g. a recipe in configs/; "
+        "options after it override the file's.",
     )
     parser.add_argument("experiment", choices=EXPERIMENTS)
     common = parser.add_argument_group("every experiment")

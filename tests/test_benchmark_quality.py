@@ -4,6 +4,7 @@ steps, JSON + PNG + table), and its metric on cases with a known answer."""
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -592,3 +593,19 @@ def test_avdigits_batches_carry_half_precision_media_by_default():
     for name in ("audio", "video"):
         half, full = batches["float16"].inputs[name], batches["float32"].inputs[name]
         assert half.dtype == torch.float16 and torch.equal(half, full.half())
+
+
+def test_recipe_file_parses_as_its_command_line_and_later_options_override(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "configs" / "quality_avdigits_h200.args"
+    recipe = bench.parse_args([f"@{path}"])
+    assert recipe.experiment == "avdigits" and recipe.digits == [4, 16, 64, 256]
+    assert recipe.train_question_weights == [0.5, 1.0, 3.0] and recipe.train_view_weights == [1.0, 1.0, 2.0]
+    assert recipe.global_modalities == ["text", "video"] and recipe.global_read
+    assert recipe.global_models == ["dilated"] and recipe.modality_segments == [2048]
+    assert recipe.time_budget == 545 and recipe.seed == 0
+    overridden = bench.parse_args([f"@{path}", "--seed", "1", "--tag", "x"])
+    assert overridden.seed == 1 and overridden.tag == "x"
+    lines = tmp_path / "two.args"
+    lines.write_text("recall  # the experiment\n--lengths 64 128 --tag 'a b'\n")
+    args = bench.parse_args([f"@{lines}"])
+    assert args.experiment == "recall" and args.lengths == [64, 128] and args.tag == "a b"
