@@ -134,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     use_repository()
     from mmlongnet.attention import backend_status
+    from mmlongnet.attention.flash import flash_install
 
     why = backend_status("cuda")[args.backend]
     if why:
@@ -142,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(0)
     path = args.out / f"merge_cost_{args.tag or slug(torch.cuda.get_device_name())}.json"
     meta = {**environment(torch.device("cuda")), "args": vars(args) | {"out": str(args.out)}}
+    if args.backend == "flash_attn":
+        install = flash_install(torch.device("cuda"))
+        meta["flash_attn"] = f"{install.package} {install.version}"
     rows = []
     for schedule in args.schedules:
         for head_dim in args.head_dims:
